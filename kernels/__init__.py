@@ -1,0 +1,1 @@
+"""The compute of lola-chat: PyTorch references (the specification) and fast kernels."""

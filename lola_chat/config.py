@@ -1,0 +1,74 @@
+"""Settings and locations. Built once in ``main()`` and passed down; nothing here runs at import."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from lola_chat.memory import LolaSettings
+
+APP_NAME = "lola-chat"
+HOME_ENV = "LOLA_CHAT_HOME"
+DEFAULT_LINEARIZATION = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where lola-chat keeps its files. ``LOLA_CHAT_HOME`` relocates all of them under one folder."""
+
+    data: Path
+    cache: Path
+    config: Path
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> Paths:
+        environ = os.environ if environ is None else environ
+        home = environ.get(HOME_ENV)
+        if home:
+            root = Path(home).expanduser()
+            return cls(data=root / "data", cache=root / "cache", config=root / "config")
+        return cls(
+            data=Path(platformdirs.user_data_dir(APP_NAME)),
+            cache=Path(platformdirs.user_cache_dir(APP_NAME)),
+            config=Path(platformdirs.user_config_dir(APP_NAME)),
+        )
+
+    @property
+    def sessions(self) -> Path:
+        return self.data / "sessions"
+
+    @property
+    def weights(self) -> Path:
+        return self.cache / "weights"
+
+    @property
+    def state_file(self) -> Path:
+        """Small app state, such as the last session opened."""
+        return self.config / "state.json"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"data": str(self.data), "sessions": str(self.sessions), "cache": str(self.cache),
+                "weights": str(self.weights), "config": str(self.config)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: Paths
+    device: str = "auto"
+    attention: str = "lola"
+    model_dir: Path | None = None
+    linearization: str | None = DEFAULT_LINEARIZATION
+    lola: LolaSettings = field(default_factory=LolaSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    keep_snapshots: int = 10

@@ -1,0 +1,173 @@
+"""The model's memory of a conversation: per layer either LoLA's three memories (fixed size) or an
+ordinary growing softmax KV cache (the baseline). Byte accounting and conversion to/from tensors
+for snapshots live here too."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lola_chat.kernels import lola
+
+
+@dataclass(frozen=True)
+class LolaSettings:
+    """How a LoLA memory is shaped. Part of every snapshot: a snapshot only loads with equal settings."""
+
+    chunk: int = 64
+    capacity: int = 128
+    policy: str = "sre"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LolaMemory:
+    """One layer's sliding window, sparse cache and hidden state, allocated once."""
+
+    kind = "lola"
+
+    def __init__(self, batch, n_heads, n_kv_heads, head_dim, feature_dim, settings, dtype, device):
+        self.settings = settings
+        c, g = settings.chunk, settings.capacity
+        self.win_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.cache_k = torch.zeros(batch, n_heads, g, head_dim, dtype=dtype, device=device)
+        self.cache_v = torch.zeros_like(self.cache_k)
+        self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
+        self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        self.tokens_seen = 0
+        self.evictions = 0
+
+    names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
+
+    def attend(self, q, k, v, attn) -> torch.Tensor:
+        """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated. Returns (B, Hq, T, D)."""
+        chunk = self.settings.chunk
+        outputs = []
+        start = 0
+        while start < q.shape[2]:
+            length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
+            end = start + length
+            y, self.win_k, self.win_v = lola.attend(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
+                attn.fmap_q, attn.window_factor(), attn.inv_freq, self.tokens_seen,
+            )  # fmt: skip
+            outputs.append(y)
+            self.tokens_seen += length
+            if self.tokens_seen % chunk == 0:
+                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = lola.evict(
+                    self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
+                    attn.fmap_k, self.tokens_seen, self.settings.policy,
+                )  # fmt: skip
+                self.evictions += 1
+            start = end
+        return torch.cat(outputs, dim=2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.names}
+
+    def load(self, tensors: dict[str, torch.Tensor], tokens_seen: int) -> None:
+        for name in self.names:
+            current = getattr(self, name)
+            setattr(self, name, tensors[name].to(dtype=current.dtype, device=current.device).clone())
+        self.tokens_seen = tokens_seen
+
+    def nbytes(self) -> dict[str, int]:
+        return {
+            "window": self.win_k.nbytes + self.win_v.nbytes,
+            "sparse_cache": self.cache_k.nbytes + self.cache_v.nbytes,
+            "hidden_state": self.h.nbytes + self.s.nbytes,
+        }
+
+    def fill(self) -> dict[str, int]:
+        cached, previous, current = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
+        return {"sparse_cache": cached, "window": previous + current, "hidden_state": self.folded()}
+
+    def folded(self) -> int:
+        cached, previous, current = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
+        return self.tokens_seen - cached - previous - current
+
+
+class SoftmaxMemory:
+    """The unmodified model's KV cache (rotated keys, true positions); grows with every token."""
+
+    kind = "softmax"
+    names = ("k", "v")
+
+    def __init__(self, batch, n_heads, n_kv_heads, head_dim, feature_dim, settings, dtype, device):
+        self.k = torch.zeros(batch, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.tokens_seen = 0
+        self.evictions = 0
+
+    def attend(self, q, k, v, attn) -> torch.Tensor:
+        length = q.shape[2]
+        pos = torch.arange(self.tokens_seen, self.tokens_seen + length, device=q.device)
+        self.k = torch.cat([self.k, lola.rotate(k, pos, attn.inv_freq)], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        self.tokens_seen += length
+        total = self.k.shape[2]
+        mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
+        return F.scaled_dot_product_attention(
+            lola.rotate(q, pos, attn.inv_freq), self.k, self.v, attn_mask=mask, enable_gqa=True
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v}
+
+    def load(self, tensors: dict[str, torch.Tensor], tokens_seen: int) -> None:
+        self.k = tensors["k"].to(dtype=self.k.dtype, device=self.k.device).clone()
+        self.v = tensors["v"].to(dtype=self.v.dtype, device=self.v.device).clone()
+        self.tokens_seen = tokens_seen
+
+    def nbytes(self) -> dict[str, int]:
+        return {"kv_cache": self.k.nbytes + self.v.nbytes}
+
+    def fill(self) -> dict[str, int]:
+        return {"kv_cache": self.tokens_seen}
+
+
+MEMORY_KINDS = {"lola": LolaMemory, "softmax": SoftmaxMemory}
+
+
+class State:
+    """A whole model's memory of one conversation: one memory per layer."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    @property
+    def kind(self) -> str:
+        return self.layers[0].kind
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.layers[0].tokens_seen
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"layers.{i}.{name}": tensor.contiguous()
+            for i, layer in enumerate(self.layers)
+            for name, tensor in layer.tensors().items()
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor], tokens_seen: int) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.load({name: tensors[f"layers.{i}.{name}"] for name in layer.names}, tokens_seen)
+
+    def nbytes(self) -> int:
+        return sum(sum(layer.nbytes().values()) for layer in self.layers)
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], int]:
+        """An exact copy of the state, for stop / regenerate / undo."""
+        return {name: t.clone() for name, t in self.tensors().items()}, self.tokens_seen
+
+    def restore(self, checkpoint: tuple[dict[str, torch.Tensor], int]) -> None:
+        self.load(*checkpoint)
+
+    def evictions(self) -> int:
+        return sum(layer.evictions for layer in self.layers)
