@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
+import torch
 
 from lola_chat.memory import LolaSettings
 
@@ -72,3 +73,18 @@ class Config:
     lola: LolaSettings = field(default_factory=LolaSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     keep_snapshots: int = 10
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is usable, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from lola_chat.errors import UsageError
+
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is usable here; try --device cpu")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

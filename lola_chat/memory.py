@@ -38,13 +38,18 @@ class LolaMemory:
         self.cache_v = torch.zeros_like(self.cache_k)
         self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
         self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        # Token ids of what the window and cache hold, so a user can read what is remembered exactly.
+        self.win_ids = torch.full((batch, 2 * c), -1, dtype=torch.int64, device=device)
+        self.cache_ids = torch.full((batch, n_heads, g), -1, dtype=torch.int64, device=device)
         self.tokens_seen = 0
         self.evictions = 0
 
-    names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
+    names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
+    memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
 
-    def attend(self, q, k, v, attn) -> torch.Tensor:
-        """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated. Returns (B, Hq, T, D)."""
+    def attend(self, q, k, v, attn, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated; ids: (B, T) token ids or None.
+        Returns (B, Hq, T, D)."""
         chunk = self.settings.chunk
         outputs = []
         start = 0
@@ -57,15 +62,27 @@ class LolaMemory:
                 attn.fmap_q, attn.window_factor(), attn.inv_freq, self.tokens_seen,
             )  # fmt: skip
             outputs.append(y)
+            if ids is not None:
+                slot = chunk + self.tokens_seen % chunk
+                self.win_ids[:, slot : slot + length] = ids[:, start:end]
             self.tokens_seen += length
             if self.tokens_seen % chunk == 0:
-                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = lola.evict(
-                    self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-                    attn.fmap_k, self.tokens_seen, self.settings.policy,
-                )  # fmt: skip
-                self.evictions += 1
+                self._evict(attn)
             start = end
         return torch.cat(outputs, dim=2)
+
+    def _evict(self, attn) -> None:
+        chunk = self.settings.chunk
+        *memories, keep = lola.evict(
+            self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
+            attn.fmap_k, self.tokens_seen, self.settings.policy,
+        )  # fmt: skip
+        self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
+        if keep is not None:
+            leaving = self.win_ids[:, None, :chunk].expand(-1, self.cache_ids.shape[1], -1)
+            self.cache_ids = torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep)
+        self.win_ids = torch.cat([self.win_ids[:, chunk:], torch.full_like(self.win_ids[:, chunk:], -1)], 1)
+        self.evictions += 1
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.names}
@@ -75,6 +92,15 @@ class LolaMemory:
             current = getattr(self, name)
             setattr(self, name, tensors[name].to(dtype=current.dtype, device=current.device).clone())
         self.tokens_seen = tokens_seen
+
+    def recall_errors(self, attn) -> torch.Tensor:
+        """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN
+        where a slot is empty. For inspection; eviction recomputes these itself."""
+        cached, _, _ = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
+        phi = lola.hedgehog(self.cache_k, attn.fmap_k)
+        error = lola.self_recall_error(phi, self.cache_v, self.h, self.s)
+        empty = torch.arange(error.shape[-1], device=error.device) < error.shape[-1] - cached
+        return error.masked_fill(empty, float("nan"))
 
     def nbytes(self) -> dict[str, int]:
         return {
@@ -104,7 +130,7 @@ class SoftmaxMemory:
         self.tokens_seen = 0
         self.evictions = 0
 
-    def attend(self, q, k, v, attn) -> torch.Tensor:
+    def attend(self, q, k, v, attn, ids: torch.Tensor | None = None) -> torch.Tensor:
         length = q.shape[2]
         pos = torch.arange(self.tokens_seen, self.tokens_seen + length, device=q.device)
         self.k = torch.cat([self.k, lola.rotate(k, pos, attn.inv_freq)], dim=2)

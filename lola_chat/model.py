@@ -93,9 +93,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, memory) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory, ids: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
-        y = memory.attend(q, k, v, self)
+        y = memory.attend(q, k, v, self, ids)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -118,8 +118,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, memory) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), memory)
+    def forward(self, x: torch.Tensor, memory, ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), memory, ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,7 +152,7 @@ class Transformer(nn.Module):
         Advances ``state`` by T tokens."""
         x = self.embed_tokens(tokens)
         for block, memory in zip(self.layers, state.layers):
-            x = block(x, memory)
+            x = block(x, memory, tokens)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()

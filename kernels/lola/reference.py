@@ -149,13 +149,16 @@ def evict(
     Its pairs and the cached pairs are scored against the current H and s; the top G stay in the
     cache (kept in time order), the rest are folded into H and s; the current chunk becomes the
     previous one. ``tokens_seen`` counts the full current chunk. ``policy`` is "sre" (the method),
-    or, for ablations, "random" or "recent". Returns new (win_k, win_v, cache_k, cache_v, h, s).
+    or, for ablations, "random" or "recent". Returns new (win_k, win_v, cache_k, cache_v, h, s) and
+    ``keep`` (B, Hq, G): for each new cache slot, its index among the candidates (old cache slots
+    0..G-1, then the leaving chunk's tokens G..G+C-1), or None when nothing left the window or G = 0.
     """
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
     n_heads = cache_k.shape[1]
     assert tokens_seen % chunk == 0 and tokens_seen > 0, "eviction runs only when a chunk is full"
     cached, previous, _ = frame(tokens_seen - 1, chunk, capacity)
+    keep = None
     if previous:
         leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
         leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
@@ -185,4 +188,4 @@ def evict(
         s = s + (phi_k * folded).sum(dim=2)
     win_k = torch.cat([win_k[:, :, chunk:], win_k[:, :, chunk:]], dim=2)
     win_v = torch.cat([win_v[:, :, chunk:], win_v[:, :, chunk:]], dim=2)
-    return win_k, win_v, cache_k, cache_v, h, s
+    return win_k, win_v, cache_k, cache_v, h, s, keep
