@@ -36,8 +36,9 @@ class LolaMemory:
         self.win_v = torch.zeros_like(self.win_k)
         self.cache_k = torch.zeros(batch, n_heads, g, head_dim, dtype=dtype, device=device)
         self.cache_v = torch.zeros_like(self.cache_k)
-        self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
-        self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        acc = lola.accumulator(dtype)
+        self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=acc, device=device)
+        self.s = torch.zeros(batch, n_heads, feature_dim, dtype=acc, device=device)
         # Token ids of what the window and cache hold, so a user can read what is remembered exactly.
         self.win_ids = torch.full((batch, 2 * c), -1, dtype=torch.int64, device=device)
         self.cache_ids = torch.full((batch, n_heads, g), -1, dtype=torch.int64, device=device)
@@ -51,7 +52,7 @@ class LolaMemory:
         """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated; ids: (B, T) token ids or None.
         Returns (B, Hq, T, D)."""
         chunk = self.settings.chunk
-        outputs = []
+        outputs = [q[:, :, :0]]
         start = 0
         while start < q.shape[2]:
             length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)

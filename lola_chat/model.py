@@ -141,8 +141,16 @@ class Transformer(nn.Module):
         memory = MEMORY_KINDS[kind]
         return State(
             [
-                memory(batch, c.n_heads, c.n_kv_heads, c.head_dim, c.feature_dim,
-                       settings or LolaSettings(), weight.dtype, weight.device)  # fmt: skip
+                memory(
+                    batch,
+                    c.n_heads,
+                    c.n_kv_heads,
+                    c.head_dim,
+                    c.feature_dim,
+                    settings or LolaSettings(),
+                    weight.dtype,
+                    weight.device,
+                )  # fmt: skip
                 for _ in range(c.n_layers)
             ]
         )

@@ -4,8 +4,8 @@ One layer's memory is a set of fixed-size tensors (see ``lola_chat.memory``):
 
     win_k, win_v     (B, Hkv, 2C, D)  sliding window: slots [0, C) the previous chunk, [C, 2C) the current
     cache_k, cache_v (B, Hq, G, D)    sparse cache; valid entries are right-aligned and in time order
-    h                (B, Hq, F, D)    fp32 hidden state  sum phi(k) v^T
-    s                (B, Hq, F)       fp32 normalizer    sum phi(k)
+    h                (B, Hq, F, D)    hidden state  sum phi(k) v^T   (fp32, or float64 for float64 inputs)
+    s                (B, Hq, F)       normalizer    sum phi(k)
 
 Keys are stored un-rotated. Rotary positions are applied at attention time in a compact frame
 (cache entries first, then the previous chunk, then the current chunk), so positions stay below
@@ -23,12 +23,18 @@ import torch
 SRE_EPS = 1e-6
 
 
-def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Hedgehog feature map phi(x) = [softmax(x W), softmax(-x W)], computed in fp32.
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs; float64 stays float64 (so tests can check exactly)."""
+    return torch.promote_types(dtype, torch.float32)
 
-    x: (B, H, T, D); weight: (H, D, E). Returns (B, H, T, 2E) float32.
+
+def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Hedgehog feature map phi(x) = [softmax(x W), softmax(-x W)], computed in fp32 (or wider).
+
+    x: (B, H, T, D); weight: (H, D, E). Returns (B, H, T, 2E) in ``accumulator(x.dtype)``.
     """
-    z = torch.einsum("bhtd,hde->bhte", x.float(), weight.float())
+    acc = accumulator(x.dtype)
+    z = torch.einsum("bhtd,hde->bhte", x.to(acc), weight.to(acc))
     return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
 
@@ -37,7 +43,7 @@ def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.
 
     x: (..., L, D); pos: (L,) or broadcastable to x's leading dims plus L; inv_freq: (D/2,).
     """
-    angles = pos.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    angles = pos.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
     sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
     half = x.shape[-1] // 2
@@ -109,13 +115,14 @@ def attend(
 
     keys = torch.cat([cache_k, _expand_kv(win_k, n_heads)], dim=2)
     values = torch.cat([cache_v, _expand_kv(win_v, n_heads)], dim=2)
-    q_rot = rotate(q, query_pos, inv_freq).float()
-    k_rot = rotate(keys, key_pos, inv_freq).float()
+    acc = accumulator(q.dtype)
+    q_rot = rotate(q, query_pos, inv_freq).to(acc)
+    k_rot = rotate(keys, key_pos, inv_freq).to(acc)
     scores = (q_rot @ k_rot.transpose(-1, -2)) * dim**-0.5
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    values = values.float().masked_fill(~visible.any(dim=0)[None, None, :, None], 0.0)
-    gate = window_factor.float()[None, :, None, None]
+    values = values.to(acc).masked_fill(~visible.any(dim=0)[None, None, :, None], 0.0)
+    gate = window_factor.to(acc)[None, :, None, None]
     phi_q = hedgehog(q, fmap_q)
     numerator = gate * (weights @ values) + phi_q @ h
     denominator = gate * weights.sum(dim=-1, keepdim=True) + (phi_q @ s[..., None])
@@ -129,7 +136,7 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     An empty hidden state (s = 0) recalls nothing, so the error is ||v||.
     """
     recalled = (phi_k @ h) / (phi_k @ s[..., None]).clamp_min(SRE_EPS)
-    return torch.linalg.vector_norm(v.float() - recalled, dim=-1)
+    return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 
 def evict(
@@ -183,8 +190,8 @@ def evict(
             kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, keep, True)
         else:
             kept = torch.zeros(cand_v.shape[:3], dtype=torch.bool, device=cand_v.device)
-        folded = (valid & ~kept).float()[..., None]
-        h = h + (phi_k * folded).transpose(-1, -2) @ cand_v.float()
+        folded = (valid & ~kept).to(phi_k.dtype)[..., None]
+        h = h + (phi_k * folded).transpose(-1, -2) @ cand_v.to(h.dtype)
         s = s + (phi_k * folded).sum(dim=2)
     win_k = torch.cat([win_k[:, :, chunk:], win_k[:, :, chunk:]], dim=2)
     win_v = torch.cat([win_v[:, :, chunk:], win_v[:, :, chunk:]], dim=2)
