@@ -159,7 +159,7 @@ class Transformer(nn.Module):
         """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
         Advances ``state`` by T tokens."""
         x = self.embed_tokens(tokens)
-        for block, memory in zip(self.layers, state.layers):
+        for block, memory in zip(self.layers, state.layers, strict=True):
             x = block(x, memory, tokens)
         if last_only:
             x = x[:, -1:]

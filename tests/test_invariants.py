@@ -186,8 +186,9 @@ def test_model_equals_huggingface_llama_while_everything_fits():
             tie_word_embeddings=True,
         )  # fmt: skip
     ).double()
-    hf.load_state_dict({"model." + k: v for k, v in model.state_dict().items() if "fmap" not in k
-                        and "window_logit" not in k and not k.startswith("lm_head")}, strict=False)  # fmt: skip
+    linear_only = ("fmap", "window_logit", "lm_head")
+    weights = {"model." + k: v for k, v in model.state_dict().items() if not any(n in k for n in linear_only)}
+    hf.load_state_dict(weights, strict=False)
     hf.tie_weights()
     tokens = torch.randint(0, c.vocab_size, (2, 40))
     expected = hf(tokens).logits
