@@ -51,8 +51,13 @@ class Paths:
         return self.config / "state.json"
 
     def as_dict(self) -> dict[str, str]:
-        return {"data": str(self.data), "sessions": str(self.sessions), "cache": str(self.cache),
-                "weights": str(self.weights), "config": str(self.config)}  # fmt: skip
+        return {
+            "data": str(self.data),
+            "sessions": str(self.sessions),
+            "cache": str(self.cache),
+            "weights": str(self.weights),
+            "config": str(self.config),
+        }
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lola_chat.kernels import lola
+from lola_chat.kernels.lola.reference import accumulator
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class LolaMemory:
         self.win_v = torch.zeros_like(self.win_k)
         self.cache_k = torch.zeros(batch, n_heads, g, head_dim, dtype=dtype, device=device)
         self.cache_v = torch.zeros_like(self.cache_k)
-        acc = lola.accumulator(dtype)
+        acc = accumulator(dtype)
         self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=acc, device=device)
         self.s = torch.zeros(batch, n_heads, feature_dim, dtype=acc, device=device)
         # Token ids of what the window and cache hold, so a user can read what is remembered exactly.
@@ -58,10 +59,20 @@ class LolaMemory:
             length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
             end = start + length
             y, self.win_k, self.win_v = lola.attend(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-                attn.fmap_q, attn.window_factor(), attn.inv_freq, self.tokens_seen,
-            )  # fmt: skip
+                q[:, :, start:end],
+                k[:, :, start:end],
+                v[:, :, start:end],
+                self.win_k,
+                self.win_v,
+                self.cache_k,
+                self.cache_v,
+                self.h,
+                self.s,
+                attn.fmap_q,
+                attn.window_factor(),
+                attn.inv_freq,
+                self.tokens_seen,
+            )
             outputs.append(y)
             if ids is not None:
                 slot = chunk + self.tokens_seen % chunk
@@ -75,9 +86,16 @@ class LolaMemory:
     def _evict(self, attn) -> None:
         chunk = self.settings.chunk
         *memories, keep = lola.evict(
-            self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_k, self.tokens_seen, self.settings.policy,
-        )  # fmt: skip
+            self.win_k,
+            self.win_v,
+            self.cache_k,
+            self.cache_v,
+            self.h,
+            self.s,
+            attn.fmap_k,
+            self.tokens_seen,
+            self.settings.policy,
+        )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:
             leaving = self.win_ids[:, None, :chunk].expand(-1, self.cache_ids.shape[1], -1)

@@ -150,7 +150,7 @@ class Transformer(nn.Module):
                     settings or LolaSettings(),
                     weight.dtype,
                     weight.device,
-                )  # fmt: skip
+                )
                 for _ in range(c.n_layers)
             ]
         )

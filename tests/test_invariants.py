@@ -184,7 +184,7 @@ def test_model_equals_huggingface_llama_while_everything_fits():
             rope_theta=c.rope_theta,
             rms_norm_eps=c.norm_eps,
             tie_word_embeddings=True,
-        )  # fmt: skip
+        )
     ).double()
     linear_only = ("fmap", "window_logit", "lm_head")
     weights = {"model." + k: v for k, v in model.state_dict().items() if not any(n in k for n in linear_only)}

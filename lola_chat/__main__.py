@@ -1,0 +1,5 @@
+import sys
+
+from lola_chat.cli import main
+
+sys.exit(main())
