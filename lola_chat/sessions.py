@@ -333,9 +333,8 @@ class Session:
         return self._read_meta().get("system_prompt", DEFAULT_SYSTEM_PROMPT)
 
     def set_system_prompt(self, text: str) -> None:
-        """Store the prompt and append a ``system`` record, so the transcript shows when it changed."""
+        """Store the prompt in session.json; recording the change in the transcript is the caller's."""
         with self._writing():
-            self.append({"type": "system", "content": text})
             self._write_meta(system_prompt=text)
 
     @property
