@@ -1,0 +1,214 @@
+"""LoLA attention for one segment of new tokens, fused in one Triton kernel.
+
+One program handles one (batch, query head) and up to 64 queries. It rotates queries and keys at
+attention time in the compact frame of ``reference.attend`` (cache, previous chunk, current chunk),
+runs an online softmax over the three key ranges with fp32 accumulation, adds the Hedgehog linear
+term phi(q)^T H over phi(q)^T s with the shared normalizer, and writes the new keys and values into
+the window. Unused slots (empty cache slots, window slots past the newest token) are never loaded.
+
+The token count can be a host integer or a device tensor, so a CUDA graph captured once serves
+every position.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map
+
+
+@triton.jit
+def frame_counts(seen, C: tl.constexpr, G: tl.constexpr):
+    """(cached, previous, current) after ``seen`` tokens, as ``reference.frame``."""
+    complete = seen // C
+    cached = tl.minimum(tl.maximum(complete - 1, 0) * C, G)
+    previous = tl.where(complete >= 1, C, 0)
+    return cached, previous, seen - complete * C
+
+
+@triton.jit
+def rotate_halves(x1, x2, pos, freq):
+    """Rotary embedding (rotate-half convention) of a tile split in its two halves; pos: (rows,)."""
+    angle = pos.to(tl.float32)[:, None] * freq[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _softmax_block(m, total, acc, q1, q2, k1, k2, v, key_pos, visible, freq):
+    """One online-softmax step over a block of keys; the scale is folded into q1, q2."""
+    k1, k2 = rotate_halves(k1, k2, key_pos, freq)
+    scores = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(
+        q2, tl.trans(k2), input_precision="ieee"
+    )
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    weights = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    total = total * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision="ieee")
+    return m_new, total, acc
+
+
+@triton.jit
+def _load_rows(base, rows, row_stride, ok, HALF: tl.constexpr):
+    """Rows of a (.., D) tensor as two fp32 halves and the whole row; masked rows read as zeros."""
+    half = tl.arange(0, HALF)
+    ptr = base + rows[:, None] * row_stride + half[None, :]
+    x1 = tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _attend_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
+    seen, seen_ptr, T,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr,
+):  # fmt: skip
+    HALF: tl.constexpr = D // 2
+    pid = tl.program_id(0)
+    batch = pid // HQ
+    head = pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    cached, previous, current = frame_counts(seen, C, G)
+
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    q_slot = current + t
+    freq = tl.load(freq_ptr + tl.arange(0, HALF)).to(tl.float32)
+    q_base = q_ptr + batch * sq_b + head * sq_h
+    q1, q2 = _load_rows(q_base, t, sq_t, t_ok, HALF)
+    q1, q2 = rotate_halves(q1, q2, cached + previous + q_slot, freq)
+    scale = 1.0 / tl.sqrt(D * 1.0)
+    q1 = q1 * scale
+    q2 = q2 * scale
+
+    dims = tl.arange(0, D)
+    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
+    total = tl.zeros((BLOCK_T,), tl.float32)
+    acc = tl.zeros((BLOCK_T, D), tl.float32)
+    n = tl.arange(0, BLOCK_N)
+
+    cache_row = (batch * HQ + head) * G
+    for start in range(0, G, BLOCK_N):
+        slot = start + n
+        ok = (slot < G) & (slot >= G - cached)
+        k1, k2 = _load_rows(ck_ptr + cache_row * D, slot, D, ok, HALF)
+        v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+        visible = ok[None, :] & t_ok[:, None]
+        m, total, acc = _softmax_block(
+            m, total, acc, q1, q2, k1, k2, v.to(tl.float32), slot - (G - cached), visible, freq
+        )
+
+    win_row = (batch * HKV + kv_head) * 2 * C
+    for start in range(0, C, BLOCK_N):
+        slot = start + n
+        ok = (slot < C) & (previous > 0)
+        k1, k2 = _load_rows(wk_ptr + win_row * D, slot, D, ok, HALF)
+        v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+        visible = ok[None, :] & t_ok[:, None]
+        m, total, acc = _softmax_block(
+            m, total, acc, q1, q2, k1, k2, v.to(tl.float32), cached + slot, visible, freq
+        )
+
+    new_base = batch * sk_b + kv_head * sk_h
+    for start in range(0, C, BLOCK_N):
+        slot = start + n
+        in_window = slot < current
+        is_new = (slot >= current) & (slot < current + T)
+        new_row = slot - current
+        k1, k2 = _load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, HALF)
+        n1, n2 = _load_rows(k_ptr + new_base, new_row, sk_t, is_new, HALF)
+        v_old = tl.load(
+            wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
+        )
+        v_new = tl.load(
+            v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
+        )
+        v = v_old.to(tl.float32) + v_new.to(tl.float32)
+        visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+        m, total, acc = _softmax_block(
+            m, total, acc, q1, q2, k1 + n1, k2 + n2, v, cached + previous + slot, visible, freq
+        )
+
+    q = tl.load(q_base + t[:, None] * sq_t + dims[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+    up, down = features(q, load_feature_map(fq_ptr, head, D, E))
+    feats = tl.arange(0, E)
+    state_row = (batch * HQ + head) * 2 * E
+    h_up = tl.load(h_ptr + (state_row + feats[:, None]) * D + dims[None, :])
+    h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
+    s_up = tl.load(s_ptr + state_row + feats)
+    s_down = tl.load(s_ptr + state_row + E + feats)
+    linear = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
+    linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
+    gate = tl.load(gate_ptr + head).to(tl.float32)
+    y = (gate * acc + linear) / (gate * total + linear_norm)[:, None]
+    tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + dims[None, :], y, mask=t_ok[:, None])
+
+    # One query head per key/value head appends the new pairs; every program reads them from k, v.
+    writes = t_ok & (head % (HQ // HKV) == 0)
+    k_new = tl.load(k_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
+    v_new = tl.load(v_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
+    win_new = (win_row + C + q_slot[:, None]) * D + dims[None, :]
+    tl.store(wk_ptr + win_new, k_new, mask=writes[:, None])
+    tl.store(wv_ptr + win_new, v_new, mask=writes[:, None])
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    h: torch.Tensor,
+    s: torch.Tensor,
+    fmap_q: torch.Tensor,
+    window_factor: torch.Tensor,
+    inv_freq: torch.Tensor,
+    tokens_seen: int | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attend T new tokens inside the current chunk and append them to the window, in place.
+
+    Same contract as ``reference.attend``: q (B, Hq, T, D); k, v (B, Hkv, T, D) un-rotated, with
+    T <= C - tokens_seen % C; win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D);
+    h (B, Hq, F, D) and s (B, Hq, F) fp32 with F = 2E; fmap_q (Hq, D, E); window_factor (Hq,);
+    inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
+    ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
+    checked on the host, and a CUDA graph can replay the call at any position).
+
+    Unlike the reference, win_k and win_v are updated in place and returned as the same tensors.
+    Returns (y (B, Hq, T, D) in q's dtype, laid out (B, T, Hq, D) in memory, win_k, win_v).
+    """
+    batch, n_heads, length, dim = q.shape
+    n_kv_heads = k.shape[1]
+    chunk = win_k.shape[2] // 2
+    capacity = cache_k.shape[2]
+    on_device = isinstance(tokens_seen, torch.Tensor)
+    if not on_device:
+        assert tokens_seen % chunk + length <= chunk, "a segment may not cross a chunk boundary"
+    assert length <= chunk and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    assert k.stride() == v.stride(), "k and v must share a layout"
+    for state in (win_k, win_v, cache_k, cache_v, h, s):
+        assert state.is_contiguous(), "state tensors must be contiguous"
+    y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    block_t = block_rows(length)
+    grid = (batch * n_heads, triton.cdiv(length, block_t))
+    _attend_kernel[grid](
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
+        0 if on_device else tokens_seen, tokens_seen if on_device else q, length,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
+        BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity)), SEEN_ON_DEVICE=on_device,
+    )  # fmt: skip
+    return y, win_k, win_v

@@ -1,0 +1,77 @@
+"""The fused Triton attention against ``reference.attend``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lola_chat.kernels.lola import attend_triton, reference  # noqa: E402
+
+# Tolerances on y: fp32 differs from the reference only in summation order; in bf16 the reference
+# rotates in bf16 while the kernel rotates in fp32, and y is rounded to bf16.
+TOLERANCE = {torch.float32: dict(atol=5e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+CASES = [
+    # (tokens_seen, T, chunk, capacity, heads, kv_heads, dim, batch)
+    pytest.param(0, 16, 16, 24, 3, 1, 16, 2, id="first-chunk-prefill"),
+    pytest.param(5, 7, 16, 24, 3, 1, 16, 2, id="partial-chunk-no-previous"),
+    pytest.param(19, 1, 16, 24, 3, 1, 16, 2, id="decode-cache-empty"),
+    pytest.param(36, 5, 16, 24, 6, 2, 16, 1, id="cache-partly-full"),
+    pytest.param(1000, 8, 16, 24, 3, 1, 32, 1, id="steady-state-fills-chunk"),
+    pytest.param(997, 1, 16, 0, 3, 1, 16, 2, id="G0-decode"),
+    pytest.param(64 * 3 + 1, 63, 64, 24, 3, 1, 16, 1, id="T63"),
+]
+
+
+def run_both(states, tokens_seen, length, device_seen=False):
+    clean, poisoned = states.memory(tokens_seen)
+    b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
+    # q, k, v as the model makes them: transposed views of (B, T, H, D) projections.
+    q = states.randn(b, length, hq, d).transpose(1, 2)
+    k = states.randn(b, length, hkv, d).transpose(1, 2)
+    v = states.randn(b, length, hkv, d).transpose(1, 2)
+    fmap = states.feature_map()
+    gate = torch.sigmoid(states.randn(hq, scale=2.0))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=states.device) / d)
+
+    def call(fn, memory, seen):
+        m = memory
+        return fn(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
+                  fmap, gate, inv_freq, seen)  # fmt: skip
+
+    expected = call(reference.attend, clean, tokens_seen)
+    seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
+    got = call(attend_triton.attend, poisoned, seen)
+    return expected, got, poisoned
+
+
+def check(expected, got, poisoned, states, tokens_seen, length, dtype):
+    y_ref, win_k_ref, win_v_ref = expected
+    y, win_k, win_v = got
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert torch.isfinite(y).all(), "the kernel read a poisoned slot"
+    torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCE[dtype])
+    assert win_k is poisoned["win_k"] and win_v is poisoned["win_v"], "the window is updated in place"
+    c = states.chunk
+    current = tokens_seen % c
+    written = slice(c + current, c + current + length)
+    torch.testing.assert_close(win_k[:, :, written], win_k_ref[:, :, written], atol=0, rtol=0)
+    torch.testing.assert_close(win_v[:, :, written], win_v_ref[:, :, written], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens_seen,length,chunk,capacity,heads,kv_heads,dim,batch", CASES)
+def test_attend_matches_reference(
+    device, lola_states, dtype, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
+):
+    states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen)
+    expected, got, poisoned = run_both(states, tokens_seen, length)
+    check(expected, got, poisoned, states, tokens_seen, length, dtype)
+
+
+def test_attend_reads_position_from_device_tensor(device, lola_states):
+    states = lola_states(device, torch.float32, seed=7)
+    expected, got, poisoned = run_both(states, 53, 1, device_seen=True)
+    check(expected, got, poisoned, states, 53, 1, torch.float32)

@@ -1,0 +1,24 @@
+"""Which implementation ``lola_chat.kernels.lola`` dispatches to."""
+
+from __future__ import annotations
+
+import torch
+from lola_chat.kernels import lola
+
+
+def test_cpu_tensors_use_the_reference():
+    assert not lola.uses_triton(torch.zeros(2), torch.zeros(2))
+
+
+def test_reference_can_be_forced(monkeypatch):
+    x = torch.zeros(2)
+    with lola.force_reference():
+        assert not lola.uses_triton(x)
+    monkeypatch.setenv(lola.REFERENCE_ENV, "1")
+    assert not lola.uses_triton(x)
+
+
+def test_dispatched_hedgehog_equals_reference_on_cpu():
+    x = torch.randn(1, 2, 3, 16)
+    w = torch.randn(2, 16, 16)
+    torch.testing.assert_close(lola.hedgehog(x, w), lola.reference.hedgehog(x, w), atol=0, rtol=0)
