@@ -6,9 +6,9 @@ import asyncio
 import inspect
 
 import pytest
+from fake_engine import BASE_TIME, FakeEngine
 
 from lola_chat.tui.app import LolaChatApp
-from fake_engine import BASE_TIME, FakeEngine
 
 
 @pytest.fixture
@@ -31,7 +31,6 @@ def make_app(engine, tmp_path, monkeypatch):
         return LolaChatApp(factory, session, tmp_path / "state.json", **kwargs)
 
     return make
-
 
 
 @pytest.hookimpl(tryfirst=True)

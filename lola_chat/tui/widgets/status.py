@@ -35,7 +35,8 @@ class StatusBar(Static):
             visible(report.get("device", "")),
         ]
         if self.stats is not None:
-            parts.append(f"prefill {rate(self.stats.prefill_tps)} · decode {rate(self.stats.decode_tps)} tok/s")
+            prefill, decode = rate(self.stats.prefill_tps), rate(self.stats.decode_tps)
+            parts.append(f"prefill {prefill} · decode {decode} tok/s")
         for part in parts:
             line.append(" │ ")
             line.append(part)
