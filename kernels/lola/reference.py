@@ -113,18 +113,25 @@ def attend(
     )
     visible = visible[None, :] & (~(window_slot[None, :] > query_slot[:, None]))
 
-    keys = torch.cat([cache_k, _expand_kv(win_k, n_heads)], dim=2)
-    values = torch.cat([cache_v, _expand_kv(win_v, n_heads)], dim=2)
+    # The window is shared by the query heads of a KV group, so it is scored per group, never copied.
     acc = accumulator(q.dtype)
+    group = n_heads // win_k.shape[1]
     q_rot = rotate(q, query_pos, inv_freq).to(acc)
-    k_rot = rotate(keys, key_pos, inv_freq).to(acc)
-    scores = (q_rot @ k_rot.transpose(-1, -2)) * dim**-0.5
+    cache_rot = rotate(cache_k, key_pos[:capacity], inv_freq).to(acc)
+    win_rot = rotate(win_k, key_pos[capacity:], inv_freq).to(acc)
+    q_grouped = q_rot.reshape(batch, -1, group * length, dim)
+    win_scores = (q_grouped @ win_rot.transpose(-1, -2)).reshape(batch, n_heads, length, 2 * chunk)
+    scores = torch.cat([q_rot @ cache_rot.transpose(-1, -2), win_scores], dim=-1) * dim**-0.5
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    values = values.to(acc).masked_fill(~visible.any(dim=0)[None, None, :, None], 0.0)
+    seen = visible.any(dim=0)[:, None]
+    cache_values = cache_v.to(acc).masked_fill(~seen[:capacity], 0.0)
+    win_values = win_v.to(acc).masked_fill(~seen[capacity:], 0.0)
+    win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)
+    softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
     gate = window_factor.to(acc)[None, :, None, None]
     phi_q = hedgehog(q, fmap_q)
-    numerator = gate * (weights @ values) + phi_q @ h
+    numerator = gate * softmax_part + phi_q @ h
     denominator = gate * weights.sum(dim=-1, keepdim=True) + (phi_q @ s[..., None])
     return (numerator / denominator).to(q.dtype), win_k, win_v
 
