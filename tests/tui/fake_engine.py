@@ -139,7 +139,7 @@ class FakeStore:
 def words(text: str) -> list[str]:
     """The fake tokenizer: one token per word, spaces kept."""
     pieces = text.split(" ")
-    return [piece + " " for piece in pieces[:-1]] + [pieces[-1]] if text else []
+    return [piece + " " for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
 class FakeEngine:

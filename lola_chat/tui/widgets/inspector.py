@@ -16,7 +16,7 @@ def totals_lines(report: dict) -> list[tuple[str, str]]:
     """(label, value) rows of the totals section."""
     state = report.get("state_bytes", 0)
     kv_cache = report.get("kv_cache_bytes", 0)
-    ratio = f"{kv_cache / state:.1f}× smaller" if state else "n/a"
+    ratio = f"{kv_cache / state:.1f}× this state" if state else "no state yet"
     return [
         ("session", visible(report.get("session", ""))),
         ("attention", report.get("attention", "")),

@@ -13,7 +13,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from lola_chat.tui.text import shorten, visible
 
-PAGE = 40
+PAGE = 24
 # A user message is shown as plain text; past this many characters only its start is shown.
 USER_DISPLAY_LIMIT = 4000
 ROLE_TITLES = {"user": "You", "assistant": "LoLA", "system": "System"}
@@ -92,20 +92,22 @@ class Transcript(VerticalScroll):
         return list(self.query_children(MessageView))
 
     async def show(self, messages: list[dict]) -> None:
-        """Bring the view in line with ``messages``, re-rendering only what changed at the end."""
-        same = 0
+        """Bring the view in line with ``messages`` (which it keeps), re-rendering only the messages that
+        changed at the end. Only the mounted messages are compared, so a turn costs the same at any length.
+        """
+        start = self.first_shown
+        same = start
         limit = min(len(self.messages), len(messages))
         while same < limit and message_key(self.messages[same]) == message_key(messages[same]):
             same += 1
-        views = self.views
-        if same < self.first_shown or not views and messages:
+        if same == start:
             await self.remove_children(MessageView)
-            self.first_shown = max(0, len(messages) - PAGE)
-            same = self.first_shown
+            start = self.first_shown = max(0, len(messages) - PAGE)
+            same = start
         else:
-            await self.remove_children(views[same - self.first_shown :])
-        self.messages = [dict(message) for message in messages]
-        new_views = [MessageView(message) for message in self.messages[same:]]
+            await self.remove_children(self.views[same - start :])
+        self.messages = messages
+        new_views = [MessageView(message) for message in messages[same:]]
         if new_views:
             await self.mount_all(new_views)
         self._update_load_button()
