@@ -5,7 +5,8 @@ Candidates are the G cache slots followed by the C pairs of the leaving chunk, a
 current H and s, keeps the top G (rank by score, ties to the lower index, so the kept set is exactly
 what a top-k followed by an index sort selects), compacts them into the cache in time order, and folds
 the rest into H and s. Ranks come from pairwise comparisons, so no sort and no host round trip is
-needed and the step can live inside a CUDA graph; the window shift is a copy after the kernel.
+needed and the step can live inside a CUDA graph; the window shift is a second kernel, after
+every query head has read the leaving chunk.
 """
 
 from __future__ import annotations
@@ -121,6 +122,19 @@ def _evict_kernel(
     tl.store(s_ptr + state_row + E + feats, tl.load(s_ptr + state_row + E + feats) + norm_down)
 
 
+@triton.jit
+def _shift_window_kernel(wk_ptr, wv_ptr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The current chunk (window slots C..2C-1) becomes the previous one (slots 0..C-1)."""
+    base = tl.program_id(0) * 2 * C * D
+    dims = tl.arange(0, D)[None, :]
+    for start in range(0, C, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)[:, None]
+        ok = rows < C
+        at = base + rows * D + dims
+        tl.store(wk_ptr + at, tl.load(wk_ptr + at + C * D, mask=ok), mask=ok)
+        tl.store(wv_ptr + at, tl.load(wv_ptr + at + C * D, mask=ok), mask=ok)
+
+
 def evict(
     win_k: torch.Tensor,
     win_v: torch.Tensor,
@@ -174,6 +188,5 @@ def evict(
             keep = None
     else:
         assert tokens_seen == chunk, "eviction runs only when a chunk is full"
-    win_k[:, :, :chunk].copy_(win_k[:, :, chunk:])
-    win_v[:, :, :chunk].copy_(win_v[:, :, chunk:])
+    _shift_window_kernel[(batch * n_kv_heads,)](win_k, win_v, C=chunk, D=dim, BLOCK_N=block_rows(chunk))
     return win_k, win_v, cache_k, cache_v, h, s, keep

@@ -1,0 +1,275 @@
+"""`lola-chat bench`: decode and prefill speed of LoLA against softmax attention, side by side in one process.
+
+Arms: LoLA through the PyTorch reference, through the Triton kernels, and as a captured CUDA graph
+(``lola_chat.graphs``); the unmodified model through Hugging Face ``generate`` and as a captured
+static-cache decode. At each memory length the LoLA state is made by prefilling that many random
+tokens (the prefill measurement); decoding is greedy, timed per token with CUDA events (wall clock on
+the CPU), the arms interleaved within each repeat. Writes JSON, a Markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lola_chat.config import Config, default_dtype, resolve_device
+from lola_chat.errors import UsageError
+from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
+from lola_chat.evals.provenance import REPO_ROOT, run_info
+from lola_chat.memory import LolaSettings
+from lola_chat.model import ModelConfig, Transformer
+
+DEFAULT_LENGTHS = {"cuda": "1024,8192,32768,131072", "cpu": "256,1024,2048"}
+# The default model's shapes, for speed runs with random weights (speed does not depend on values).
+DEFAULT_SHAPES = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                             intermediate=1536, norm_eps=1e-5, rope_theta=100000.0)  # fmt: skip
+TINY_SHAPES = ModelConfig(
+    vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128
+)
+
+
+def lengths(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            values.append(int(part.rstrip("k")) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected lengths like 1024,8k,128k, got {text!r}") from None
+    return values
+
+
+def register(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        parents=[common],
+        help="decode and prefill speed of LoLA and softmax attention, side by side",
+        description=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--lengths", type=lengths, help="tokens in memory (default 1K,8K,32K,128K on a GPU)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per repeat and arm")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results", help="results folder")
+    parser.add_argument("--name", help="file name stem (default bench-<device>)")
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--tiny", action="store_true", help="a tiny random model: checks the code on a CPU")
+    shapes.add_argument(
+        "--random-default-shapes", action="store_true", help="random weights of the default model's shapes"
+    )
+    parser.set_defaults(func=run)
+
+
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
+    settings = dataclasses.replace(
+        config.lola, **{k: getattr(args, k) for k in ("chunk", "capacity") if getattr(args, k, None)}
+    )
+    if args.tiny or args.random_default_shapes:
+        shapes = TINY_SHAPES if args.tiny else DEFAULT_SHAPES
+        settings = LolaSettings(chunk=16, capacity=24) if args.tiny else settings
+        name = "tiny random" if args.tiny else "random weights, default model shapes"
+        return BenchModel(random_model(shapes, device, dtype), settings, name)
+    from lola_chat.weights import load_model
+
+    loaded = load_model(config, device, dtype)
+    settings = dataclasses.replace(
+        loaded.lola, **{k: getattr(args, k) for k in ("chunk", "capacity") if getattr(args, k, None)}
+    )
+    return BenchModel(loaded.model.eval(), settings, f"{loaded.model_dir.name} ({loaded.linearization})")
+
+
+def gpu_clocks() -> dict:
+    """SM and memory clocks now and at most, as nvidia-smi reports them; empty where it cannot."""
+    fields = "clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,temperature.gpu"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(zip(fields.split(","), (v.strip() for v in out.splitlines()[0].split(",")), strict=False))
+
+
+def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: int, device) -> list[dict]:
+    """Prefill ``length`` random tokens in each LoLA arm that affords it, then decode ``decode_tokens``
+    per arm, arms interleaved, ``repeats`` times. Returns one record per arm that ran."""
+    gen = torch.Generator().manual_seed(length)
+    tokens = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+    records = {arm.name: {"arm": arm.name, "label": arm.label, "length": length} for arm in arms}
+    base_state = None
+    for arm in sorted((a for a in arms if isinstance(a, LolaArm)), key=lambda a: -a.speed_rank):
+        if length > arm.max_prefill and base_state is not None:
+            continue
+        seconds, state = arm.prefill(tokens)
+        records[arm.name].update(prefill_s=seconds, prefill_tokens_per_s=length / seconds)
+        if base_state is None:
+            base_state = state
+    samples = {arm.name: [] for arm in arms}
+    for _ in range(repeats):
+        for arm in arms:
+            if arm.holds(length):
+                samples[arm.name].append(arm.decode(base_state, tokens, decode_tokens))
+    out = []
+    for arm in arms:
+        runs = samples[arm.name]
+        if not runs:
+            continue
+        record = records[arm.name]
+        record.update(summarize(runs))
+        if "prefill_tokens_per_s" not in record and "prefill_s" in record:
+            record["prefill_tokens_per_s"] = length / record["prefill_s"]
+        record.update(arm.footprint())
+        out.append(record)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per-token milliseconds of each repeat -> medians of repeats, pooled p99, eviction steps apart."""
+    ordinary = [torch.tensor(r["ordinary_ms"]) for r in runs if r["ordinary_ms"]]
+    evicting = [t for r in runs for t in r["eviction_ms"]]
+    pooled = torch.cat(ordinary) if ordinary else torch.zeros(0)
+    median = float(torch.tensor([o.median() for o in ordinary]).median()) if ordinary else float("nan")
+    summary = {
+        "decode_median_ms": median,
+        "decode_p99_ms": float(pooled.quantile(0.99)) if pooled.numel() else float("nan"),
+        "decode_tokens_per_s": 1000.0 / median,
+        "decode_steps": int(pooled.numel()),
+        "eviction_median_ms": float(torch.tensor(evicting).median()) if evicting else None,
+        "eviction_steps": len(evicting),
+    }
+    extra = [r["prefill_s"] for r in runs if r.get("prefill_s")]
+    if extra:
+        summary["prefill_s"] = float(torch.tensor(extra).median())
+    return summary
+
+
+def run(args, config: Config) -> int:
+    device = resolve_device(config.device)
+    dtype = default_dtype(device)
+    bench_lengths = args.lengths or lengths(DEFAULT_LENGTHS[device.type])
+    wanted = [name.strip() for name in args.arms.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(ARMS))
+    if unknown:
+        raise UsageError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if args.decode_tokens < 2 or args.repeats < 1:
+        raise UsageError("--decode-tokens must be at least 2 and --repeats at least 1")
+    bench = load(args, config, device, dtype)
+    arms, skipped = make_arms(wanted, bench, device, max(bench_lengths) + args.decode_tokens + 1)
+    info = run_info(device) | {"clocks": gpu_clocks() if device.type == "cuda" else {}}
+    results = {
+        "run": info,
+        "model": bench.description,
+        "shapes": bench.model.cfg.as_dict(),
+        "lola": bench.settings.as_dict(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "skipped": skipped,
+        "records": [],
+    }
+    with torch.inference_mode():
+        for length in bench_lengths:
+            started = time.perf_counter()
+            records = measure(
+                arms, length, args.decode_tokens, args.repeats, bench.model.cfg.vocab_size, device
+            )
+            results["records"].extend(records)
+            print(f"{length} tokens: {time.perf_counter() - started:.1f} s", flush=True)
+            for record in records:
+                print("  " + table_row(record), flush=True)
+    if device.type == "cuda":
+        info["clocks_after"] = gpu_clocks()
+    write(results, args.out, args.name or f"bench-{device.type}")
+    return 0
+
+
+COLUMNS = ("arm", "memory (tokens)", "prefill tok/s", "decode tok/s", "median ms", "p99 ms",
+           "eviction step ms", "state MiB", "peak GPU MiB")  # fmt: skip
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def table_row(r: dict) -> str:
+    cells = [
+        r["arm"], f"{r['length']:,}", _fmt(r.get("prefill_tokens_per_s"), ",.0f"),
+        _fmt(r["decode_tokens_per_s"], ",.1f"), _fmt(r["decode_median_ms"], ".3f"),
+        _fmt(r["decode_p99_ms"], ".3f"),
+        _fmt(r["eviction_median_ms"], ".3f"), _fmt(r["state_bytes"] / 2**20, ".2f"),
+        _fmt(r["peak_memory_bytes"] / 2**20 if r.get("peak_memory_bytes") else None, ",.0f"),
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: dict) -> str:
+    run = results["run"]
+    lines = [
+        f"# lola-chat bench: {results['model']}",
+        "",
+        f"`{run['command']}` on {run['device']}, commit `{run['commit']}`, {run['created']}; "
+        f"{results['dtype']}, LoLA {results['lola']}, {results['decode_tokens']} greedy tokens decoded "
+        f"x {results['repeats']} repeats per arm and length (median of repeats; p99 over all ordinary steps; "
+        "steps that close a chunk and evict are reported apart).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *(table_row(r) for r in results["records"]),
+    ]
+    if results["skipped"]:
+        lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()) + "."]
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+    lines += ["", f"Versions: {versions}. Clocks: {run.get('clocks') or 'not available'}.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (decode, prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm in dict.fromkeys(r["arm"] for r in results["records"]):
+        rows = [r for r in results["records"] if r["arm"] == arm]
+        decode.plot([r["length"] for r in rows], [r["decode_tokens_per_s"] for r in rows], "o-", label=arm)
+        filled = [r for r in rows if r.get("prefill_tokens_per_s")]
+        if filled:
+            prefill.plot(
+                [r["length"] for r in filled], [r["prefill_tokens_per_s"] for r in filled], "o-", label=arm
+            )
+    for axis, title in ((decode, "decode, batch 1 (tokens/s)"), (prefill, "prefill (tokens/s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("tokens in memory")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{results['model']} on {results['run']['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    plot(results, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json, .md and .png")

@@ -1,0 +1,298 @@
+"""A captured LoLA step: the whole model over a few new tokens, eviction and sampling included, replayed
+as one CUDA graph.
+
+LoLA memory has a fixed size, so every buffer a step touches can be allocated once. The token count
+lives in a device tensor that the Triton kernels read, so one graph serves every position; the host
+only has to know whether a step closes a chunk (then the graph with eviction is replayed). Three
+graphs share one memory pool: one token, one token that closes a chunk, and a whole chunk (prefill
+from a chunk boundary). The decoder works on its own copies of the state tensors; ``sync`` writes
+them back into the ``State``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lola_chat.config import GenerationSettings
+from lola_chat.errors import LolaError
+from lola_chat.memory import LolaMemory, State
+
+GREEDY = GenerationSettings(temperature=0.0, top_p=1.0)
+
+
+def sample(
+    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation: greedy at
+    temperature 0, else nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
+    if settings.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def capture_graphs(
+    variants: dict[str, Callable[[], torch.Tensor]], generator: torch.Generator | None = None
+) -> tuple[dict[str, torch.cuda.CUDAGraph], dict[str, torch.Tensor]]:
+    """Capture each ``variants`` function as a CUDA graph, all sharing one memory pool (they are never
+    replayed at the same time). Each function is run once first, on a side stream, so that kernels
+    compile and libraries set up outside the capture; warm-up runs change the buffers the functions
+    write, so callers reload their state afterwards. Returns the graphs and each one's output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for run in variants.values():
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs, outputs, pool = {}, {}, None
+    with torch.no_grad():
+        for name, run in variants.items():
+            graph = torch.cuda.CUDAGraph()
+            if generator is not None:
+                graph.register_generator_state(generator)
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[name] = run()
+            pool = graph.pool()
+            graphs[name] = graph
+    return graphs, outputs
+
+
+class _Counter:
+    """Device-side token counts shared by the layers during one captured step."""
+
+    def __init__(self, tokens_seen: int, device: torch.device):
+        self.seen = torch.tensor([tokens_seen], dtype=torch.int64, device=device)
+        self.after = self.seen.clone()
+        self.evicting = False
+
+
+class _StaticLayer:
+    """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
+    static copies of its tensors, updated in place by the Triton kernels."""
+
+    def __init__(self, memory: LolaMemory, counter: _Counter, window_ids: torch.Tensor):
+        self.chunk = memory.settings.chunk
+        self.counter = counter
+        self.window_ids = window_ids
+        for name in LolaMemory.memory_names + ("cache_ids",):
+            setattr(self, name, getattr(memory, name).clone())
+
+    def load(self, memory: LolaMemory) -> None:
+        for name in LolaMemory.memory_names + ("cache_ids",):
+            getattr(self, name).copy_(getattr(memory, name))
+
+    def attend(self, q, k, v, attn, ids=None) -> torch.Tensor:
+        from lola_chat.kernels.lola import attend_triton, evict_triton
+
+        counter = self.counter
+        y, _, _ = attend_triton.attend(
+            q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
+            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen,
+        )  # fmt: skip
+        if counter.evicting:
+            *_, keep = evict_triton.evict(
+                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k, counter.after
+            )
+            if keep is not None:
+                leaving = self.window_ids[:, None, : self.chunk].expand(-1, self.cache_ids.shape[1], -1)
+                self.cache_ids.copy_(torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep))
+        return y
+
+
+class CapturedDecoder:
+    """Decode (and chunk-aligned prefill) of a LoLA ``State`` by CUDA graph replay.
+
+    ``step(token)`` feeds one token and returns the sampled next token as a (B,) int64 device tensor;
+    that tensor is the decoder's input buffer, overwritten by the next step, so feeding it straight
+    back costs no copy. ``prefill(tokens)`` feeds (B, N) tokens. ``sync()`` writes the memory back
+    into the ``State`` it was built from (call it before reading, saving or otherwise using the state).
+    """
+
+    def __init__(self, model, state: State, sampling: GenerationSettings = GREEDY):
+        device = model.embed_tokens.weight.device
+        if device.type != "cuda":
+            raise LolaError("captured decoding needs a CUDA GPU; on this device use the ordinary model step")
+        if state.kind != "lola":
+            raise LolaError("captured decoding runs LoLA memory only")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise LolaError("captured decoding needs Triton, which is not installed") from None
+        self.model, self.state, self.sampling = model, state, sampling
+        first = state.layers[0]
+        self.chunk = first.settings.chunk
+        self.batch = first.win_k.shape[0]
+        self.tokens_seen = state.tokens_seen
+        self.evictions = 0
+        self.counter = _Counter(self.tokens_seen, device)
+        self.window_ids = first.win_ids.clone()
+        self.layers = [_StaticLayer(memory, self.counter, self.window_ids) for memory in state.layers]
+        self.static_state = State(self.layers)
+        self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
+        self.chunk_tokens = torch.zeros(self.batch, self.chunk, dtype=torch.int64, device=device)
+        self.generator = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.graphs, self.outputs = self._capture()
+        self.last = "token"
+
+    def _run(self, tokens: torch.Tensor, evicting: bool) -> torch.Tensor:
+        """The captured work: feed ``tokens`` (B, T) at the device-side position, sample into ``token``.
+        Returns the last position's logits (B, vocab)."""
+        counter, chunk, length = self.counter, self.chunk, tokens.shape[1]
+        counter.evicting = evicting
+        torch.add(counter.seen, length, out=counter.after)
+        slots = chunk + counter.seen % chunk + torch.arange(length, device=tokens.device)
+        self.window_ids.index_copy_(1, slots, tokens)
+        logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
+        if evicting:
+            self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
+            self.window_ids[:, chunk:] = -1
+        counter.seen.copy_(counter.after)
+        self.token.copy_(sample(logits, self.sampling, self.generator))
+        return logits
+
+    def _variant(self, tokens: torch.Tensor, evicting: bool):
+        def run() -> torch.Tensor:
+            # Warm-up runs from position 0 so that a whole-chunk step starts at a chunk boundary.
+            if not torch.cuda.is_current_stream_capturing():
+                self.counter.seen.zero_()
+            return self._run(tokens, evicting)
+
+        return run
+
+    def _capture(self) -> tuple[dict, dict]:
+        variants = {
+            "token": self._variant(self.token[:, None], False),
+            "token_evict": self._variant(self.token[:, None], True),
+            "chunk": self._variant(self.chunk_tokens, True),
+        }
+        graphs = capture_graphs(variants, self.generator)
+        self.reload()
+        return graphs
+
+    def reload(self) -> None:
+        """Discard the decoder's memory and take the State's again (after the State was restored)."""
+        for layer, memory in zip(self.layers, self.state.layers, strict=True):
+            layer.load(memory)
+        self.window_ids.copy_(self.state.layers[0].win_ids)
+        self.tokens_seen = self.state.tokens_seen
+        self.counter.seen.fill_(self.tokens_seen)
+        self.evictions = 0
+
+    def step(self, token: torch.Tensor | int) -> torch.Tensor:
+        """Feed one token per sequence ((B,) tensor or int); returns the next token, (B,) int64."""
+        if token is not self.token:
+            self.token.copy_(torch.as_tensor(token, device=self.token.device).expand(self.batch))
+        evicting = (self.tokens_seen + 1) % self.chunk == 0
+        self.last = "token_evict" if evicting else "token"
+        self.graphs[self.last].replay()
+        self.tokens_seen += 1
+        self.evictions += evicting
+        return self.token
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed (B, N) tokens: single steps up to a chunk boundary, then whole chunks, then single
+        steps. Returns the token sampled after the last one, (B,) int64."""
+        start = 0
+        while start < tokens.shape[1]:
+            if self.tokens_seen % self.chunk == 0 and tokens.shape[1] - start >= self.chunk:
+                self.chunk_tokens.copy_(tokens[:, start : start + self.chunk])
+                self.last = "chunk"
+                self.graphs["chunk"].replay()
+                self.tokens_seen += self.chunk
+                self.evictions += 1
+                start += self.chunk
+            else:
+                self.step(tokens[:, start])
+                start += 1
+        return self.token
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The logits (B, vocab) fp32 of the last token fed, a static buffer of the last graph replayed."""
+        return self.outputs[self.last]
+
+    def sync(self) -> State:
+        """Write the decoder's memory back into its State and return the State."""
+        for layer, memory in zip(self.layers, self.state.layers, strict=True):
+            tensors = {name: getattr(layer, name) for name in LolaMemory.memory_names + ("cache_ids",)}
+            tensors["win_ids"] = self.window_ids
+            memory.load(tensors, self.tokens_seen)
+            memory.evictions += self.evictions
+        self.evictions = 0
+        return self.state
+
+
+class _StaticKVLayer:
+    """Stands in for a ``SoftmaxMemory`` inside a captured step: a preallocated KV cache of rotated keys."""
+
+    def __init__(self, batch, n_kv_heads, capacity, head_dim, dtype, device, counter: _Counter):
+        self.k = torch.zeros(batch, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.slots = torch.arange(capacity, device=device)
+        self.counter = counter
+
+    def attend(self, q, k, v, attn, ids=None) -> torch.Tensor:
+        from lola_chat.kernels.lola import rotate
+
+        pos = self.counter.seen
+        self.k.index_copy_(2, pos, rotate(k, pos, attn.inv_freq))
+        self.v.index_copy_(2, pos, v)
+        # The query heads of one KV head become that head's queries, so the masked kernel needs no GQA.
+        batch, n_heads, _, dim = q.shape
+        n_kv_heads = self.k.shape[1]
+        grouped = rotate(q, pos, attn.inv_freq).reshape(batch, n_kv_heads, n_heads // n_kv_heads, dim)
+        y = F.scaled_dot_product_attention(grouped, self.k, self.v, attn_mask=self.slots <= pos)
+        return y.reshape(batch, n_heads, 1, dim)
+
+
+class SoftmaxDecoder:
+    """The baseline for ``lola-chat bench``: the unmodified model decoding with a static KV cache of
+    ``capacity`` positions (the first ``tokens_seen`` of them taken as filled), one CUDA graph per token;
+    attention is masked SDPA over the whole static cache. Greedy."""
+
+    def __init__(self, model, batch: int, capacity: int, tokens_seen: int):
+        weight = model.embed_tokens.weight
+        if weight.device.type != "cuda":
+            raise LolaError("captured decoding needs a CUDA GPU")
+        cfg = model.cfg
+        self.model = model
+        self.counter = _Counter(tokens_seen, weight.device)
+        # Padded so the memory-efficient kernel can take the mask.
+        capacity = -(-capacity // 16) * 16
+        self.layers = [
+            _StaticKVLayer(
+                batch, cfg.n_kv_heads, capacity, cfg.head_dim, weight.dtype, weight.device, self.counter
+            )
+            for _ in range(cfg.n_layers)
+        ]
+        self.static_state = State(self.layers)
+        self.token = torch.zeros(batch, dtype=torch.int64, device=weight.device)
+        self.tokens_seen = tokens_seen
+        self.graphs, self.outputs = capture_graphs({"token": self._run})
+        self.counter.seen.fill_(tokens_seen)
+
+    def _run(self) -> torch.Tensor:
+        logits = self.model(self.token[:, None], self.static_state, last_only=True)[:, -1]
+        self.counter.seen.add_(1)
+        self.token.copy_(logits.argmax(dim=-1))
+        return logits
+
+    def nbytes(self) -> int:
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+
+    def step(self, token: torch.Tensor | int) -> torch.Tensor:
+        if token is not self.token:
+            self.token.copy_(torch.as_tensor(token, device=self.token.device).expand(self.token.shape[0]))
+        self.graphs["token"].replay()
+        self.tokens_seen += 1
+        return self.token
