@@ -139,6 +139,30 @@ def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: in
     return out
 
 
+def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
+    """Kernels launched by one eager Triton-path decode step and their summed device time: a captured
+    step replays the same kernels, so this says where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = bench.model.new_state("lola", bench.settings)
+    token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    bench.model(token, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        bench.model(token, state)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for event in kernels:
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time / 1000.0
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+    return {
+        "kernels_per_token": len(kernels),
+        "kernel_time_ms": sum(by_name.values()),
+        "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top},
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-token milliseconds of each repeat -> medians of repeats, pooled p99, eviction steps apart."""
     ordinary = [torch.tensor(r["ordinary_ms"]) for r in runs if r["ordinary_ms"]]
@@ -184,6 +208,9 @@ def run(args, config: Config) -> int:
         "records": [],
     }
     with torch.inference_mode():
+        if device.type == "cuda" and any(arm.name == "lola-triton" for arm in arms):
+            results["profile"] = kernel_profile(bench, device)
+            print(f"one Triton-path decode step: {results['profile']}", flush=True)
         for length in bench_lengths:
             started = time.perf_counter()
             records = measure(
@@ -193,9 +220,10 @@ def run(args, config: Config) -> int:
             print(f"{length} tokens: {time.perf_counter() - started:.1f} s", flush=True)
             for record in records:
                 print("  " + table_row(record), flush=True)
-    if device.type == "cuda":
-        info["clocks_after"] = gpu_clocks()
-    write(results, args.out, args.name or f"bench-{device.type}")
+            # After every length, so that a run cut short still leaves what it measured.
+            if device.type == "cuda":
+                info["clocks_after"] = gpu_clocks()
+            write(results, args.out, args.name or f"bench-{device.type}")
     return 0
 
 
@@ -234,6 +262,13 @@ def markdown(results: dict) -> str:
     ]
     if results["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()) + "."]
+    if "profile" in results:
+        profile = results["profile"]
+        launched = f"One decode step launches {profile['kernels_per_token']} kernels"
+        lines += [
+            "",
+            f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all (Triton path, eager).",
+        ]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
     lines += ["", f"Versions: {versions}. Clocks: {run.get('clocks') or 'not available'}.", ""]
     return "\n".join(lines)
