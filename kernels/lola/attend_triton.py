@@ -28,21 +28,19 @@ def frame_counts(seen, C: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def rotate_halves(x1, x2, pos, freq):
-    """Rotary embedding (rotate-half convention) of a tile split in its two halves; pos: (rows,)."""
+def rotate(x, partner, pos, freq):
+    """Rotary embedding (rotate-half convention) of a (rows, D) tile: x cos + partner sin, where
+    ``partner`` is x with its halves swapped and the first negated; pos: (rows,); freq: (D,) with
+    the inverse frequencies repeated for both halves."""
     angle = pos.to(tl.float32)[:, None] * freq[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return x * tl.cos(angle) + partner * tl.sin(angle)
 
 
 @triton.jit
-def _softmax_block(m, total, acc, q1, q2, k1, k2, v, key_pos, visible, freq):
-    """One online-softmax step over a block of keys; the scale is folded into q1, q2."""
-    k1, k2 = rotate_halves(k1, k2, key_pos, freq)
-    scores = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(
-        q2, tl.trans(k2), input_precision="ieee"
-    )
+def _softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq):
+    """One online-softmax step over a block of keys; the scale is folded into q."""
+    k = rotate(k, k_partner, key_pos, freq)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     weights = tl.exp(scores - m_new[:, None])
@@ -53,13 +51,16 @@ def _softmax_block(m, total, acc, q1, q2, k1, k2, v, key_pos, visible, freq):
 
 
 @triton.jit
-def _load_rows(base, rows, row_stride, ok, HALF: tl.constexpr):
-    """Rows of a (.., D) tensor as two fp32 halves and the whole row; masked rows read as zeros."""
-    half = tl.arange(0, HALF)
-    ptr = base + rows[:, None] * row_stride + half[None, :]
-    x1 = tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=ok[:, None], other=0.0).to(tl.float32)
-    return x1, x2
+def _load_rows(base, rows, row_stride, ok, D: tl.constexpr):
+    """Rows of a (.., D) tensor as fp32, and their rotary partner (halves swapped, first negated);
+    masked rows read as zeros."""
+    dims = tl.arange(0, D)
+    swapped = (dims + D // 2) % D
+    sign = tl.where(dims < D // 2, -1.0, 1.0)
+    at = base + rows[:, None] * row_stride
+    x = tl.load(at + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    partner = tl.load(at + swapped[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return x, partner * sign[None, :]
 
 
 @triton.jit(do_not_specialize=["seen"])
@@ -71,7 +72,6 @@ def _attend_kernel(
     D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     SEEN_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    HALF: tl.constexpr = D // 2
     pid = tl.program_id(0)
     batch = pid // HQ
     head = pid % HQ
@@ -83,15 +83,12 @@ def _attend_kernel(
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     q_slot = current + t
-    freq = tl.load(freq_ptr + tl.arange(0, HALF)).to(tl.float32)
-    q_base = q_ptr + batch * sq_b + head * sq_h
-    q1, q2 = _load_rows(q_base, t, sq_t, t_ok, HALF)
-    q1, q2 = rotate_halves(q1, q2, cached + previous + q_slot, freq)
-    scale = 1.0 / tl.sqrt(D * 1.0)
-    q1 = q1 * scale
-    q2 = q2 * scale
-
     dims = tl.arange(0, D)
+    freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
+    q_base = q_ptr + batch * sq_b + head * sq_h
+    q, q_partner = _load_rows(q_base, t, sq_t, t_ok, D)
+    q_rot = rotate(q, q_partner, cached + previous + q_slot, freq) / tl.sqrt(D * 1.0)
+
     m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
     total = tl.zeros((BLOCK_T,), tl.float32)
     acc = tl.zeros((BLOCK_T, D), tl.float32)
@@ -101,22 +98,22 @@ def _attend_kernel(
     for start in range(0, G, BLOCK_N):
         slot = start + n
         ok = (slot < G) & (slot >= G - cached)
-        k1, k2 = _load_rows(ck_ptr + cache_row * D, slot, D, ok, HALF)
+        k, k_partner = _load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
         v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc = _softmax_block(
-            m, total, acc, q1, q2, k1, k2, v.to(tl.float32), slot - (G - cached), visible, freq
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq
         )
 
     win_row = (batch * HKV + kv_head) * 2 * C
     for start in range(0, C, BLOCK_N):
         slot = start + n
         ok = (slot < C) & (previous > 0)
-        k1, k2 = _load_rows(wk_ptr + win_row * D, slot, D, ok, HALF)
+        k, k_partner = _load_rows(wk_ptr + win_row * D, slot, D, ok, D)
         v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc = _softmax_block(
-            m, total, acc, q1, q2, k1, k2, v.to(tl.float32), cached + slot, visible, freq
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq
         )
 
     new_base = batch * sk_b + kv_head * sk_h
@@ -125,8 +122,8 @@ def _attend_kernel(
         in_window = slot < current
         is_new = (slot >= current) & (slot < current + T)
         new_row = slot - current
-        k1, k2 = _load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, HALF)
-        n1, n2 = _load_rows(k_ptr + new_base, new_row, sk_t, is_new, HALF)
+        k, k_partner = _load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, D)
+        k_new, k_new_partner = _load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
         v_old = tl.load(
             wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
         )
@@ -135,11 +132,11 @@ def _attend_kernel(
         )
         v = v_old.to(tl.float32) + v_new.to(tl.float32)
         visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+        k, k_partner = k + k_new, k_partner + k_new_partner
         m, total, acc = _softmax_block(
-            m, total, acc, q1, q2, k1 + n1, k2 + n2, v, cached + previous + slot, visible, freq
+            m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq
         )
 
-    q = tl.load(q_base + t[:, None] * sq_t + dims[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
     up, down = features(q, load_feature_map(fq_ptr, head, D, E))
     feats = tl.arange(0, E)
     state_row = (batch * HQ + head) * 2 * E
