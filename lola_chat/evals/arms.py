@@ -1,0 +1,97 @@
+"""The configurations an evaluation compares ("arms"): the softmax base model with its growing KV
+cache, and the linearized model with LoLA memories of several sparse-cache sizes and eviction
+policies. Each arm knows which model it needs and what memory to give it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lola_chat.config import Config
+from lola_chat.errors import UsageError
+from lola_chat.memory import LolaSettings
+
+DEFAULT_ARMS = "softmax,g0,g64,g128,g256,random128,recent128"
+ARM_PATTERN = re.compile(r"^(g|sre|random|recent)(\d+)$")
+POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    attention: str
+    capacity: int = 0
+    policy: str = "sre"
+
+    def settings(self, chunk: int) -> LolaSettings:
+        return LolaSettings(chunk=chunk, capacity=self.capacity, policy=self.policy)
+
+    @property
+    def label(self) -> str:
+        if self.attention == "softmax":
+            return "softmax base (full KV cache)"
+        if self.capacity == 0:
+            return "linearized, G=0 (window + linear)"
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]})"
+
+
+def parse_arms(text: str) -> list[Arm]:
+    """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>", comma-separated."""
+    arms = []
+    for name in (part.strip() for part in text.split(",") if part.strip()):
+        if name == "softmax":
+            arms.append(Arm(name, "softmax"))
+            continue
+        match = ARM_PATTERN.match(name)
+        if not match:
+            raise UsageError(f"unknown configuration {name!r}; use softmax, g<G>, random<G> or recent<G>")
+        policy = "sre" if match[1] in ("g", "sre") else match[1]
+        arms.append(Arm(name, "lola", int(match[2]), policy))
+    if not arms:
+        raise UsageError("--configs is empty")
+    return arms
+
+
+def label_of(name: str) -> str:
+    return parse_arms(name)[0].label
+
+
+class Models:
+    """The two models the arms run on, each loaded once on first use: the unmodified base (softmax)
+    and the linearized model (LoRA merged, trained feature maps)."""
+
+    def __init__(self, config: Config, device: torch.device, dtype: torch.dtype, progress: bool = True):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.progress = progress
+        self._loaded: dict[str, object] = {}
+
+    def loaded(self, attention: str):
+        from lola_chat.weights import load_model
+
+        if attention not in self._loaded:
+            config = dataclasses.replace(self.config, attention=attention)
+            self._loaded[attention] = load_model(config, self.device, self.dtype, progress=self.progress)
+        return self._loaded[attention]
+
+    def for_arm(self, arm: Arm):
+        return self.loaded(arm.attention)
+
+    @property
+    def chunk(self) -> int:
+        return self.loaded("lola").lola.chunk
+
+    def describe(self) -> dict:
+        """Which weights the results come from, for the results files."""
+        lola = self.loaded("lola")
+        return {
+            "model_dir": str(lola.model_dir),
+            "model_fingerprint": lola.model_fingerprint,
+            "linearization": lola.linearization,
+            "linearization_fingerprint": lola.linearization_fingerprint,
+            "lola": lola.lola.as_dict(),
+        }

@@ -1,0 +1,174 @@
+"""`lola-chat eval` on a tiny random model and tiny lengths: the needle prompts (exact length, needle at
+the asked depth), the held-out perplexity windows, the state sizes, and the files a run writes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pytest
+import torch
+
+from lola_chat import cli
+from lola_chat.config import Config, Paths
+from lola_chat.errors import UsageError
+from lola_chat.evals import command, footprint, niah, report
+from lola_chat.evals.arms import parse_arms
+from lola_chat.evals.ppl import heldout_windows
+from lola_chat.linearize import card
+from lola_chat.linearize.data import encode, read_books
+from lola_chat.linearize.tiny import tiny_tokenizer, write_tiny_checkpoint, write_tiny_data
+from lola_chat.memory import LolaSettings
+from lola_chat.weights import load_model, save_linearization
+
+CONFIGS = "softmax,g0,g64,random64"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_tiny_data(tmp_path / "data")
+
+
+def parse(argv: list[str], monkeypatch):
+    """Arguments and config as `lola-chat ARGV` would get them (sys.argv too: results record it)."""
+    monkeypatch.setattr(sys, "argv", ["lola-chat", *argv])
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers(), cli.common_options())
+    args = parser.parse_args(argv)
+    return args, cli.build_config(args)
+
+
+@pytest.mark.parametrize("length", [160, 333, 512])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_needle_prompt_has_the_exact_length_and_depth(tokenizer, tiny_data, length, depth):
+    prose = niah.prose_haystack(tokenizer, read_books(tiny_data))
+    for haystack in (niah.noise_haystack(tokenizer), prose):
+        prompt = niah.build_prompt(
+            tokenizer, haystack, length, depth, "amber-comet", "4817263", start_sentence=3
+        )
+        assert len(prompt.ids) == length
+        needle = encode(tokenizer, niah.NEEDLE.format(key="amber-comet", value="4817263"))
+        assert prompt.ids[prompt.needle_start : prompt.needle_start + len(needle)] == needle
+        offset = prompt.needle_start - prompt.haystack_start
+        longest = max(len(s) for s in haystack.sentences)
+        assert abs(offset - depth * prompt.haystack_tokens) <= longest / 2 + 1
+        text = tokenizer.decode(prompt.ids)
+        assert text.count("4817263") == 1 and text.endswith(niah.ANSWER_PREFIX.format(key="amber-comet"))
+
+
+def test_prompt_sets_are_seeded_with_depths_from_0_to_100_percent(tokenizer):
+    haystack = niah.noise_haystack(tokenizer)
+    prompts = niah.prompt_set(tokenizer, haystack, 256, 5, seed=1)
+    assert [p.depth for p in prompts] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all(len(p.value) == 7 and p.value.isdigit() for p in prompts)
+    assert prompts == niah.prompt_set(tokenizer, haystack, 256, 5, seed=1)
+    assert prompts != niah.prompt_set(tokenizer, haystack, 256, 5, seed=2)
+
+
+def test_a_too_short_length_is_a_usage_error(tokenizer):
+    with pytest.raises(UsageError, match="too short"):
+        niah.build_prompt(tokenizer, niah.noise_haystack(tokenizer), 20, 0.5, "k", "1234567")
+
+
+def test_exact_match_needs_the_whole_number(tokenizer):
+    ids = lambda text: encode(tokenizer, text)
+    assert niah.is_correct(tokenizer, ids(" 4817263.<|im_end|>"), "4817263")
+    assert not niah.is_correct(tokenizer, ids(" 48172639."), "4817263")
+    assert not niah.is_correct(tokenizer, ids(" 481726"), "4817263")
+    assert not niah.is_correct(tokenizer, ids(" no.<|im_end|> 4817263"), "4817263")
+
+
+def test_perplexity_windows_come_only_from_held_out_text(tokenizer, tiny_data):
+    books = read_books(tiny_data)
+    windows = heldout_windows(tokenizer, books, 64, limit=None)
+    assert windows.shape[0] > 2 and windows.shape[1] == 64
+    for window in windows:
+        text = tokenizer.decode(window.tolist())
+        assert any(text in book.heldout for book in books)
+        assert not any(text in book.train for book in books)
+
+
+def test_parse_arms_and_lengths():
+    arms = {arm.name: arm for arm in parse_arms("softmax,g0,sre32,random128,recent128")}
+    assert arms["softmax"].attention == "softmax"
+    assert (arms["sre32"].capacity, arms["sre32"].policy) == (32, "sre")
+    assert (arms["random128"].capacity, arms["random128"].policy) == (128, "random")
+    assert command.parse_lengths("1K,2k,300") == [1024, 2048, 300]
+    for bad in ("fast", "g", "softmax2"):
+        with pytest.raises(UsageError):
+            parse_arms(bad)
+    with pytest.raises(UsageError):
+        command.parse_lengths("1M")
+
+
+def test_state_sizes_match_real_states(tmp_path, lola_home):
+    config = Config(paths=Paths.from_env(), device="cpu", model_dir=write_tiny_checkpoint(tmp_path / "m"))
+    model = load_model(config, torch.device("cpu"), torch.float32, progress=False).model
+    arms = parse_arms("softmax,g0,g32")
+    rows = {
+        (r["config"], r["length"]): r
+        for r in footprint.evaluate(model.cfg, arms, [64, 192], 16, torch.float32)
+    }
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 192))
+    for arm in arms:
+        state = model.new_state(arm.attention, arm.settings(16))
+        with torch.inference_mode():
+            model(tokens, state, last_only=True)
+        assert rows[(arm.name, 192)]["state_bytes"] == state.nbytes()
+    assert rows[("softmax", 192)]["state_bytes"] == 3 * rows[("softmax", 64)]["state_bytes"]
+    assert rows[("g32", 192)]["state_bytes"] == rows[("g32", 64)]["state_bytes"]
+
+
+def tiny_linearization(directory, lola_home, tmp_path):
+    """A linearization folder for the tiny model (feature maps nudged away from identity, no LoRA)."""
+    config = Config(paths=Paths.from_env(), device="cpu", model_dir=write_tiny_checkpoint(tmp_path / "m"))
+    model = load_model(config, torch.device("cpu"), torch.float32, progress=False).model
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.fmap_k.add_(0.1)
+    save_linearization(
+        model, directory, None, 16.0, 8, LolaSettings(chunk=32, capacity=64), {"base_model": "tiny"}
+    )
+    return directory
+
+
+def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, tiny_data, monkeypatch):
+    linearization = tiny_linearization(tmp_path / "lin", lola_home, tmp_path)
+    out = tmp_path / "results"
+    argv = "eval all --tiny --device cpu --lengths 200,256 --prompts 2 --contexts 96 --ppl-windows 2"
+    argv = [*argv.split(), "--configs", CONFIGS, "--out", str(out), "--data", str(tiny_data)]
+    argv += ["--linearization", str(linearization), "--card", str(linearization)]
+    args, config = parse(argv, monkeypatch)
+    assert args.func(args, config) == 0
+
+    results = report.read_results(out)
+    assert sorted(results) == ["memory", "niah", "ppl"]
+    for payload in results.values():
+        assert payload["command"].startswith("lola-chat eval all") and payload["commit"] and payload["device"]
+        assert payload["versions"]["torch"] == torch.__version__
+        assert payload["model"]["linearization_fingerprint"] == card.fingerprint(linearization)
+    niah_rows = results["niah"]["rows"]
+    assert len(niah_rows) == 4 * 2 * 2
+    assert {(r["haystack"], r["length"]) for r in niah_rows} == {
+        (h, n) for h in ("noise", "prose") for n in (200, 256)
+    }
+    assert all(r["prompts"] == 2 and 0 <= r["correct"] <= 2 and r["state_bytes"] > 0 for r in niah_rows)
+    assert all(r["perplexity"] > 1 and r["windows"] == 2 for r in results["ppl"]["rows"])
+    assert len(results["memory"]["rows"]) == 4 * 2
+
+    readme = (out / "README.md").read_text()
+    for arm in parse_arms(CONFIGS):
+        assert arm.label in readme
+    assert all((out / f"{name}.png").stat().st_size > 1000 for name in ("niah", "ppl", "memory"))
+    card_text = (linearization / "README.md").read_text()
+    assert "Needle in a haystack" in card_text and "No evaluation results" not in card_text
+
+    (out / "README.md").unlink()
+    args, config = parse(["eval", "report", "--out", str(out)], monkeypatch)
+    assert args.func(args, config) == 0
+    assert (out / "README.md").read_text() == readme
