@@ -3,28 +3,20 @@
 A session is the folder ``<root>/<name>/`` holding ``session.json`` (system prompt, settings and a small
 summary, so that listing many sessions reads no tensors), ``transcript.jsonl``,
 ``snapshots/<id>.safetensors`` and ``lock``. Files are replaced atomically; the transcript is only
-appended to, except that an append cuts off the unreadable tail a crash mid-append may have left.
+appended to, except that an append cuts off the unreadable tail a crash mid-append may have left. How
+files are written, the transcript's record format, the lock and the snapshot format are in
+``lola_chat.storage``; this module is what sessions do with them.
 
 Writers hold an exclusive ``flock`` on ``lock``; the kernel drops it when the process dies. A mutating
 call on a Session object that does not hold the lock takes it for the length of the call, so it raises
 SessionLocked while anyone else (another process, or another Session object of this process) holds it.
-
-A snapshot's ``sha256`` metadata entry covers its other metadata entries (sorted key/value pairs as
-JSON) and then, per tensor in name order, ``[name, dtype, shape]`` as JSON followed by the tensor's raw
-bytes, so a changed byte anywhere in the header or the data is detected.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
-import io
 import json
 import os
-import re
 import secrets
-import shlex
 import shutil
 import tempfile
 import time
@@ -33,36 +25,34 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import safetensors.torch
 import torch
 
-from lola_chat.errors import LolaError, SessionLocked, SnapshotError, UsageError
+from lola_chat.errors import LolaError, SnapshotError, UsageError
+from lola_chat.storage import (
+    FORMAT_VERSION,
+    SnapshotFolder,
+    SnapshotInfo,
+    WriterLock,
+    append_record_line,
+    atomic_write_bytes,
+    atomic_write_json,
+    checked_record,
+    encode_snapshot,
+    fsync_dir,
+    move_folder,
+    one_line,
+    parse_snapshot_id,
+    read_records,
+    record_lines,
+)
 
-FORMAT_VERSION = 1
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 MAX_NAME_LENGTH = 64
-ID_WIDTH = 6
 SESSION_FILE = "session.json"
 TRANSCRIPT_FILE = "transcript.jsonl"
 SNAPSHOT_DIR = "snapshots"
 LOCK_FILE = "lock"
-_SNAPSHOT_NAME = re.compile(r"([0-9]+)\.safetensors")
-_TMP_MARK = ".tmp-"
-_RESERVED_META = ("format_version", "created", "note", "sha256")
-_RECORD_TYPES = ("message", "undo", "restore", "system")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclass
-class SnapshotInfo:
-    id: str
-    created: float
-    tokens_seen: int
-    path: Path
-    nbytes: int
-    note: str
 
 
 @dataclass
@@ -102,125 +92,6 @@ def validate_name(name: str) -> str:
     return name
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: after a crash the file is either the old one or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _one_line(text, limit: int = 160) -> str:
-    return " ".join(str(text).split())[:limit]
-
-
-def _snapshot_id(value) -> str:
-    text = str(value).strip()
-    if not re.fullmatch(r"[0-9]+", text):
-        raise UsageError(f"bad snapshot id {value!r}: snapshot ids are numbers such as 000042")
-    return f"{int(text):0{ID_WIDTH}d}"
-
-
-def _read_metadata(f: BinaryIO) -> dict[str, str]:
-    """The ``__metadata__`` table of a safetensors stream, reading only its header."""
-    prefix = f.read(8)
-    if len(prefix) < 8:
-        raise ValueError("file shorter than a safetensors header")
-    size = int.from_bytes(prefix, "little")
-    if size > _MAX_HEADER_BYTES:
-        raise ValueError(f"implausible header length {size}")
-    raw = f.read(size)
-    if len(raw) < size:
-        raise ValueError("header cut short")
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise ValueError("header is not valid JSON") from None
-    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("header metadata is not a table of strings")
-    return metadata
-
-
-def _digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    """See the module docstring. ``tensors`` must be contiguous CPU tensors."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k != "sha256")).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _parse_record(raw: bytes) -> dict | None:
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "type" in record else None
-
-
-def _checked_record(record: dict) -> dict:
-    kind = record.get("type")
-    if kind not in _RECORD_TYPES:
-        raise ValueError(f"unknown transcript record type {kind!r}")
-    record = {"time": time.time(), **record}
-    if kind == "message":
-        if record.get("role") not in ("user", "assistant") or not isinstance(record.get("content"), str):
-            raise ValueError("a message record needs role 'user' or 'assistant' and str content")
-        record.setdefault("stopped", False)
-        snapshot = record.get("snapshot")
-        record["snapshot"] = None if snapshot is None else _snapshot_id(snapshot)
-    elif kind == "restore":
-        record["snapshot"] = _snapshot_id(record.get("snapshot"))
-    return record
-
-
-def _append_line(path: Path, line: bytes) -> int:
-    """Append one line and fsync; return the file size found before. A last line left without its
-    newline by a crash is ended if it is a whole record, else cut off so that it cannot swallow ``line``."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = os.pread(fd, size, 0)
-            start = data.rfind(b"\n") + 1
-            if _parse_record(data[start:]) is None:
-                os.ftruncate(fd, start)
-            else:
-                line = b"\n" + line
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return size
-
-
 def _replay(records: list[dict]) -> list[dict]:
     """The visible conversation: messages, minus undone exchanges and what a restore went back past."""
     visible: list[dict] = []
@@ -258,46 +129,21 @@ class Session:
         self.dir = Path(path)
         self.name = self.dir.name
         self.keep_snapshots = keep_snapshots
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
+        self._lock = WriterLock()
 
     @property
     def holds_lock(self) -> bool:
-        return self._lock_depth > 0
+        return self._lock.held
 
     def lock(self) -> None:
         """Take the writer lock; re-entrant for this object (each lock() needs its unlock())."""
-        if self._lock_depth:
-            self._lock_depth += 1
-            return
-        try:
-            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:
-            raise LolaError(f"no session named {self.name}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            where = "elsewhere in this" if holder == str(os.getpid()) else "in another"
-            raise SessionLocked(
-                f"session {self.name} is open {where} lola-chat process (pid {holder})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd, self._lock_depth = fd, 1
+        self._lock.acquire(self.dir / LOCK_FILE, self.name)
 
     def unlock(self) -> None:
-        if self._lock_depth > 1:
-            self._lock_depth -= 1
-        elif self._lock_depth == 1:
-            self._release()
+        self._lock.release()
 
     def _release(self) -> None:
-        fd, self._lock_fd, self._lock_depth = self._lock_fd, None, 0
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        self._lock.release_all()
 
     def __enter__(self) -> Session:
         self.lock()
@@ -321,9 +167,7 @@ class Session:
         except FileNotFoundError:
             raise LolaError(f"no session named {self.name}") from None
         except ValueError as e:
-            raise LolaError(
-                f"session {self.name} is damaged: {path} is unreadable ({_one_line(e)})"
-            ) from None
+            raise LolaError(f"session {self.name} is damaged: {path} is unreadable ({one_line(e)})") from None
 
     def _write_meta(self, **changes) -> None:
         atomic_write_json(self.dir / SESSION_FILE, {**self._read_meta(), **changes, "last_used": time.time()})
@@ -354,12 +198,12 @@ class Session:
 
     def append(self, record: dict) -> None:
         """Append a transcript record (missing ``time``/``snapshot``/``stopped`` are filled in)."""
-        record = _checked_record(record)
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        record = checked_record(record)
+        line = record_lines([record]).encode()
         transcript = self.dir / TRANSCRIPT_FILE
         with self._writing():
             meta = self._read_meta()
-            size_before = _append_line(transcript, line)
+            size_before = append_record_line(transcript, line)
             if record["type"] == "message" and meta.get("transcript_bytes") == size_before:
                 messages = meta.get("messages", 0) + 1
             else:
@@ -367,69 +211,28 @@ class Session:
             self._write_meta(messages=messages, transcript_bytes=transcript.stat().st_size)
 
     def records(self) -> list[dict]:
-        path = self.dir / TRANSCRIPT_FILE
-        try:
-            lines = path.read_bytes().split(b"\n")
-        except FileNotFoundError:
-            return []
-        records = []
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            record = _parse_record(raw)
-            if record is None:
-                if number == len(lines):
-                    break  # the torn tail of an append a crash interrupted
-                raise LolaError(
-                    f"session {self.name} has a damaged transcript: fix or remove line {number} of {path}"
-                )
-            records.append(record)
-        return records
+        return read_records(self.dir / TRANSCRIPT_FILE, self.name)
 
     def history(self) -> list[dict]:
         return _replay(self.records())
 
+    @property
+    def _snapshots(self) -> SnapshotFolder:
+        return SnapshotFolder(self.dir / SNAPSHOT_DIR, self.name)
+
     def _snapshot_path(self, snapshot_id: str) -> Path:
-        return self.dir / SNAPSHOT_DIR / f"{snapshot_id}.safetensors"
-
-    def _snapshot_ids(self) -> list[str]:
-        try:
-            names = os.listdir(self.dir / SNAPSHOT_DIR)
-        except FileNotFoundError:
-            return []
-        return sorted((m.group(1) for m in map(_SNAPSHOT_NAME.fullmatch, names) if m), key=int)
-
-    def _snapshot_info(self, snapshot_id: str) -> SnapshotInfo | None:
-        path = self._snapshot_path(snapshot_id)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return None
-        try:
-            with open(path, "rb") as f:
-                meta = _read_metadata(f)
-            created, tokens_seen = float(meta["created"]), int(meta.get("tokens_seen", 0))
-        except (OSError, ValueError, KeyError) as e:
-            return SnapshotInfo(
-                snapshot_id, stat.st_mtime, 0, path, stat.st_size, f"damaged ({_one_line(e)})"
-            )
-        return SnapshotInfo(snapshot_id, created, tokens_seen, path, stat.st_size, meta.get("note", ""))
+        return self._snapshots.path(snapshot_id)
 
     def snapshots(self) -> list[SnapshotInfo]:
-        infos = (self._snapshot_info(i) for i in self._snapshot_ids())
-        return [info for info in infos if info is not None]
+        return self._snapshots.infos()
 
     def latest_snapshot(self) -> SnapshotInfo | None:
-        for snapshot_id in reversed(self._snapshot_ids()):
-            info = self._snapshot_info(snapshot_id)
-            if info is not None:
-                return info
-        return None
+        return self._snapshots.latest()
 
     def _current_id(self) -> str:
         """The snapshot load_snapshot() loads by default: the last saved or restored one."""
         head = self._read_meta().get("head")
-        ids = self._snapshot_ids()
+        ids = self._snapshots.ids()
         if head is None and not ids:
             raise SnapshotError(
                 f"session {self.name} has no snapshot yet; run with --rebuild to rebuild the state "
@@ -437,100 +240,28 @@ class Session:
             )
         return head if head is not None else ids[-1]
 
-    def _refusal(self, snapshot_id: str, problem: str, advice: str = "") -> SnapshotError:
-        advice = advice or (
-            f"restore an earlier one with `lola-chat sessions restore {shlex.quote(self.name)} ID` "
-            "or rebuild with --rebuild"
-        )
-        return SnapshotError(
-            f"snapshot {snapshot_id} of session {self.name} {problem}; its file is left untouched; {advice}"
-        )
-
-    def _verified(self, snapshot_id: str) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
-        """File bytes, CPU tensors and metadata of a snapshot whose checksum and format are good."""
-        path = self._snapshot_path(snapshot_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise self._refusal(snapshot_id, "is missing") from None
-        except OSError as e:
-            raise self._refusal(snapshot_id, f"is unreadable ({_one_line(e.strerror)})") from None
-        try:
-            metadata = _read_metadata(io.BytesIO(data))
-            version = metadata.get("format_version", "")
-            if not version.isdecimal():
-                raise ValueError(f"format_version {version!r} is not a number")
-        except ValueError as e:
-            raise self._refusal(snapshot_id, f"is damaged ({_one_line(e)})") from None
-        if int(version) > FORMAT_VERSION:
-            raise self._refusal(
-                snapshot_id,
-                f"was written in format {int(version)}, newer than format {FORMAT_VERSION} that this "
-                "lola-chat reads",
-                "upgrade lola-chat",
-            )
-        try:
-            tensors = safetensors.torch.load(data)
-        except Exception as e:  # safetensors reports bad files with several exception types
-            raise self._refusal(snapshot_id, f"is damaged ({_one_line(e)})") from None
-        if metadata.get("sha256") != _digest(metadata, tensors):
-            raise self._refusal(snapshot_id, "is damaged (sha256 mismatch)")
-        return data, tensors, metadata
-
     def load_snapshot(
         self, expect: dict[str, str], snapshot_id: str | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        snapshot_id = self._current_id() if snapshot_id is None else _snapshot_id(snapshot_id)
-        _, tensors, metadata = self._verified(snapshot_id)
-        for key, ours in expect.items():
-            theirs = metadata.get(key)
-            if theirs != ours:
-                raise self._refusal(
-                    snapshot_id,
-                    f"was made with a different {key} ({_one_line(theirs, 60)} != {_one_line(ours, 60)})",
-                    "use the matching model and settings, or rebuild with --rebuild",
-                )
-        return tensors, metadata
+        snapshot_id = self._current_id() if snapshot_id is None else parse_snapshot_id(snapshot_id)
+        return self._snapshots.load(snapshot_id, expect)
 
     def save_snapshot(self, tensors: dict[str, torch.Tensor], meta: dict[str, str], note: str = "") -> str:
-        bad = [k for k, v in meta.items() if k in _RESERVED_META or not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"snapshot metadata must be str values and not use {_RESERVED_META}: {bad}")
-        tensors = {
-            name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-            for name, t in tensors.items()
-        }
-        metadata = {**meta, "format_version": str(FORMAT_VERSION), "created": repr(time.time()), "note": note}
-        metadata["sha256"] = _digest(metadata, tensors)
-        data = safetensors.torch.save(tensors, metadata)
+        data = encode_snapshot(tensors, meta, note)
         with self._writing():
-            ids = self._snapshot_ids()
-            last = max([self._read_meta().get("last_id", 0), *(int(i) for i in ids)])
-            snapshot_id = f"{last + 1:0{ID_WIDTH}d}"
-            (self.dir / SNAPSHOT_DIR).mkdir(mode=0o700, exist_ok=True)
-            atomic_write_bytes(self._snapshot_path(snapshot_id), data)
+            snapshots = self._snapshots
+            snapshot_id = snapshots.add(data, after=self._read_meta().get("last_id", 0))
             tokens_seen = int(meta.get("tokens_seen", 0))
-            self._write_meta(head=snapshot_id, last_id=last + 1, tokens_seen=tokens_seen)
-            self._prune([*ids, snapshot_id], keep={snapshot_id})
+            self._write_meta(head=snapshot_id, last_id=int(snapshot_id), tokens_seen=tokens_seen)
+            snapshots.prune(self.keep_snapshots, keep={snapshot_id})
         return snapshot_id
 
-    def _prune(self, ids: list[str], keep: set[str]) -> None:
-        """Delete all but the newest ``keep_snapshots`` snapshots (and ``keep``) and stale temp files."""
-        keep = keep | set(ids[-self.keep_snapshots :])
-        doomed = [self._snapshot_path(i) for i in ids if i not in keep]
-        folder = self.dir / SNAPSHOT_DIR
-        doomed += [folder / n for n in os.listdir(folder) if n.startswith(".") and _TMP_MARK in n]
-        for path in doomed:
-            path.unlink(missing_ok=True)
-        if doomed:
-            _fsync_dir(folder)
-
     def restore(self, snapshot_id: str) -> None:
-        snapshot_id = _snapshot_id(snapshot_id)
+        snapshot_id = parse_snapshot_id(snapshot_id)
         with self._writing():
-            info = self._snapshot_info(snapshot_id)
+            info = self._snapshots.info(snapshot_id)
             if info is None:
-                have = ", ".join(self._snapshot_ids()) or "none"
+                have = ", ".join(self._snapshots.ids()) or "none"
                 raise UsageError(f"session {self.name} has no snapshot {snapshot_id} (it has: {have})")
             self.append({"type": "restore", "snapshot": snapshot_id})
             self._write_meta(head=snapshot_id, tokens_seen=info.tokens_seen)
@@ -538,7 +269,7 @@ class Session:
     def export(self, fmt: str) -> str:
         history = self.history()
         if fmt == "jsonl":
-            return "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in history)
+            return record_lines(history)
         if fmt == "markdown":
             blocks = [f"# {self.name}\n\n"]
             for m in history:
@@ -566,7 +297,7 @@ class Session:
             created=float(meta.get("created", 0.0)),
             last_used=float(meta.get("last_used", 0.0)),
             tokens_seen=int(meta.get("tokens_seen", 0)),
-            snapshots=len(self._snapshot_ids()),
+            snapshots=len(self._snapshots.ids()),
             nbytes=sum(e.stat().st_size for e in files if e.is_file()),
             system_prompt=meta.get("system_prompt", ""),
             messages=messages,
@@ -624,29 +355,17 @@ class SessionStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
         try:
-            (tmp / SNAPSHOT_DIR).mkdir(mode=0o700)
+            snapshot_folder = SnapshotFolder(tmp / SNAPSHOT_DIR, name)
+            snapshot_folder.folder.mkdir(mode=0o700)
             for snapshot_id, data in snapshots.items():
-                atomic_write_bytes(tmp / SNAPSHOT_DIR / f"{snapshot_id}.safetensors", data)
+                atomic_write_bytes(snapshot_folder.path(snapshot_id), data)
             atomic_write_bytes(tmp / TRANSCRIPT_FILE, transcript)
             atomic_write_json(tmp / SESSION_FILE, meta)
-            _fsync_dir(tmp)
-            self._move(tmp, name)
+            fsync_dir(tmp)
+            move_folder(tmp, self.root / name, f"a session named {name} already exists")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-    def _move(self, folder: Path, name: str) -> None:
-        target = self.root / name
-        # os.rename would silently replace an empty folder, so look first.
-        if target.exists():
-            raise UsageError(f"a session named {name} already exists")
-        try:
-            os.rename(folder, target)
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise UsageError(f"a session named {name} already exists") from None
-            raise
-        _fsync_dir(self.root)
 
     def _writer(self, name: str) -> Session:
         """A Session of ``name`` holding the lock: the one this store handed out and that holds it, or a
@@ -662,7 +381,7 @@ class SessionStore:
         old, new = validate_name(old), validate_name(new)
         session = self._writer(old)
         try:
-            self._move(session.dir, new)
+            move_folder(session.dir, self.root / new, f"a session named {new} already exists")
         finally:
             session.unlock()
         for s in [*self._sessions, session]:
@@ -675,7 +394,7 @@ class SessionStore:
         grave = self.root / f".deleted-{secrets.token_hex(6)}"
         try:
             os.rename(session.dir, grave)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(grave, ignore_errors=True)
         except BaseException:
             session.unlock()
@@ -689,10 +408,10 @@ class SessionStore:
         if self.exists(new_name):
             raise UsageError(f"a session named {new_name} already exists")
         src = self.open(source)
-        snapshot_id = src._current_id() if snapshot_id is None else _snapshot_id(snapshot_id)
-        data, _, metadata = src._verified(snapshot_id)
+        snapshot_id = src._current_id() if snapshot_id is None else parse_snapshot_id(snapshot_id)
+        data, _, metadata = src._snapshots.verified(snapshot_id)
         history = _replay([*src.records(), {"type": "restore", "snapshot": snapshot_id}])
-        transcript = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in history).encode()
+        transcript = record_lines(history).encode()
         meta = _new_meta(
             src.system_prompt,
             settings=src.settings,

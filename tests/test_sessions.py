@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from lola_chat.errors import LolaError, SessionLocked, SnapshotError, UsageError
-from lola_chat.sessions import (
-    DEFAULT_SYSTEM_PROMPT,
-    FORMAT_VERSION,
-    SessionStore,
-    atomic_write_bytes,
-    validate_name,
-)
+from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionStore, validate_name
+from lola_chat.storage import FORMAT_VERSION, atomic_write_bytes
 
 EXPECT = {"model": "smollm2-fingerprint", "chunk": "64"}
 
