@@ -8,6 +8,7 @@ worker, so the UI thread never waits on the model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import json
 import os
@@ -133,7 +134,7 @@ class LolaChatApp(App[int]):
     def _start_failed(self, message: str, exit_code: int) -> None:
         self.error_message = message
         self.exit_code = exit_code
-        self.exit(exit_code)
+        self.exit(exit_code, return_code=exit_code)
 
     async def _started(self, engine: Engine, view: EngineView) -> None:
         self.engine = engine
@@ -141,10 +142,10 @@ class LolaChatApp(App[int]):
         await self.chat.apply(view)
 
     def _to_ui(self, callback: Callable, *args) -> None:
-        """``call_from_thread`` that gives up quietly when the app has already closed."""
+        """``call_from_thread`` that gives up quietly when the app has closed or is closing."""
         try:
             self.call_from_thread(callback, *args)
-        except RuntimeError:
+        except (RuntimeError, concurrent.futures.CancelledError):
             pass
 
     def view(self, engine: Engine, stats: Any = None, history: bool = True) -> EngineView:
@@ -196,10 +197,15 @@ class LolaChatApp(App[int]):
 
     async def _job_done(self, then: Callable[[Any], Any] | None, result: Any) -> None:
         self._idle()
-        if then is not None:
+        if then is None:
+            return
+        try:
             outcome = then(result)
             if inspect.isawaitable(outcome):
                 await outcome
+        except Exception as error:
+            self.internal_errors.append(traceback.format_exc())
+            self.notify(f"internal error: {type(error).__name__}: {error}", title="Error", severity="error")
 
     async def _job_failed(self, message: str) -> None:
         self._idle()
@@ -233,7 +239,7 @@ class LolaChatApp(App[int]):
         now = time.monotonic()
         if now - self._last_interrupt < QUIT_PRESS_WINDOW_S:
             self.stop_work()
-            self.exit(self.exit_code)
+            self.exit(self.exit_code, return_code=self.exit_code)
             return
         self._last_interrupt = now
         if self.stop_work():
@@ -247,7 +253,7 @@ class LolaChatApp(App[int]):
 
     async def action_quit(self) -> None:
         self.stop_work()
-        self.exit(self.exit_code)
+        self.exit(self.exit_code, return_code=self.exit_code)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -272,9 +278,16 @@ class LolaChatApp(App[int]):
             return
         with self._engine_lock:
             try:
-                self.engine.save()
+                if self.engine.session is not None and self._unsaved():
+                    self.engine.save()
             finally:
                 self.engine.close()
+
+    def _unsaved(self) -> bool:
+        """Turns save their own snapshot; saving again on exit would only push older snapshots out."""
+        latest = self.engine.session.latest_snapshot()
+        tokens = self.engine.memory_report(detail=False)["tokens_seen"]
+        return latest is None or latest.tokens_seen != tokens
 
 
 def run_chat(engine_factory: EngineFactory, session: str | None, state_file: Path) -> int:

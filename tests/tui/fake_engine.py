@@ -71,6 +71,9 @@ class FakeSession:
             for sid, (tokens, _count) in self.snapshot_marks.items()
         ]
 
+    def latest_snapshot(self) -> SnapshotInfo | None:
+        return self.snapshots()[-1] if self.snapshot_marks else None
+
     def save_mark(self) -> str:
         sid = f"{len(self.snapshot_marks) + 1:06d}"
         self.snapshot_marks[sid] = (self.tokens_seen, len(self.messages))
@@ -145,8 +148,8 @@ def words(text: str) -> list[str]:
 class FakeEngine:
     """Replies are taken from ``replies`` in order (then "Reply N."), streamed one word at a time.
 
-    ``hold``: when set, a reply waits after its first piece until the cancel event is set, so a test can
-    stop it mid-reply. Every call is recorded in ``calls``.
+    ``hold``: when set, a reply (or a feed) waits after its first piece (chunk) until the cancel event is
+    set, so a test can stop it midway. Every call is recorded in ``calls``.
     """
 
     def __init__(self, replies: Iterable[str] = (), clock: Callable[[], float] = lambda: BASE_TIME) -> None:
@@ -233,6 +236,8 @@ class FakeEngine:
             done = min(len(tokens), start + 100)
             if on_progress is not None:
                 on_progress(done, len(tokens))
+            if start == 0 and self.hold.is_set() and cancel is not None:
+                self.cancel_seen = cancel.wait(timeout=10)
         self.session.tokens_seen += done
         return done
 

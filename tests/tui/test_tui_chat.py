@@ -167,3 +167,17 @@ async def test_state_file_remembers_last_session(engine, make_app, tmp_path):
         await settle(again, pilot)
         assert again.chat.session_name == "work"
     assert json.loads((tmp_path / "state.json").read_text()) == {"last_session": "work"}
+
+
+async def test_quit_during_a_reply_stops_it_and_saves_once(engine, make_app):
+    engine.hold.set()
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await type_and_send(pilot, "a long question")
+        await pilot.pause(0.1)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+    app.shutdown_engine()
+    assert engine.cancel_seen and engine.closed
+    assert ("save",) not in engine.calls, "the stopped turn saved itself; nothing is left to save"

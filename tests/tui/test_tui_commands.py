@@ -110,6 +110,23 @@ async def test_feed_reads_a_file_with_progress(engine, make_app, tmp_path):
         assert any(message.startswith("could not read") for message in notifications(app))
 
 
+async def test_escape_cancels_a_feed(engine, make_app, tmp_path):
+    document = tmp_path / "book.txt"
+    document.write_text("word " * 1000)
+    engine.hold.set()
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await type_and_send(pilot, f"/feed {document}")
+        await pilot.pause(0.2)
+        bar = app.chat.query_one("#feed-progress")
+        assert not bar.has_class("hidden") and bar.progress == 100 and bar.total == 1000
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert engine.cancel_seen and bar.has_class("hidden")
+        assert f"Read 100 tokens from {document} (stopped)" in notifications(app)
+
+
 async def test_inspector_toggles_and_shows_numbers(engine, make_app):
     engine.replies = ["four words of reply"]
     app = make_app()
@@ -144,22 +161,25 @@ async def test_inspector_toggles_and_shows_numbers(engine, make_app):
 async def test_only_recent_history_is_mounted_and_earlier_pages_load(engine, make_app):
     app = make_app()
     engine.open("test")
-    for index in range(150):
+    total = 2 * PAGE + 6
+    for index in range(total):
         role = "user" if index % 2 == 0 else "assistant"
         engine.session.messages.append({"role": role, "content": f"message {index}", "stopped": False})
     async with app.run_test(size=(100, 32)) as pilot:
         await settle(app, pilot)
         views = app.chat.query(MessageView)
-        assert len(views) == PAGE and views.first().message["content"] == f"message {150 - PAGE}"
+        assert len(views) == PAGE and views.first().message["content"] == f"message {total - PAGE}"
         app.chat.transcript.scroll_home(animate=False, immediate=True)
         await pilot.pause()
         await pilot.click("#load-earlier")
         await settle(app, pilot)
         assert len(app.chat.query(MessageView)) == 2 * PAGE
-        await app.chat.transcript.load_earlier()
-        await app.chat.transcript.load_earlier()
+        app.chat.transcript.focus()
+        app.chat.transcript.scroll_home(animate=False, immediate=True)
         await pilot.pause()
-        assert len(shown(app)) == 150 and shown(app)[0][1] == "message 0"
+        await pilot.press("pageup")
+        await settle(app, pilot)
+        assert len(shown(app)) == total and shown(app)[0][1] == "message 0"
         assert app.chat.query_one("#load-earlier").has_class("hidden")
 
 

@@ -139,6 +139,22 @@ class Transcript(VerticalScroll):
         if self.scroll_y <= 0:
             await self.load_earlier()
 
+    async def _scroll_or_load(self, scroll) -> None:
+        """Keys that scroll up page earlier messages in once the top is reached."""
+        if self.scroll_y <= 0 and self.first_shown:
+            await self.load_earlier()
+        else:
+            scroll()
+
+    async def action_scroll_up(self) -> None:
+        await self._scroll_or_load(super().action_scroll_up)
+
+    async def action_page_up(self) -> None:
+        await self._scroll_or_load(super().action_page_up)
+
+    async def action_scroll_home(self) -> None:
+        await self._scroll_or_load(super().action_scroll_home)
+
     async def add_user(self, text: str) -> None:
         message = {"role": "user", "content": text, "stopped": False}
         self.messages.append(message)
