@@ -53,6 +53,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--contexts", help=f"perplexity context lengths (default {FULL['contexts']})")
     parser.add_argument("--ppl-windows", type=int, help="at most this many windows per context (default all)")
+    parser.add_argument(
+        "--softmax-max-length", help="niah: run the softmax base model only up to this length (default: all)"
+    )
     parser.add_argument("--configs", default=DEFAULT_ARMS, help=f"configurations (default {DEFAULT_ARMS})")
     parser.add_argument("--out", type=Path, metavar="DIR", help="results folder (default docs/results)")
     parser.add_argument("--data", type=Path, metavar="DIR", help="book text (default ../shared/data)")
@@ -102,13 +105,15 @@ def run(args, config: Config) -> int:
         tokenizer = models.loaded("lola").tokenizer
         if name == "niah":
             haystacks = [niah.noise_haystack(tokenizer), niah.prose_haystack(tokenizer, books)]
-            rows = niah.evaluate(models, arms, lengths, prompts, haystacks, seed)
+            limit = parse_lengths(args.softmax_max_length)[0] if args.softmax_max_length else None
+            rows = niah.evaluate(models, arms, lengths, prompts, haystacks, seed, limit)
             settings = {
                 "lengths": lengths,
                 "prompts_per_haystack": prompts,
                 "new_tokens": niah.NEW_TOKENS,
                 "needle": niah.NEEDLE.strip(),
                 "haystacks": [h.name for h in haystacks],
+                "softmax_max_length": limit,
             }
         elif name == "ppl":
             windows = _option(args, "ppl_windows")

@@ -194,10 +194,40 @@ def run_arm(models: Models, arm: Arm, prompts: list[NeedlePrompt], seed: int) ->
     return correct, state_bytes
 
 
-def evaluate(
-    models: Models, arms: list[Arm], lengths: list[int], count: int, haystacks: list[Haystack], seed: int
+def _rows(
+    arm: Arm, haystacks: list[Haystack], length: int, count: int, outcome, error: str | None
 ) -> list[dict]:
-    """One row per (configuration, haystack, length)."""
+    correct, state_bytes, seconds = outcome
+    rows = []
+    for index, haystack in enumerate(haystacks):
+        row = {
+            "config": arm.name,
+            "haystack": haystack.name,
+            "length": length,
+            "prompts": count,
+            "seconds": seconds,
+            "state_bytes": state_bytes,
+        }
+        if error:
+            row.update(correct=None, accuracy=None, error=error)
+        else:
+            hits = sum(correct[index * count : (index + 1) * count])
+            row.update(correct=hits, accuracy=hits / count)
+        rows.append(row)
+    return rows
+
+
+def evaluate(
+    models: Models,
+    arms: list[Arm],
+    lengths: list[int],
+    count: int,
+    haystacks: list[Haystack],
+    seed: int,
+    softmax_max_length: int | None = None,
+) -> list[dict]:
+    """One row per (configuration, haystack, length). The softmax arm is not run past
+    ``softmax_max_length``, and is reported as out of memory where a single prompt does not fit."""
     tokenizer = models.loaded("lola").tokenizer
     rows = []
     for length in lengths:
@@ -205,27 +235,17 @@ def evaluate(
         batch = [p for h in haystacks for p in prompts[h.name]]
         for arm in arms:
             started = time.perf_counter()
-            try:
-                correct, state_bytes = run_arm(models, arm, batch, seed)
-            except torch.OutOfMemoryError:
-                correct, state_bytes = None, None
-                torch.cuda.empty_cache()
+            outcome, error = (None, None), None
+            if arm.attention == "softmax" and softmax_max_length and length > softmax_max_length:
+                error = "not run"
+            else:
+                try:
+                    outcome = run_arm(models, arm, batch, seed)
+                except torch.OutOfMemoryError:
+                    error = "out of memory"
+                    torch.cuda.empty_cache()
             seconds = round(time.perf_counter() - started, 2)
-            for index, haystack in enumerate(haystacks):
-                row = {
-                    "config": arm.name,
-                    "haystack": haystack.name,
-                    "length": length,
-                    "prompts": count,
-                    "seconds": seconds,
-                    "state_bytes": state_bytes,
-                }
-                if correct is None:
-                    row.update(correct=None, accuracy=None, error="out of memory")
-                else:
-                    hits = sum(correct[index * count : (index + 1) * count])
-                    row.update(correct=hits, accuracy=hits / count)
-                rows.append(row)
+            rows += _rows(arm, haystacks, length, count, (*outcome, seconds), error)
             summary = ", ".join(f"{r['haystack']} {r['correct']}/{count}" for r in rows[-len(haystacks) :])
-            print(f"niah {length:>6} {arm.name:<10} {summary}  ({seconds:.1f} s)", file=sys.stderr)
+            print(f"niah {length:>6} {arm.name:<10} {error or summary}  ({seconds:.1f} s)", file=sys.stderr)
     return rows

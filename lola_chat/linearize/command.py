@@ -16,6 +16,15 @@ from lola_chat.linearize.train import TrainSettings, linearize
 from lola_chat.memory import LolaSettings
 
 DEFAULTS = TrainSettings()
+MINIMUMS = {
+    "steps_transfer": 0,
+    "steps_lora": 0,
+    "seq_len": 1,
+    "batch": 1,
+    "lora_rank": 1,
+    "self_generated": 0,
+    "reply_tokens": 1,
+}
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
@@ -32,6 +41,13 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-lora", type=int, default=DEFAULTS.steps_lora, metavar="M")
     parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, metavar="L")
     parser.add_argument("--batch", type=int, default=DEFAULTS.batch, metavar="B")
+    parser.add_argument(
+        "--ce-weight",
+        type=float,
+        default=DEFAULTS.ce_weight,
+        metavar="W",
+        help="LoRA stage loss: KL to the teacher + W x next-token cross entropy",
+    )
     parser.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, metavar="R")
     parser.add_argument(
         "--self-generated",
@@ -55,17 +71,9 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args) -> TrainSettings:
-    for name in (
-        "steps_transfer",
-        "steps_lora",
-        "seq_len",
-        "batch",
-        "lora_rank",
-        "self_generated",
-        "reply_tokens",
-    ):
-        if getattr(args, name) < (1 if name in ("seq_len", "batch", "lora_rank", "reply_tokens") else 0):
-            raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
+    for name, least in MINIMUMS.items():
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}")
     chunk = args.chunk or DEFAULTS.chunk
     if args.seq_len % chunk:
         raise UsageError(f"--seq-len must be a multiple of the chunk size {chunk}")
@@ -78,6 +86,7 @@ def settings_from(args) -> TrainSettings:
         seed=0 if args.seed is None else args.seed,
         chunk=chunk,
         lora_rank=args.lora_rank,
+        ce_weight=args.ce_weight,
         lora_alpha=2.0 * args.lora_rank,
         generated_conversations=args.self_generated,
         generated_tokens=args.reply_tokens,
