@@ -47,7 +47,7 @@ class EngineView:
 
     session: str
     report: dict
-    history: list[dict] | None = None
+    history: list[dict]
     stats: Any = None
 
 
@@ -117,7 +117,7 @@ class LolaChatApp(App[int]):
             current = getattr(engine, "session", None)
             if current is None or current.name != name:
                 engine.open(name, create=True)
-            view = self.view(engine, history=True)
+            view = self.view(engine)
         except LolaError as error:
             self._to_ui(self._start_failed, str(error), error.exit_code)
             return
@@ -148,12 +148,12 @@ class LolaChatApp(App[int]):
         except (RuntimeError, concurrent.futures.CancelledError):
             pass
 
-    def view(self, engine: Engine, stats: Any = None, history: bool = True) -> EngineView:
+    def view(self, engine: Engine, stats: Any = None) -> EngineView:
         """Read what the UI shows. Call it in a worker, at the end of a job."""
         return EngineView(
             session=engine.session.name,
             report=engine.memory_report(detail=self.inspector_open),
-            history=engine.history() if history else None,
+            history=engine.history(),
             stats=stats,
         )
 
@@ -167,6 +167,13 @@ class LolaChatApp(App[int]):
         quiet: bool = False,
     ) -> bool:
         """Run ``job(engine)`` in a worker, then ``then(result)`` on the UI thread. False when refused."""
+        if not self.claim(activity, cancel=cancel, quiet=quiet):
+            return False
+        self.start_job(job, then)
+        return True
+
+    def claim(self, activity: str, *, cancel: threading.Event | None = None, quiet: bool = False) -> bool:
+        """Reserve the engine for one job (one at a time), so the UI can prepare before ``start_job``."""
         if self.engine is None or self.activity:
             if not quiet:
                 busy = "the model is still loading" if self.engine is None else self.activity
@@ -174,14 +181,17 @@ class LolaChatApp(App[int]):
             return False
         self.activity = activity
         self.cancel_event = cancel
+        return True
+
+    def start_job(self, job: Callable[[Engine], Any], then: Callable[[Any], Any] | None = None) -> None:
+        """Run the job of a ``claim``."""
         self.run_worker(
             lambda: self._engine_job(job, then),
             thread=True,
             group="engine",
             exit_on_error=False,
-            name=activity,
+            name=self.activity,
         )
-        return True
 
     def _engine_job(self, job: Callable[[Engine], Any], then: Callable[[Any], Any] | None) -> None:
         try:
@@ -300,8 +310,8 @@ def run_chat(engine_factory: EngineFactory, session: str | None, state_file: Pat
     except LolaError as error:
         print(f"lola-chat: {error}", file=sys.stderr)
         code = code or error.exit_code
-    for details in app.internal_errors:
-        print(details, file=sys.stderr)
     if app.error_message:
         print(f"lola-chat: {app.error_message}", file=sys.stderr)
+    for details in app.internal_errors:
+        print(details, file=sys.stderr)
     return code

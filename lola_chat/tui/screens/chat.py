@@ -77,14 +77,12 @@ class ChatScreen(Screen):
         await self._finish_stream()
         if self._feed_progress is not None:
             self._end_feed()
-        if view.history is not None:
-            await self.transcript.show(view.history)
+        await self.transcript.show(view.history)
         self.status.show(report=view.report, stats=view.stats)
         if self.app.inspector_open:
             self.inspector.show(view.report)
         if view.session != self.session_name:
             self.session_name = view.session
-            self.app.sub_title = view.session
             self.app.remember_session(view.session)
 
     async def _tick(self) -> None:
@@ -105,12 +103,6 @@ class ChatScreen(Screen):
             await self.transcript.end_reply()
             self._streaming = False
 
-    def _busy(self) -> bool:
-        if self.app.activity:
-            self.notify(f"Busy: {self.app.activity} (Escape stops a reply)", severity="warning")
-            return True
-        return False
-
     async def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         text = event.text.strip()
         if not text:
@@ -128,31 +120,32 @@ class ChatScreen(Screen):
             event.prompt.clear()
 
     async def send(self, text: str) -> bool:
-        if self._busy():
-            return False
         cancel = threading.Event()
+        if not self.app.claim("generating", cancel=cancel):
+            return False
         await self.transcript.add_user(text)
         await self._start_stream()
 
         def job(engine):
             return self.app.view(engine, engine.chat(text, on_piece=self._pieces.feed, cancel=cancel))
 
-        return self.app.run_engine("generating", job, self.apply, cancel=cancel)
+        self.app.start_job(job, self.apply)
+        return True
 
     async def action_regenerate(self) -> None:
-        if self._busy():
-            return
         if self.transcript.last_reply() is None:
             self.notify("There is no reply to regenerate yet", severity="warning")
             return
         cancel = threading.Event()
+        if not self.app.claim("regenerating", cancel=cancel):
+            return
         await self.transcript.drop_last_reply()
         await self._start_stream()
 
         def job(engine):
             return self.app.view(engine, engine.regenerate(on_piece=self._pieces.feed, cancel=cancel))
 
-        self.app.run_engine("regenerating", job, self.apply, cancel=cancel)
+        self.app.start_job(job, self.apply)
 
     def action_undo(self) -> None:
         def job(engine):
@@ -279,9 +272,9 @@ class ChatScreen(Screen):
         return self.app.run_engine("exporting", job, lambda target: self.notify(f"Exported to {target}"))
 
     def feed(self, path: str) -> bool:
-        if self._busy():
-            return False
         cancel = threading.Event()
+        if not self.app.claim("reading a document (Escape stops)", cancel=cancel):
+            return False
 
         def progress(done: int, total: int) -> None:
             self._feed_progress = (done, total)
@@ -299,10 +292,8 @@ class ChatScreen(Screen):
         self._feed_progress = (0, 1)
         self.query_one("#feed-progress").remove_class("hidden")
         self._ticker.resume()
-        started = self.app.run_engine("reading a document (Escape stops)", job, done, cancel=cancel)
-        if not started:
-            self._end_feed()
-        return started
+        self.app.start_job(job, done)
+        return True
 
     def _end_feed(self) -> None:
         self._feed_progress = None
