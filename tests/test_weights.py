@@ -302,6 +302,7 @@ def test_default_model_knows_the_capital_of_france():
         Config(paths=paths, attention="softmax"), torch.device("cpu"), torch.float32, False
     )
     tokenizer = loaded.tokenizer
+    assert "<|im_start|>" in tokenizer.chat_template and loaded.model_fingerprint == weights.GGUF_SHA256[:16]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
@@ -318,3 +319,14 @@ def test_default_model_knows_the_capital_of_france():
             answer.append(token)
             tokens = torch.tensor([[token]])
     assert "Paris" in tokenizer.decode(answer)
+
+
+def test_pip_out_of_space_is_a_full_disk(lola_home, monkeypatch):
+    def full_pip(command, **kwargs):
+        return subprocess.CompletedProcess(
+            command, 1, stdout="", stderr="OSError: [Errno 28] No space left on device"
+        )
+
+    monkeypatch.setattr(weights.subprocess, "run", full_pip)
+    with pytest.raises(LolaError, match="disk full at .*weights: free [0-9]+ MB and run again"):
+        weights.ensure_default_weights(Paths.from_env(), progress=False)
