@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
+from textual.widgets import TextArea
 
 from lola_chat.errors import EXIT_OK, EXIT_RUNTIME, LolaError
 from lola_chat.tui.palette import LolaCommands
@@ -172,6 +173,13 @@ class LolaChatApp(App[int]):
         self.start_job(job, then)
         return True
 
+    def run_engine_soon(self, activity: str, job: Callable[[Engine], Any], then: Callable) -> None:
+        """``run_engine`` that waits for a running job instead of refusing; for views that only read."""
+        if self.engine is not None and not self.activity:
+            self.run_engine(activity, job, then)
+        else:
+            self.set_timer(0.1, lambda: self.run_engine_soon(activity, job, then))
+
     def claim(self, activity: str, *, cancel: threading.Event | None = None, quiet: bool = False) -> bool:
         """Reserve the engine for one job (one at a time), so the UI can prepare before ``start_job``."""
         if self.engine is None or self.activity:
@@ -255,7 +263,9 @@ class LolaChatApp(App[int]):
         if self.stop_work():
             self.notify("Stopping… (Ctrl+C again quits)")
             return
-        selected = self.screen.get_selected_text()
+        focused = self.focused
+        in_input = focused.selected_text if isinstance(focused, TextArea) else ""
+        selected = in_input or self.screen.get_selected_text()
         if selected:
             self.copy_text(selected)
             return

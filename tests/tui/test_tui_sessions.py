@@ -148,3 +148,19 @@ async def test_branch_from_a_snapshot(engine, make_app):
         assert engine.session.name == "fork" and app.chat.session_name == "fork"
         assert shown(app) == [("user", "one", False), ("assistant", "first reply", False)]
         assert len(engine.store.open("test").messages) == 4
+
+
+async def test_session_list_waits_for_a_running_reply(engine, make_app):
+    engine.hold.set()
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await type_and_send(pilot, "long answer please")
+        await pilot.pause(0.1)
+        await pilot.press("f3")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, SessionsScreen) and table_names(app) == []
+        app.stop_work()
+        await settle(app, pilot)
+        await pilot.pause(0.2)
+        assert table_names(app) == ["test"]

@@ -48,14 +48,13 @@ class SessionsScreen(Screen):
         self.reload()
 
     def reload(self) -> None:
-        self.app.run_engine(
-            "listing sessions",
-            lambda engine: (engine.store.list(), engine.session.name),
-            self._fill,
-            quiet=True,
+        self.app.run_engine_soon(
+            "listing sessions", lambda engine: (engine.store.list(), engine.session.name), self._fill
         )
 
     def _fill(self, result) -> None:
+        if not self.is_attached:
+            return
         infos, current = result
         table = self.query_one(DataTable)
         selected = selected_key(table)
@@ -190,9 +189,11 @@ class SnapshotsScreen(Screen):
             is_open = self.session == engine.session.name
             return (engine.session if is_open else engine.store.open(self.session)).snapshots()
 
-        self.app.run_engine("listing snapshots", job, self._fill)
+        self.app.run_engine_soon("listing snapshots", job, self._fill)
 
     def _fill(self, snapshots) -> None:
+        if not self.is_attached:
+            return
         table = self.query_one(DataTable)
         now = self.app.clock()
         for info in reversed(snapshots):
