@@ -13,6 +13,7 @@ import torch
 from lola_chat.config import Config
 from lola_chat.errors import UsageError
 from lola_chat.memory import LolaSettings
+from lola_chat.weights import load_model
 
 DEFAULT_ARMS = "softmax,g0,g64,g128,g256,random128,recent128"
 ARM_PATTERN = re.compile(r"^(g|sre|random|recent)(\d+)$")
@@ -71,8 +72,6 @@ class Models:
         self._loaded: dict[str, object] = {}
 
     def loaded(self, attention: str):
-        from lola_chat.weights import load_model
-
         if attention not in self._loaded:
             config = dataclasses.replace(self.config, attention=attention)
             self._loaded[attention] = load_model(config, self.device, self.dtype, progress=self.progress)

@@ -13,12 +13,11 @@ from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals import footprint, niah, ppl, report
 from lola_chat.evals.arms import DEFAULT_ARMS, Models, parse_arms
-from lola_chat.evals.provenance import REPO_ROOT, run_info
+from lola_chat.evals.provenance import RESULTS_DIR, run_info
 from lola_chat.linearize import card
 from lola_chat.linearize.data import read_books, resolve_data_dir
 from lola_chat.linearize.tiny import write_tiny_checkpoint
 
-DEFAULT_OUT = REPO_ROOT / "docs" / "results"
 FULL = {"lengths": "1K,2K,4K,8K,16K,32K", "prompts": 50, "contexts": "2K,8K", "ppl_windows": None}
 TINY = {"lengths": "256,512", "prompts": 2, "contexts": "256,512", "ppl_windows": 4}
 LENGTH = re.compile(r"^(\d+)([kK]?)$")
@@ -80,7 +79,7 @@ def _update_card(args, out: Path, linearization: str | None) -> None:
 
 
 def run(args, config: Config) -> int:
-    out = args.out or (config.paths.cache / "tiny-results" if args.tiny else DEFAULT_OUT)
+    out = args.out or (config.paths.cache / "tiny-results" if args.tiny else RESULTS_DIR)
     if args.which == "report":
         report.write_plots(out)
         print(f"wrote {report.write_readme(out)}")

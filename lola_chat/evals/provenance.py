@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # A copy of the working tree without .git (for example on a remote GPU machine) cannot ask git; the
 # commit can be passed in this variable instead.
 COMMIT_ENV = "LOLA_CHAT_COMMIT"

@@ -9,11 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from lola_chat.evals.provenance import REPO_ROOT
+from lola_chat.evals.provenance import RESULTS_DIR
 from lola_chat.evals.report import read_results, results_markdown
-
-DEFAULT_RESULTS = REPO_ROOT / "docs" / "results"
-LINEARIZATION_FILE = "linearization.safetensors"
+from lola_chat.weights import LINEARIZATION_FILE, linearizations_root
 
 
 def fingerprint(directory: Path) -> str:
@@ -23,8 +21,6 @@ def fingerprint(directory: Path) -> str:
 
 def linearization_dir(name: str) -> Path | None:
     """The folder of a linearization given by name (in models/) or path; None if there is none."""
-    from lola_chat.weights import linearizations_root
-
     path = (
         Path(name).expanduser() if (os.sep in name or name.startswith(".")) else linearizations_root() / name
     )
@@ -76,7 +72,7 @@ def _how_made(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(directory: Path, results_dir: Path | None = DEFAULT_RESULTS) -> Path:
+def write_card(directory: Path, results_dir: Path | None = RESULTS_DIR) -> Path:
     """(Re)write ``directory``/README.md. The scores section lists the results in ``results_dir`` that
     were measured with this linearization; it says so when there are none yet."""
     directory = Path(directory)

@@ -11,9 +11,11 @@ from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.provenance import run_info
 from lola_chat.linearize import card
+from lola_chat.linearize.data import resolve_data_dir
 from lola_chat.linearize.tiny import write_tiny_checkpoint
 from lola_chat.linearize.train import TrainSettings, linearize
 from lola_chat.memory import LolaSettings
+from lola_chat.weights import linearizations_root, load_model
 
 DEFAULTS = TrainSettings()
 MINIMUMS = {
@@ -101,15 +103,10 @@ def output_dir(args, config: Config) -> Path:
         return config.paths.cache / "tiny-linearization"
     if config.model_dir is not None:
         raise UsageError("--out is needed when linearizing a model other than the default")
-    from lola_chat.weights import linearizations_root
-
     return linearizations_root() / (config.linearization or "smollm2-135m-instruct")
 
 
 def run(args, config: Config) -> int:
-    from lola_chat.linearize.data import resolve_data_dir
-    from lola_chat.weights import load_model
-
     settings = settings_from(args)
     data_dir = resolve_data_dir(args.data)
     out_dir = output_dir(args, config)

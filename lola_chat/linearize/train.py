@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from lola_chat.errors import LolaError
 from lola_chat.linearize import data, lora
 from lola_chat.linearize.distill import distill_loss
 from lola_chat.linearize.teacher import self_generated_conversations
 from lola_chat.linearize.transfer import transfer_loss, transfer_parameters
 from lola_chat.memory import LolaSettings
+from lola_chat.weights import save_linearization
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,16 @@ def optimize(
     for step in bar:
         started = time.perf_counter()
         loss, extras = loss_fn()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise LolaError(
+                f"{stage}: the loss became {value} at step {step}; try another --seed or fewer steps"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        value = loss.item()
         seconds = time.perf_counter() - started
         times.append(seconds)
         first_loss = value if first_loss is None else first_loss
@@ -132,8 +138,6 @@ def optimize(
         }
         log.write(record)
         bar.set_postfix(loss=f"{value:.4g}", step_s=f"{seconds:.2f}")
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{stage}: the loss became {value} at step {step}")
         if step % settings.checkpoint_every == 0 or step == steps:
             _save_checkpoint(model, checkpoints, stage, step)
     bar.close()
@@ -151,6 +155,7 @@ def optimize(
 def prepare_data(loaded, settings: TrainSettings, data_dir: Path) -> tuple[data.TokenMixture, dict]:
     """The training mixture (book training parts, chat-formatted instructions, conversations the
     teacher writes now) and a description of it for the card."""
+    started = time.perf_counter()
     tokenizer = loaded.tokenizer
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     books = data.read_books(data_dir)
@@ -158,7 +163,7 @@ def prepare_data(loaded, settings: TrainSettings, data_dir: Path) -> tuple[data.
     pairs = data.read_instructions(data_dir)
     needed = (settings.steps_transfer + settings.steps_lora) * settings.batch * settings.seq_len
     instructions = data.instruction_stream(tokenizer, pairs, max(needed, settings.seq_len), settings.seed)
-    started = time.perf_counter()
+    generation_started = time.perf_counter()
     generated, conversations = self_generated_conversations(
         loaded.model,
         tokenizer,
@@ -167,7 +172,7 @@ def prepare_data(loaded, settings: TrainSettings, data_dir: Path) -> tuple[data.
         settings.generated_tokens,
         settings.seed,
     )
-    generation_seconds = time.perf_counter() - started
+    generation_seconds = time.perf_counter() - generation_started
     streams = {"instructions": instructions, "books": book_stream, "self_generated": generated}
     mixture = data.TokenMixture(streams, settings.mixture, settings.seq_len, settings.seed)
     description = {
@@ -181,6 +186,12 @@ def prepare_data(loaded, settings: TrainSettings, data_dir: Path) -> tuple[data.
         "self_generated_max_new_tokens": settings.generated_tokens,
         "self_generated_seconds": round(generation_seconds, 1),
     }
+    sizes = ", ".join(f"{name} {count:,}" for name, count in description["tokens"].items())
+    print(
+        f"data: {sizes} tokens; {conversations} self-generated conversations in {generation_seconds:.1f} s; "
+        f"ready in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
     return mixture, description
 
 
@@ -190,8 +201,6 @@ def linearize(
     """Train a linearization of ``loaded.model`` (loaded with untrained feature maps) and write it to
     ``out_dir`` with ``inference`` as its LoLA settings. Returns the training record that config.json
     and the card carry (``provenance``: command, device, commit, versions)."""
-    from lola_chat.weights import save_linearization
-
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = loaded.model
