@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from pilot_helpers import settle, shown, type_and_send
@@ -181,3 +182,17 @@ async def test_quit_during_a_reply_stops_it_and_saves_once(engine, make_app):
     app.shutdown_engine()
     assert engine.cancel_seen and engine.closed
     assert ("save",) not in engine.calls, "the stopped turn saved itself; nothing is left to save"
+
+
+async def test_no_color_gives_a_grey_screen(engine, make_app, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    engine.replies = ["some **bold** reply"]
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await type_and_send(pilot, "hi")
+        await settle(app, pilot)
+        colours = set(re.findall(r"fill: #([0-9a-f]{6})", app.export_screenshot()))
+    assert app.no_color and colours
+    colours.discard("c5c8c6")  # the default foreground of the SVG frame, not of the app
+    assert all(c[0:2] == c[2:4] == c[4:6] for c in colours), colours

@@ -222,3 +222,18 @@ def test_slash_parsing():
             commands.parse_setting(bad)
     with pytest.raises(UsageError, match="unknown command /frobnicate"):
         commands.parse("/frobnicate now")
+
+
+async def test_copy_last_reply_and_its_code_block(engine, make_app):
+    engine.replies = ["Use this:\n\n```sh\nls -la\n```\n"]
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await type_and_send(pilot, "/copy")
+        assert "There is no reply to copy yet" in notifications(app)
+        await type_and_send(pilot, "how do I list files?")
+        await settle(app, pilot)
+        await type_and_send(pilot, "/copy")
+        assert app.clipboard == engine.history()[-1]["content"]
+        await type_and_send(pilot, "/copy code")
+        assert app.clipboard == "ls -la\n"
