@@ -32,7 +32,7 @@ from lola_chat.weights import save_linearization
 @dataclass(frozen=True)
 class TrainSettings:
     steps_transfer: int = 300
-    steps_lora: int = 100
+    steps_lora: int = 80
     seq_len: int = 1024
     batch: int = 16
     seed: int = 0
