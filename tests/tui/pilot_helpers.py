@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
+
 from lola_chat.tui.widgets.prompt import PromptArea
 from lola_chat.tui.widgets.transcript import MessageView
 
 
-async def settle(app, pilot) -> None:
+async def settle(app, pilot, timeout: float = 60.0) -> None:
     """Wait until every engine job has finished and the UI has caught up."""
-    for _ in range(3):
+    deadline = time.monotonic() + timeout
+    await pilot.pause()
+    while True:
         await app.workers.wait_for_complete()
         await pilot.pause()
+        if not app.activity and not any(worker.is_running for worker in app.workers):
+            break
+        assert time.monotonic() < deadline, f"the engine is still busy: {app.activity}"
+        await pilot.pause(0.01)
+    await pilot.pause()
 
 
 async def type_and_send(pilot, text: str) -> None:
