@@ -251,7 +251,7 @@ class _StaticKVLayer:
         batch, n_heads, _, dim = q.shape
         n_kv_heads = self.k.shape[1]
         grouped = rotate(q, pos, attn.inv_freq).reshape(batch, n_kv_heads, n_heads // n_kv_heads, dim)
-        y = F.scaled_dot_product_attention(grouped, self.k, self.v, attn_mask=self.slots <= pos)
+        y = F.scaled_dot_product_attention(grouped, self.k, self.v, attn_mask=(self.slots <= pos)[None, :])
         return y.reshape(batch, n_heads, 1, dim)
 
 

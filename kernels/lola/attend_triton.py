@@ -206,6 +206,7 @@ def attend(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
-        BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity)), SEEN_ON_DEVICE=on_device,
+        BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity), 32), SEEN_ON_DEVICE=on_device,
+        num_warps=8 if block_t > 16 else 4,
     )  # fmt: skip
     return y, win_k, win_v

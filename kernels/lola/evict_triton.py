@@ -2,11 +2,13 @@
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
 ``reference.evict``. The kernel scores every valid candidate by self-recall error against the
-current H and s, keeps the top G (rank by score, ties to the lower index, so the kept set is exactly
-what a top-k followed by an index sort selects), compacts them into the cache in time order, and folds
-the rest into H and s. Ranks come from pairwise comparisons, so no sort and no host round trip is
-needed and the step can live inside a CUDA graph; the window shift is a second kernel, after
-every query head has read the leaving chunk.
+current H and s, keeps the top G, compacts them into the cache in time order, and folds the rest into
+H and s. Equal scores go to the earlier candidate (what a stable descending sort selects). Exact ties
+are real: un-rotated layer-0 keys depend on the token alone, so a repeated token ties with itself, and
+the order kept decides the positions at attention time. ``torch.topk`` in the reference leaves ties
+unspecified, so the two agree only where no scores tie. Ranks come from pairwise comparisons, so no
+sort and no host round trip is needed and the step can live inside a CUDA graph; the window shift is a
+second kernel, after every query head has read the leaving chunk.
 """
 
 from __future__ import annotations

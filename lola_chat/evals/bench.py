@@ -108,34 +108,48 @@ def gpu_clocks() -> dict:
 
 def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: int, device) -> list[dict]:
     """Prefill ``length`` random tokens in each LoLA arm that affords it, then decode ``decode_tokens``
-    per arm, arms interleaved, ``repeats`` times. Returns one record per arm that ran."""
+    per arm, arms interleaved, ``repeats`` times. Returns one record per arm; an arm that fails at this
+    length (out of memory, say) is recorded with its error and left out of the remaining repeats."""
     gen = torch.Generator().manual_seed(length)
     tokens = torch.randint(0, vocab, (1, length), generator=gen).to(device)
     records = {arm.name: {"arm": arm.name, "label": arm.label, "length": length} for arm in arms}
+
+    def attempt(arm, work):
+        try:
+            return work()
+        except RuntimeError as error:
+            records[arm.name]["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     base_state = None
     for arm in sorted((a for a in arms if isinstance(a, LolaArm)), key=lambda a: -a.speed_rank):
         if length > arm.max_prefill and base_state is not None:
             continue
-        seconds, state = arm.prefill(tokens)
-        records[arm.name].update(prefill_s=seconds, prefill_tokens_per_s=length / seconds)
-        if base_state is None:
-            base_state = state
+        done = attempt(arm, lambda arm=arm: arm.prefill(tokens))
+        if done is not None:
+            seconds, state = done
+            records[arm.name].update(prefill_s=seconds, prefill_tokens_per_s=length / seconds)
+            if base_state is None:
+                base_state = state
     samples = {arm.name: [] for arm in arms}
     for _ in range(repeats):
         for arm in arms:
-            if arm.holds(length):
-                samples[arm.name].append(arm.decode(base_state, tokens, decode_tokens))
+            if arm.holds(length) and "error" not in records[arm.name] and base_state is not None:
+                run = attempt(arm, lambda arm=arm: arm.decode(base_state, tokens, decode_tokens))
+                if run is not None:
+                    samples[arm.name].append(run)
     out = []
     for arm in arms:
-        runs = samples[arm.name]
-        if not runs:
-            continue
         record = records[arm.name]
-        record.update(summarize(runs))
-        if "prefill_tokens_per_s" not in record and "prefill_s" in record:
-            record["prefill_tokens_per_s"] = length / record["prefill_s"]
-        record.update(arm.footprint())
-        out.append(record)
+        if samples[arm.name]:
+            record.update(summarize(samples[arm.name]))
+            if "prefill_tokens_per_s" not in record and "prefill_s" in record:
+                record["prefill_tokens_per_s"] = length / record["prefill_s"]
+            record.update(arm.footprint())
+        if samples[arm.name] or "error" in record:
+            out.append(record)
     return out
 
 
@@ -236,6 +250,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def table_row(r: dict) -> str:
+    if "decode_median_ms" not in r:
+        return f"| {r['arm']} | {r['length']:,} | failed: {r['error']} |"
     cells = [
         r["arm"], f"{r['length']:,}", _fmt(r.get("prefill_tokens_per_s"), ",.0f"),
         _fmt(r["decode_tokens_per_s"], ",.1f"), _fmt(r["decode_median_ms"], ".3f"),
@@ -282,7 +298,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (decode, prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
     for arm in dict.fromkeys(r["arm"] for r in results["records"]):
-        rows = [r for r in results["records"] if r["arm"] == arm]
+        rows = [r for r in results["records"] if r["arm"] == arm and "decode_median_ms" in r]
         decode.plot([r["length"] for r in rows], [r["decode_tokens_per_s"] for r in rows], "o-", label=arm)
         filled = [r for r in rows if r.get("prefill_tokens_per_s")]
         if filled:
