@@ -238,6 +238,10 @@ class FakeEngine:
                 on_progress(done, len(tokens))
             if start == 0 and self.hold.is_set() and cancel is not None:
                 self.cancel_seen = cancel.wait(timeout=10)
+        if done:
+            self.session.messages.append(
+                {"type": "message", "role": "user", "content": text, "stopped": False, "document": True}
+            )
         self.session.tokens_seen += done
         return done
 

@@ -105,6 +105,8 @@ async def test_feed_reads_a_file_with_progress(engine, make_app, tmp_path):
         assert f"Read 1,000 tokens from {document}" in notifications(app)
         assert app.chat.status.report["tokens_seen"] == 1000
         assert app.chat.query_one("#feed-progress").has_class("hidden")
+        title = str(app.chat.query(".message-title").last().render())
+        assert "document of 5,000 characters" in title
         await type_and_send(pilot, f"/feed {tmp_path / 'missing.txt'}")
         await settle(app, pilot)
         assert any(message.startswith("could not read") for message in notifications(app))

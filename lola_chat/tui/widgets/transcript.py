@@ -43,6 +43,8 @@ class MessageView(Vertical):
 
     def _title(self) -> Text:
         title = Text(ROLE_TITLES.get(self.role, self.role), style="bold")
+        if self.message.get("document"):
+            title.append(f"  document of {len(self.message.get('content', '')):,} characters", style="italic")
         if self.message.get("stopped"):
             title.append("  ■ stopped", style="italic")
         return title
