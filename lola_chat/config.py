@@ -62,8 +62,11 @@ class Paths:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    temperature: float = 0.7
+    # Greedy: a 135M model spreads its first-token probability thinly, so sampling wanders off;
+    # the repetition penalty keeps greedy decoding out of loops.
+    temperature: float = 0.0
     top_p: float = 0.9
+    repetition_penalty: float = 1.1
     max_new_tokens: int = 512
     seed: int | None = None
 

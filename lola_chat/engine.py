@@ -4,6 +4,7 @@ streamed reply, and keep the session's transcript and snapshots on disk."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -14,10 +15,10 @@ import torch
 from lola_chat.config import Config, GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.memory import State
-from lola_chat.sessions import Session, SessionStore
+from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, Session, SessionStore
 
 PREFILL_PIECE = 1024
-GENERATION_KEYS = ("temperature", "top_p", "max_new_tokens", "seed")
+GENERATION_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
 
 
 @dataclass
@@ -57,9 +58,27 @@ class ChatTemplate:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def default_system_prompt(self) -> str:
+        """The system prompt the model was tuned with, read from its chat template (small models
+        follow their own default prompt much better than a generic one)."""
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a tokenizer without a usable template
+            return DEFAULT_SYSTEM_PROMPT
+        found = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.DOTALL)
+        return found.group(1) if found else DEFAULT_SYSTEM_PROMPT
 
-def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
-    """logits: (vocab,). Greedy at temperature 0, else nucleus sampling."""
+
+def sample(
+    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, recent: list[int]
+) -> int:
+    """logits: (vocab,). Tokens already in this reply (``recent``) are penalised (CTRL-style); then greedy
+    at temperature 0, else nucleus sampling."""
+    if recent and settings.repetition_penalty != 1.0:
+        ids = torch.tensor(sorted(set(recent)), device=logits.device)
+        picked = logits[ids]
+        penalty = settings.repetition_penalty
+        logits = logits.index_put((ids,), torch.where(picked > 0, picked / penalty, picked * penalty))
     if settings.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -107,9 +126,10 @@ class Engine:
         """Make ``name`` the open conversation (creating it if asked) and load its latest snapshot."""
         if self.session is not None:
             self.close()
-        session = (
-            self.store.open(name) if (self.store.exists(name) or not create) else self.store.create(name)
-        )
+        if self.store.exists(name) or not create:
+            session = self.store.open(name)
+        else:
+            session = self.store.create(name, self.template.default_system_prompt())
         if lock:
             session.lock()
         try:
@@ -229,7 +249,7 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 stopped = True
                 break
-            token = sample(logits, self.generation, generator)
+            token = sample(logits, self.generation, generator, generated)
             if token in self.template.end_ids:
                 break
             generated.append(token)

@@ -156,10 +156,12 @@ class SoftmaxMemory:
         self.v = torch.cat([self.v, v], dim=2)
         self.tokens_seen += length
         total = self.k.shape[2]
+        q = lola.rotate(q, pos, attn.inv_freq)
+        # The fused kernels need no explicit mask: a single token sees everything, a first prefill is causal.
+        if length == 1 or length == total:
+            return F.scaled_dot_product_attention(q, self.k, self.v, is_causal=length > 1, enable_gqa=True)
         mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
-        return F.scaled_dot_product_attention(
-            lola.rotate(q, pos, attn.inv_freq), self.k, self.v, attn_mask=mask, enable_gqa=True
-        )
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=True)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v}

@@ -39,7 +39,7 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
             intermediate=hf["intermediate_size"],
             norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
             tie_embeddings=hf.get("tie_word_embeddings", True),
             max_positions=hf.get("max_position_embeddings", 8192),
         )
