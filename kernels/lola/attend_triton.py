@@ -200,6 +200,8 @@ def attend(
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     block_t = block_rows(length)
     grid = (batch * n_heads, triton.cdiv(length, block_t))
+    # 8 warps: with 4, a decode step's fp32 tiles (keys, their rotation, H) exceed 255 registers per
+    # thread and spill to local memory (ptxas -v for sm_90); with 8 they fit.
     _attend_kernel[grid](
         q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
         0 if on_device else tokens_seen, tokens_seen if on_device else q, length,
@@ -207,6 +209,6 @@ def attend(
         y.stride(0), y.stride(1), y.stride(2),
         HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
         BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity), 32), SEEN_ON_DEVICE=on_device,
-        num_warps=8 if block_t > 16 else 4,
+        num_warps=8,
     )  # fmt: skip
     return y, win_k, win_v

@@ -179,12 +179,13 @@ def evict(
         candidates = capacity + chunk
         scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
         keep = torch.empty(batch, n_heads, capacity, dtype=torch.int64, device=h.device)
+        # 8 warps: with 4 the fp32 tiles spill to local memory (ptxas -v for sm_90).
         _evict_kernel[(batch * n_heads,)](
             win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), scores, keep,
             0 if on_device else tokens_seen, tokens_seen if on_device else h, SRE_EPS,
             HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
             BLOCK_N=block_rows(candidates, 32), ALL=triton.next_power_of_2(candidates),
-            SEEN_ON_DEVICE=on_device,
+            SEEN_ON_DEVICE=on_device, num_warps=8,
         )  # fmt: skip
         if capacity == 0:
             keep = None

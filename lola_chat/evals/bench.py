@@ -225,6 +225,9 @@ def run(args, config: Config) -> int:
         if device.type == "cuda" and any(arm.name == "lola-triton" for arm in arms):
             results["profile"] = kernel_profile(bench, device)
             print(f"one Triton-path decode step: {results['profile']}", flush=True)
+        # Warm-up: every arm once over a short memory that closes chunks (kernels compile, libraries
+        # initialise, graphs capture), untimed.
+        measure(arms, 2 * bench.settings.chunk + 8, 4, 1, bench.model.cfg.vocab_size, device)
         for length in bench_lengths:
             started = time.perf_counter()
             records = measure(
