@@ -92,23 +92,30 @@ def test_captured_decoder_matches_eager_decoding():
     assert_states_close(state, eager, atol=1e-3)
 
 
+def logits_over(m, tokens, prefix: int, settings: LolaSettings, reference: bool) -> torch.Tensor:
+    """Logits of the last prefill position and of each decode step after it, (1, 1 + decoded, vocab)."""
+    state = m.new_state("lola", settings)
+    with lola.force_reference(reference):
+        out = [m(tokens[:, :prefix], state, last_only=True)]
+        out += [m(tokens[:, t : t + 1], state) for t in range(prefix, tokens.shape[1])]
+    return torch.cat(out, dim=1).float()
+
+
 @torch.no_grad()
-def test_default_shapes_bf16_agree_with_reference():
+def test_default_shapes_bf16_are_as_close_to_fp32_as_the_reference():
     cfg = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                       intermediate=1536, rope_theta=100000.0)  # fmt: skip
-    m = model(torch.bfloat16, cfg)
+    m = model(torch.float32, cfg)
     settings = LolaSettings()
     tokens = distinct_tokens(49152, 1100, 3)
-    fast, slow = m.new_state("lola", settings), m.new_state("lola", settings)
-    logits = m(tokens[:, :1000], fast, last_only=True)
-    with lola.force_reference():
-        expected = m(tokens[:, :1000], slow, last_only=True)
-    for t in range(1000, 1100):
-        logits = torch.cat([logits, m(tokens[:, t : t + 1], fast)], 1)
-        with lola.force_reference():
-            expected = torch.cat([expected, m(tokens[:, t : t + 1], slow)], 1)
-    # bf16 rounds differently in the two paths (the reference rotates in bf16), so compare in units of
-    # the logits' spread, and the greedy choices.
-    error = (logits - expected).abs().max() / expected.std()
-    agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean()
-    assert error < 0.1 and agree > 0.9, (float(error), float(agree))
+    truth = logits_over(m, tokens, 1000, settings, reference=True)
+    m = m.to(torch.bfloat16)
+    reference = logits_over(m, tokens, 1000, settings, reference=True)
+    fast = logits_over(m, tokens, 1000, settings, reference=False)
+    # bf16 rounding compounds over 30 layers in both paths (the reference rotates in bf16, the kernel
+    # in fp32), so the kernel path must be as close to the fp32 result as the bf16 reference is.
+    spread = truth.std()
+    ref_error, fast_error = ((x - truth).abs().max() / spread for x in (reference, fast))
+    ref_agree, fast_agree = ((x.argmax(-1) == truth.argmax(-1)).float().mean() for x in (reference, fast))
+    assert fast_error <= 1.5 * ref_error + 0.02, (float(fast_error), float(ref_error))
+    assert fast_agree >= ref_agree - 0.05, (float(fast_agree), float(ref_agree))

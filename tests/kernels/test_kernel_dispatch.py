@@ -22,3 +22,7 @@ def test_dispatched_hedgehog_equals_reference_on_cpu():
     x = torch.randn(1, 2, 3, 16)
     w = torch.randn(2, 16, 16)
     torch.testing.assert_close(lola.hedgehog(x, w), lola.reference.hedgehog(x, w), atol=0, rtol=0)
+
+
+def test_float64_stays_on_the_reference():
+    assert not lola.uses_triton(torch.zeros(2, dtype=torch.float64))
