@@ -20,14 +20,21 @@ from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.memory import LolaMemory, State
 
-GREEDY = GenerationSettings(temperature=0.0, top_p=1.0)
+GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 
 
 def sample(
-    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+    logits: torch.Tensor,
+    settings: GenerationSettings,
+    generator: torch.Generator | None,
+    penalized: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation: greedy at
-    temperature 0, else nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
+    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation. Tokens marked in
+    ``penalized`` (B, vocab) bool get the engine's repetition penalty; then greedy at temperature 0,
+    else nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
+    if penalized is not None and settings.repetition_penalty != 1.0:
+        penalty = settings.repetition_penalty
+        logits = torch.where(penalized, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     if settings.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -37,6 +44,16 @@ def sample(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def require_capture(device: torch.device) -> None:
+    """Captured steps need a CUDA device and the Triton kernels."""
+    if device.type != "cuda":
+        raise LolaError("captured decoding needs a CUDA GPU; on this device use the ordinary model step")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise LolaError("captured decoding needs Triton, which is not installed") from None
 
 
 def capture_graphs(
@@ -118,14 +135,9 @@ class CapturedDecoder:
 
     def __init__(self, model, state: State, sampling: GenerationSettings = GREEDY):
         device = model.embed_tokens.weight.device
-        if device.type != "cuda":
-            raise LolaError("captured decoding needs a CUDA GPU; on this device use the ordinary model step")
+        require_capture(device)
         if state.kind != "lola":
             raise LolaError("captured decoding runs LoLA memory only")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise LolaError("captured decoding needs Triton, which is not installed") from None
         self.model, self.state, self.sampling = model, state, sampling
         first = state.layers[0]
         self.chunk = first.settings.chunk
@@ -138,6 +150,9 @@ class CapturedDecoder:
         self.static_state = State(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         self.chunk_tokens = torch.zeros(self.batch, self.chunk, dtype=torch.int64, device=device)
+        # Tokens of the reply being generated, for the repetition penalty; a prefill starts a new reply.
+        self.penalized = torch.zeros(self.batch, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        self.in_reply = torch.zeros(self.batch, 1, dtype=torch.bool, device=device)
         self.generator = None
         if sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -157,7 +172,9 @@ class CapturedDecoder:
             self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
             self.window_ids[:, chunk:] = -1
         counter.seen.copy_(counter.after)
-        self.token.copy_(sample(logits, self.sampling, self.generator))
+        fed = tokens[:, -1:]
+        self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
+        self.token.copy_(sample(logits, self.sampling, self.generator, self.penalized))
         return logits
 
     def _variant(self, tokens: torch.Tensor, evicting: bool):
@@ -175,9 +192,9 @@ class CapturedDecoder:
             "token_evict": self._variant(self.token[:, None], True),
             "chunk": self._variant(self.chunk_tokens, True),
         }
-        graphs = capture_graphs(variants, self.generator)
+        captured = capture_graphs(variants, self.generator)
         self.reload()
-        return graphs
+        return captured
 
     def reload(self) -> None:
         """Discard the decoder's memory and take the State's again (after the State was restored)."""
@@ -186,6 +203,8 @@ class CapturedDecoder:
         self.window_ids.copy_(self.state.layers[0].win_ids)
         self.tokens_seen = self.state.tokens_seen
         self.counter.seen.fill_(self.tokens_seen)
+        self.penalized.zero_()
+        self.in_reply.zero_()
         self.evictions = 0
 
     def step(self, token: torch.Tensor | int) -> torch.Tensor:
@@ -201,7 +220,10 @@ class CapturedDecoder:
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed (B, N) tokens: single steps up to a chunk boundary, then whole chunks, then single
-        steps. Returns the token sampled after the last one, (B,) int64."""
+        steps. Returns the token sampled after the last one, (B,) int64. A prefill starts a new reply:
+        the tokens ``step`` is fed after it count for the repetition penalty, the prefilled ones do not."""
+        self.penalized.zero_()
+        self.in_reply.zero_()
         start = 0
         while start < tokens.shape[1]:
             if self.tokens_seen % self.chunk == 0 and tokens.shape[1] - start >= self.chunk:
@@ -214,6 +236,7 @@ class CapturedDecoder:
             else:
                 self.step(tokens[:, start])
                 start += 1
+        self.in_reply.fill_(True)
         return self.token
 
     @property
@@ -262,8 +285,7 @@ class SoftmaxDecoder:
 
     def __init__(self, model, batch: int, capacity: int, tokens_seen: int):
         weight = model.embed_tokens.weight
-        if weight.device.type != "cuda":
-            raise LolaError("captured decoding needs a CUDA GPU")
+        require_capture(weight.device)
         cfg = model.cfg
         self.model = model
         self.counter = _Counter(tokens_seen, weight.device)

@@ -147,7 +147,9 @@ def _attend_kernel(
     linear = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
     linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     gate = tl.load(gate_ptr + head).to(tl.float32)
-    y = (gate * acc + linear) / (gate * total + linear_norm)[:, None]
+    # Rows past the segment have no keys and an empty normalizer; they are not stored.
+    norm = tl.where(t_ok, gate * total + linear_norm, 1.0)
+    y = (gate * acc + linear) / norm[:, None]
     tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + dims[None, :], y, mask=t_ok[:, None])
 
     # One query head per key/value head appends the new pairs; every program reads them from k, v.

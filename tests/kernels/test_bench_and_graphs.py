@@ -1,4 +1,6 @@
-"""`lola-chat bench` end to end on a tiny model, and the captured decoder's refusal off the GPU."""
+"""`lola-chat bench` end to end on a tiny model; the captured decoder's refusal off the GPU, and its step
+logic (device-side positions, graph variants, ids, repetition penalty) replayed eagerly through the
+Triton interpreter against the engine's ordinary decoding."""
 
 from __future__ import annotations
 
@@ -48,3 +50,64 @@ def test_captured_decoder_needs_a_gpu():
     model = random_model(TINY_SHAPES, torch.device("cpu"), torch.float32)
     with pytest.raises(LolaError, match="CUDA"):
         CapturedDecoder(model, model.new_state("lola"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite captures for real")
+def test_captured_step_logic_matches_engine_decoding(monkeypatch):
+    pytest.importorskip("triton")
+    from lola_chat import graphs
+    from lola_chat.config import GenerationSettings
+    from lola_chat.engine import sample as engine_sample
+    from lola_chat.memory import LolaSettings
+    from lola_chat.model import ModelConfig, Transformer
+
+    class Replay:
+        def __init__(self, run, outputs, name):
+            self.run, self.outputs, self.name = run, outputs, name
+
+        def replay(self):
+            self.outputs[self.name] = self.run()
+
+    def eager(variants, generator=None):
+        outputs = {}
+        return {name: Replay(run, outputs, name) for name, run in variants.items()}, outputs
+
+    monkeypatch.setattr(graphs, "capture_graphs", eager)
+    monkeypatch.setattr(graphs, "require_capture", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=48, dim=64, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, intermediate=128
+    )
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    settings = LolaSettings(chunk=16, capacity=24)
+    sampling = GenerationSettings(temperature=0.0, repetition_penalty=1.5)
+    # Two whole chunks and four single steps of prompt; decoding then closes the chunk at 48.
+    prompt = torch.arange(36)[None]
+    with torch.no_grad():
+        expected_state = model.new_state("lola", settings)
+        logits = model(prompt, expected_state)[0, -1]
+        expected = []
+        for _ in range(14):
+            expected.append(engine_sample(logits, sampling, None, expected))
+            logits = model(torch.tensor([[expected[-1]]]), expected_state)[0, -1]
+        state = model.new_state("lola", settings)
+        decoder = graphs.CapturedDecoder(model, state, sampling)
+        token = decoder.prefill(prompt)
+        got = []
+        for _ in range(14):
+            got.append(int(token))
+            token = decoder.step(token)
+    assert got == expected
+    decoder.sync()
+    assert state.tokens_seen == expected_state.tokens_seen == 50
+    assert state.evictions() == expected_state.evictions()
+    for layer, reference in zip(state.layers, expected_state.layers, strict=True):
+        torch.testing.assert_close(layer.h, reference.h, atol=1e-5, rtol=1e-5)
+        assert torch.equal(layer.win_ids, reference.win_ids) and torch.equal(
+            layer.cache_ids, reference.cache_ids
+        )
