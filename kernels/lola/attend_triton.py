@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map
+from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
 
 
 @triton.jit
@@ -37,16 +37,16 @@ def rotate(x, partner, pos, freq):
 
 
 @triton.jit
-def _softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq):
+def _softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq, ONE_ROW: tl.constexpr):
     """One online-softmax step over a block of keys; the scale is folded into q."""
     k = rotate(k, k_partner, key_pos, freq)
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    scores = matmul(q, tl.trans(k), ONE_ROW)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     weights = tl.exp(scores - m_new[:, None])
     alpha = tl.exp(m - m_new)
     total = total * alpha + tl.sum(weights, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision="ieee")
+    acc = acc * alpha[:, None] + matmul(weights, v, ONE_ROW)
     return m_new, total, acc
 
 
@@ -72,6 +72,7 @@ def _attend_kernel(
     D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     SEEN_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
+    ONE_ROW: tl.constexpr = BLOCK_T == 1
     pid = tl.program_id(0)
     batch = pid // HQ
     head = pid % HQ
@@ -102,7 +103,7 @@ def _attend_kernel(
         v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
         )
 
     win_row = (batch * HKV + kv_head) * 2 * C
@@ -113,7 +114,7 @@ def _attend_kernel(
         v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
         )
 
     new_base = batch * sk_b + kv_head * sk_h
@@ -134,17 +135,17 @@ def _attend_kernel(
         visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
         k, k_partner = k + k_new, k_partner + k_new_partner
         m, total, acc = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq
+            m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq, ONE_ROW
         )
 
-    up, down = features(q, load_feature_map(fq_ptr, head, D, E))
+    up, down = features(q, load_feature_map(fq_ptr, head, D, E), ONE_ROW)
     feats = tl.arange(0, E)
     state_row = (batch * HQ + head) * 2 * E
     h_up = tl.load(h_ptr + (state_row + feats[:, None]) * D + dims[None, :])
     h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
-    linear = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
+    linear = matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)
     linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     gate = tl.load(gate_ptr + head).to(tl.float32)
     # Rows past the segment have no keys and an empty normalizer; they are not stored.
@@ -200,10 +201,11 @@ def attend(
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
-    block_t = block_rows(length)
+    # Query tiles of 16 rows: larger tiles spill registers, and more programs spread over more SMs.
+    block_t = 1 if length == 1 else 16
     grid = (batch * n_heads, triton.cdiv(length, block_t))
-    # 8 warps: with 4, a decode step's fp32 tiles (keys, their rotation, H) exceed 255 registers per
-    # thread and spill to local memory (ptxas -v for sm_90); with 8 they fit.
+    # 8 warps: with 4, the fp32 tiles (keys, their rotation, H) exceed 255 registers per thread and
+    # spill to local memory (ptxas -v for sm_90); with 8 they fit.
     _attend_kernel[grid](
         q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
         0 if on_device else tokens_seen, tokens_seen if on_device else q, length,

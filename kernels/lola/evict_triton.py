@@ -71,7 +71,7 @@ def _evict_kernel(
             index = start + n
             k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
                                       cached, previous, C, G, D)  # fmt: skip
-            up, down = features(k.to(tl.float32), w)
+            up, down = features(k.to(tl.float32), w, False)
             recalled = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
             norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
             error = v.to(tl.float32) - recalled / tl.maximum(norm, eps)[:, None]
@@ -98,7 +98,7 @@ def _evict_kernel(
             kept = (tl.sum(ahead.to(tl.int32), axis=1) < G) & (index < N)
         else:
             kept = index < 0
-        up, down = features(k.to(tl.float32), w)
+        up, down = features(k.to(tl.float32), w, False)
         folded = (valid & ~kept)[:, None]
         up = tl.where(folded, up, 0.0)
         down = tl.where(folded, down, 0.0)
