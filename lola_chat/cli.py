@@ -56,6 +56,9 @@ def common_options() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument(
+        "--no-repeat-ngram", type=positive_int, help="never repeat an n-gram of the reply (0: off)"
+    )
     gen.add_argument("--max-new-tokens", type=positive_int)
     gen.add_argument("--seed", type=int)
     common.add_argument("--keep-snapshots", type=positive_int, default=10, help="snapshots kept per session")
@@ -134,7 +137,7 @@ def build_config(args):
 
     generation = {
         key: getattr(args, key)
-        for key in ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+        for key in ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram", "max_new_tokens", "seed")
         if getattr(args, key, None) is not None
     }
     return Config(

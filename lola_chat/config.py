@@ -62,11 +62,13 @@ class Paths:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    # Greedy: a 135M model spreads its first-token probability thinly, so sampling wanders off;
-    # the repetition penalty keeps greedy decoding out of loops.
+    # Greedy: a 135M model spreads its first-token probability thinly, so sampling wanders off. Greedy
+    # decoding loops instead; refusing to repeat a 6-gram of the reply breaks loops without bending
+    # the first tokens the way a repetition penalty does.
     temperature: float = 0.0
     top_p: float = 0.9
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 6
     max_new_tokens: int = 512
     seed: int | None = None
 

@@ -18,7 +18,7 @@ from lola_chat.memory import State
 from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, Session, SessionStore
 
 PREFILL_PIECE = 1024
-GENERATION_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+GENERATION_KEYS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram", "max_new_tokens", "seed")
 
 
 @dataclass
@@ -69,6 +69,14 @@ class ChatTemplate:
         return found.group(1) if found else DEFAULT_SYSTEM_PROMPT
 
 
+def repeated_ngram_followers(tokens: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in ``tokens`` (a loop breaker for greedy decoding)."""
+    if n <= 1 or len(tokens) < n:
+        return []
+    prefix = tokens[len(tokens) - n + 1 :]
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == prefix]
+
+
 def sample(
     logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, recent: list[int]
 ) -> int:
@@ -79,6 +87,9 @@ def sample(
         picked = logits[ids]
         penalty = settings.repetition_penalty
         logits = logits.index_put((ids,), torch.where(picked > 0, picked / penalty, picked * penalty))
+    banned = repeated_ngram_followers(recent, settings.no_repeat_ngram)
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
     if settings.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits / settings.temperature, dim=-1)
@@ -260,6 +271,9 @@ class Engine:
                     on_piece(text[len(shown) :])
                 shown = text
         decode_seconds = time.perf_counter() - decode_start
+        reply = self.template.decode(generated)
+        if on_piece and reply.startswith(shown) and len(reply) > len(shown):
+            on_piece(reply[len(shown) :])  # whatever was held back as an incomplete character
         self._prefill(self.template.close())
         stats = TurnStats(
             prompt_tokens=len(prompt_ids),
@@ -268,7 +282,7 @@ class Engine:
             decode_tps=len(generated) / max(decode_seconds, 1e-9),
             stopped=stopped,
         )
-        return self.template.decode(generated), stats
+        return reply, stats
 
     def chat(self, text: str, on_piece=None, cancel: threading.Event | None = None, save: bool = True):
         """One exchange: prefill the user turn, stream the reply, save a snapshot. On ``cancel`` the reply
