@@ -109,7 +109,7 @@ def _attend_kernel(
     win_row = (batch * HKV + kv_head) * 2 * C
     for start in range(0, C, BLOCK_N):
         slot = start + n
-        ok = (slot < C) & (previous > 0)
+        ok = slot < previous  # previous is 0 or C
         k, k_partner = _load_rows(wk_ptr + win_row * D, slot, D, ok, D)
         v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
@@ -154,7 +154,7 @@ def _attend_kernel(
     tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + dims[None, :], y, mask=t_ok[:, None])
 
     # One query head per key/value head appends the new pairs; every program reads them from k, v.
-    writes = t_ok & (head % (HQ // HKV) == 0)
+    writes = t_ok & (t * 0 + head % (HQ // HKV) == 0)  # a tensor compare: scalar masks are not portable
     k_new = tl.load(k_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
     v_new = tl.load(v_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
     win_new = (win_row + C + q_slot[:, None]) * D + dims[None, :]

@@ -27,7 +27,7 @@ def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cache
     """Keys and values (in storage dtype, zeros where invalid) and validity of candidates ``index``."""
     dims = tl.arange(0, D)[None, :]
     in_cache = (index < G) & (index >= G - cached)
-    leaving = (index >= G) & (index < G + C) & (previous > 0)
+    leaving = (index >= G) & (index < G + previous)  # previous is 0 or C
     cache_at = (cache_row + index[:, None]) * D + dims
     win_at = (win_row + index[:, None] - G) * D + dims
     k = tl.load(ck_ptr + cache_at, mask=in_cache[:, None], other=0.0)

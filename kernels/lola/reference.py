@@ -191,7 +191,9 @@ def evict(
             else:
                 raise ValueError(f"unknown eviction policy {policy!r}")
             score = score.masked_fill(~valid, float("-inf"))
-            keep = torch.topk(score, capacity, dim=-1).indices.sort(dim=-1).values
+            # A stable sort keeps the earlier of two equal scores (repeated tokens give exact ties).
+            order = score.sort(dim=-1, descending=True, stable=True).indices
+            keep = order[..., :capacity].sort(dim=-1).values
             cache_k = cand_k.gather(2, keep[..., None].expand(-1, -1, -1, cand_k.shape[-1]))
             cache_v = cand_v.gather(2, keep[..., None].expand(-1, -1, -1, cand_v.shape[-1]))
             kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, keep, True)
