@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lola_chat.engine import TurnStats
 from lola_chat.errors import LolaError, SessionLocked, UsageError
-from lola_chat.sessions import validate_name
+from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionInfo, SnapshotInfo, validate_name
 
 BASE_TIME = 1_700_000_000.0
 LAYERS = 4
@@ -20,41 +21,10 @@ BYTES_PER_LAYER = 4096
 
 
 @dataclass
-class TurnStats:
-    prompt_tokens: int
-    new_tokens: int
-    prefill_tps: float
-    decode_tps: float
-    stopped: bool
-
-
-@dataclass
-class SnapshotInfo:
-    id: str
-    created: float
-    tokens_seen: int
-    path: Path
-    nbytes: int
-    note: str
-
-
-@dataclass
-class SessionInfo:
-    name: str
-    created: float
-    last_used: float
-    tokens_seen: int
-    snapshots: int
-    nbytes: int
-    system_prompt: str
-    messages: int
-
-
-@dataclass
 class FakeSession:
     name: str
     created: float
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     messages: list[dict] = field(default_factory=list)
     # snapshot id -> (tokens_seen, visible message count)
     snapshot_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
