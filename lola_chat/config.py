@@ -79,7 +79,9 @@ class Config:
     device: str = "auto"
     attention: str = "lola"
     model_dir: Path | None = None
-    linearization: str | None = DEFAULT_LINEARIZATION
+    # A linearization belongs to one base model: the command line names the shipped one for the default
+    # model; a Config for any other checkpoint starts without one (untrained feature maps).
+    linearization: str | None = None
     lola: LolaSettings = field(default_factory=LolaSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     keep_snapshots: int = 10
