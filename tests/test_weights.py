@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lola_chat import weights
+from lola_chat import linearization, weights
 from lola_chat.config import Config, Paths
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.memory import LolaSettings
@@ -148,7 +148,7 @@ def random_linearization(model, rank: int, seed: int = 0) -> dict:
     with torch.no_grad():
         for i, block in enumerate(model.layers):
             attention = block.self_attn
-            for name in weights.FEATURE_MAP_NAMES:
+            for name in linearization.FEATURE_MAP_NAMES:
                 parameter = getattr(attention, name)
                 parameter.copy_(torch.randn(parameter.shape, generator=g))
             for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -165,14 +165,14 @@ def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     lora = random_linearization(trained, rank=4)
     settings = LolaSettings(chunk=16, capacity=32, policy="sre")
     out = tmp_path / "lin"
-    weights.save_linearization(trained, out, lora, 8.0, 4, settings, {"base_model": "tiny", "steps": 3})
+    linearization.save_linearization(trained, out, lora, 8.0, 4, settings, {"base_model": "tiny", "steps": 3})
     meta = json.loads((out / "config.json").read_text())
     assert meta["format_version"] == 1 and meta["lola"] == settings.as_dict() and meta["steps"] == 3
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["k_proj", "o_proj", "q_proj", "v_proj"]}
 
     loaded = load(tmp_path / "ckpt", "lola", linearization=str(out))
     base = load(tmp_path / "ckpt", "softmax").model
-    digest = hashlib.sha256((out / weights.LINEARIZATION_FILE).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((out / linearization.LINEARIZATION_FILE).read_bytes()).hexdigest()[:16]
     assert (loaded.linearization, loaded.linearization_fingerprint, loaded.lola) == (
         str(out),
         digest,
@@ -181,7 +181,7 @@ def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     for i, (block, source, plain) in enumerate(
         zip(loaded.model.layers, trained.layers, base.layers, strict=True)
     ):
-        for name in weights.FEATURE_MAP_NAMES:
+        for name in linearization.FEATURE_MAP_NAMES:
             assert torch.equal(
                 getattr(block.self_attn, name), getattr(source.self_attn, name).float().double()
             )
@@ -198,12 +198,14 @@ def test_linearization_for_another_model_is_refused(tmp_path, tokenizer, lola_ho
     write_llama(tmp_path / "small", tokenizer, seed=0)
     write_llama(tmp_path / "wide", tokenizer, seed=0, hidden_size=64, intermediate_size=96)
     wide = load(tmp_path / "wide", "lola").model
-    weights.save_linearization(wide, tmp_path / "lin", random_linearization(wide, 2), 4.0, 2, SETTINGS,
-                               {"base_model": "wide-model"})  # fmt: skip
+    lora = random_linearization(wide, 2)
+    linearization.save_linearization(
+        wide, tmp_path / "lin", lora, 4.0, 2, SETTINGS, {"base_model": "wide-model"}
+    )
     small = load(tmp_path / "small", "lola").model
     before = {name: p.clone() for name, p in small.named_parameters()}
     with pytest.raises(UsageError, match="wide-model.*does not fit this model \\(2 layers"):
-        weights.load_linearization(small, tmp_path / "lin")
+        linearization.load_linearization(small, tmp_path / "lin")
     assert all(torch.equal(before[name], p) for name, p in small.named_parameters())
 
 
@@ -216,11 +218,11 @@ def test_softmax_never_loads_a_linearization(tmp_path, tokenizer, lola_home):
 
 def test_unshipped_linearization_name_runs_untrained(tmp_path, tokenizer, lola_home, monkeypatch):
     write_llama(tmp_path / "ckpt", tokenizer)
-    monkeypatch.setattr(weights, "linearizations_root", lambda: tmp_path / "shipped")
+    monkeypatch.setattr(linearization, "linearizations_root", lambda: tmp_path / "shipped")
     loaded = load(tmp_path / "ckpt", "lola", linearization="not-trained-yet")
     assert loaded.linearization == loaded.linearization_fingerprint == "untrained"
     model = loaded.model
-    weights.save_linearization(model, tmp_path / "shipped" / "mine", None, 1.0, 0, SETTINGS, {})
+    linearization.save_linearization(model, tmp_path / "shipped" / "mine", None, 1.0, 0, SETTINGS, {})
     assert load(tmp_path / "ckpt", "lola", linearization="mine").linearization == "mine"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lola_chat.evals.provenance import RESULTS_DIR
 from lola_chat.evals.report import read_results, results_markdown
-from lola_chat.weights import LINEARIZATION_FILE, linearizations_root
+from lola_chat.linearization import LINEARIZATION_FILE, linearizations_root
 
 
 def fingerprint(directory: Path) -> str:

@@ -10,12 +10,13 @@ from pathlib import Path
 from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.provenance import run_info
+from lola_chat.linearization import linearizations_root
 from lola_chat.linearize import card
 from lola_chat.linearize.data import resolve_data_dir
 from lola_chat.linearize.tiny import write_tiny_checkpoint
 from lola_chat.linearize.train import TrainSettings, linearize
 from lola_chat.memory import LolaSettings
-from lola_chat.weights import linearizations_root, load_model
+from lola_chat.weights import load_model
 
 DEFAULTS = TrainSettings()
 MINIMUMS = {

@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lola_chat.errors import LolaError
+from lola_chat.linearization import save_linearization
 from lola_chat.linearize import data, lora
 from lola_chat.linearize.distill import distill_loss
 from lola_chat.linearize.teacher import self_generated_conversations
 from lola_chat.linearize.transfer import transfer_loss, transfer_parameters
 from lola_chat.memory import LolaSettings
-from lola_chat.weights import save_linearization
 
 
 @dataclass(frozen=True)
