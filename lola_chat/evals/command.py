@@ -100,28 +100,8 @@ def run(args, config: Config) -> int:
     which = ["niah", "ppl", "memory"] if args.which == "all" else [args.which]
     books = read_books(resolve_data_dir(args.data)) if {"niah", "ppl"} & set(which) else []
     info = run_info(device)
-    for name in which:
-        tokenizer = models.loaded("lola").tokenizer
-        if name == "niah":
-            haystacks = [niah.noise_haystack(tokenizer), niah.prose_haystack(tokenizer, books)]
-            limit = parse_lengths(args.softmax_max_length)[0] if args.softmax_max_length else None
-            rows = niah.evaluate(models, arms, lengths, prompts, haystacks, seed, limit)
-            settings = {
-                "lengths": lengths,
-                "prompts_per_haystack": prompts,
-                "new_tokens": niah.NEW_TOKENS,
-                "needle": niah.NEEDLE.strip(),
-                "haystacks": [h.name for h in haystacks],
-                "softmax_max_length": limit,
-            }
-        elif name == "ppl":
-            windows = _option(args, "ppl_windows")
-            rows = ppl.evaluate(models, arms, contexts, books, windows)
-            settings = {"contexts": contexts, "books": [b.name for b in books], "max_windows": windows}
-        else:
-            model = models.loaded("lola").model
-            rows = footprint.evaluate(model.cfg, arms, lengths, models.chunk, model.embed_tokens.weight.dtype)
-            settings = {"lengths": lengths, "dtype": str(model.embed_tokens.weight.dtype)}
+
+    def save(name: str, settings: dict, rows: list[dict]) -> None:
         payload = {
             **info,
             "model": models.describe(),
@@ -131,6 +111,39 @@ def run(args, config: Config) -> int:
             "rows": rows,
         }
         print(f"wrote {report.write_result(out, name, payload)}", file=sys.stderr)
+
+    for name in which:
+        tokenizer = models.loaded("lola").tokenizer
+        if name == "niah":
+            haystacks = [niah.noise_haystack(tokenizer), niah.prose_haystack(tokenizer, books)]
+            limit = parse_lengths(args.softmax_max_length)[0] if args.softmax_max_length else None
+            settings = {
+                "lengths": lengths,
+                "prompts_per_haystack": prompts,
+                "new_tokens": niah.NEW_TOKENS,
+                "needle": niah.NEEDLE.strip(),
+                "haystacks": [h.name for h in haystacks],
+                "softmax_max_length": limit,
+            }
+            rows = niah.evaluate(
+                models,
+                arms,
+                lengths,
+                prompts,
+                haystacks,
+                seed,
+                limit,
+                on_length=lambda partial, settings=settings: save("niah", settings, partial),
+            )
+        elif name == "ppl":
+            windows = _option(args, "ppl_windows")
+            rows = ppl.evaluate(models, arms, contexts, books, windows)
+            settings = {"contexts": contexts, "books": [b.name for b in books], "max_windows": windows}
+        else:
+            model = models.loaded("lola").model
+            rows = footprint.evaluate(model.cfg, arms, lengths, models.chunk, model.embed_tokens.weight.dtype)
+            settings = {"lengths": lengths, "dtype": str(model.embed_tokens.weight.dtype)}
+        save(name, settings, rows)
     report.write_plots(out)
     print(f"wrote {report.write_readme(out)}")
     _update_card(args, out, config.linearization)

@@ -9,6 +9,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -225,9 +226,11 @@ def evaluate(
     haystacks: list[Haystack],
     seed: int,
     softmax_max_length: int | None = None,
+    on_length: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """One row per (configuration, haystack, length). The softmax arm is not run past
-    ``softmax_max_length``, and is reported as out of memory where a single prompt does not fit."""
+    ``softmax_max_length``, and is reported as out of memory where a single prompt does not fit.
+    ``on_length`` gets the rows so far after every length, so a run cut short keeps what it measured."""
     tokenizer = models.loaded("lola").tokenizer
     rows = []
     for length in lengths:
@@ -248,4 +251,6 @@ def evaluate(
             rows += _rows(arm, haystacks, length, count, (*outcome, seconds), error)
             summary = ", ".join(f"{r['haystack']} {r['correct']}/{count}" for r in rows[-len(haystacks) :])
             print(f"niah {length:>6} {arm.name:<10} {error or summary}  ({seconds:.1f} s)", file=sys.stderr)
+        if on_length:
+            on_length(rows)
     return rows
