@@ -14,6 +14,7 @@ from lola_chat.errors import UsageError
 from lola_chat.evals import footprint, niah, ppl, report
 from lola_chat.evals.arms import DEFAULT_ARMS, Models, parse_arms
 from lola_chat.evals.provenance import RESULTS_DIR, run_info
+from lola_chat.linearization import resolve_linearization
 from lola_chat.linearize import card
 from lola_chat.linearize.data import read_books, resolve_data_dir
 from lola_chat.linearize.tiny import write_tiny_checkpoint
@@ -72,7 +73,7 @@ def _option(args, name: str):
 
 def _update_card(args, out: Path, linearization: str | None) -> None:
     directory = args.card or (
-        card.linearization_dir(linearization) if linearization and not args.tiny else None
+        resolve_linearization(linearization) if linearization and not args.tiny else None
     )
     if directory is not None:
         print(f"updated {card.write_card(directory, out)}", file=sys.stderr)

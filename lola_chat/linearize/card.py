@@ -6,25 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from lola_chat.evals.provenance import RESULTS_DIR
 from lola_chat.evals.report import read_results, results_markdown
-from lola_chat.linearization import LINEARIZATION_FILE, linearizations_root
+from lola_chat.linearization import LINEARIZATION_FILE
 
 
 def fingerprint(directory: Path) -> str:
-    """As ``weights.load_linearization`` reports it: 16 hex digits of the safetensors file's sha256."""
+    """As ``linearization.load_linearization`` reports it: 16 hex digits of the safetensors file's sha256."""
     return hashlib.sha256((Path(directory) / LINEARIZATION_FILE).read_bytes()).hexdigest()[:16]
-
-
-def linearization_dir(name: str) -> Path | None:
-    """The folder of a linearization given by name (in models/) or path; None if there is none."""
-    path = (
-        Path(name).expanduser() if (os.sep in name or name.startswith(".")) else linearizations_root() / name
-    )
-    return path if (path / LINEARIZATION_FILE).is_file() else None
 
 
 def _number(value) -> str:
