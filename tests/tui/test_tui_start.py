@@ -128,10 +128,10 @@ async def test_real_engine_rename_open_session_then_undo(tiny_loaded, tmp_path):
 
 @pytest.mark.network
 async def test_default_model_answers_through_the_app(tmp_path):
-    from lola_chat import weights
+    from lola_chat import fetch, weights
 
     paths = Paths.from_env()
-    if not weights.weights_status(paths)["present"]:
+    if not fetch.weights_status(paths)["present"]:
         pytest.skip("the default weights are not in this user's cache (run lola-chat once to fetch them)")
     loaded = weights.load_model(Config(paths=paths), torch.device("cpu"), torch.float32, progress=False)
     engine = real_engine(loaded, tmp_path / "home", max_new_tokens=16)
