@@ -147,6 +147,7 @@ def build_config(args):
         model_dir=args.model,
         linearization=args.linearization or (None if args.model else DEFAULT_LINEARIZATION),
         generation=GenerationSettings(**generation),
+        generation_flags=frozenset(generation),
         keep_snapshots=args.keep_snapshots,
     )
 

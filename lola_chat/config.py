@@ -84,6 +84,8 @@ class Config:
     linearization: str | None = None
     lola: LolaSettings = field(default_factory=LolaSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # Generation settings given on the command line; they win over a session's stored settings.
+    generation_flags: frozenset[str] = frozenset()
     keep_snapshots: int = 10
 
 

@@ -148,7 +148,11 @@ class Engine:
             self.generation = GenerationSettings(
                 **{
                     **vars(self.config.generation),
-                    **{k: v for k, v in session.settings.items() if k in GENERATION_KEYS},
+                    **{
+                        k: v
+                        for k, v in session.settings.items()
+                        if k in GENERATION_KEYS and k not in self.config.generation_flags
+                    },
                 }
             )
             if rebuild:

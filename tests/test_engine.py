@@ -189,3 +189,18 @@ def test_ngram_blocking_names_the_tokens_that_would_repeat():
     assert repeated_ngram_followers([1, 2, 3, 1, 2, 4, 1, 2], 3) == [3, 4]
     assert repeated_ngram_followers([1, 2, 3, 4], 3) == []
     assert repeated_ngram_followers([1, 1, 1], 0) == []
+
+
+def test_command_line_settings_win_over_the_session_and_the_session_over_defaults(tiny_loaded, lola_home):
+    engine = make_engine(tiny_loaded, lola_home)
+    engine.open("t")
+    engine.set_generation(top_p=0.5, max_new_tokens=3)
+    engine.close()
+    config = Config(
+        paths=Paths.from_env({"LOLA_CHAT_HOME": str(lola_home)}),
+        generation=GenerationSettings(max_new_tokens=7),
+        generation_flags=frozenset({"max_new_tokens"}),
+    )
+    again = Engine(config, tiny_loaded, SessionStore(config.paths.sessions), torch.device("cpu"))
+    again.open("t")
+    assert again.generation.max_new_tokens == 7 and again.generation.top_p == 0.5
