@@ -23,7 +23,11 @@ SLASH_COMMANDS = (
     SlashCommand("new", "/new [NAME]", "start a new session (a fresh memory)"),
     SlashCommand("rename", "/rename NAME", "rename this session"),
     SlashCommand("system", "/system TEXT", "set the system prompt of this session"),
-    SlashCommand("set", "/set KEY VALUE", "temperature, top_p, repetition_penalty, max_new_tokens, seed"),
+    SlashCommand(
+        "set",
+        "/set KEY VALUE",
+        "temperature, top_p, repetition_penalty, no_repeat_ngram, max_new_tokens, seed",
+    ),
     SlashCommand("memory", "/memory", "show or hide the memory inspector"),
     SlashCommand("save", "/save", "save a snapshot of the memory now"),
     SlashCommand("export", "/export [markdown|jsonl] [PATH]", "write the conversation to a file"),
@@ -46,6 +50,7 @@ SETTINGS = {
     "temperature": Setting(float, 0.0, 10.0),
     "top_p": Setting(float, 0.0, 1.0),
     "repetition_penalty": Setting(float, 1.0, 5.0),
+    "no_repeat_ngram": Setting(int, 0, 64),
     "max_new_tokens": Setting(int, 1, 1_000_000),
     "seed": Setting(int, 0, 2**63 - 1, allow_none=True),
 }
