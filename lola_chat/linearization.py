@@ -44,6 +44,11 @@ def resolve_linearization(name: str | None) -> Path | None:
     return path if (path / LINEARIZATION_FILE).is_file() else None
 
 
+def fingerprint(data: bytes) -> str:
+    """How snapshots and result files name a linearization: 16 hex digits of its file's sha256."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def save_linearization(
     model: Transformer,
     directory: Path,
@@ -127,4 +132,4 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
             acc = accumulator(weight.dtype)
             delta = b.to(weight.device, acc) @ a.to(weight.device, acc)
             weight.copy_(weight.to(acc) + scale * delta)
-    return hashlib.sha256(data).hexdigest()[:16], settings
+    return fingerprint(data), settings

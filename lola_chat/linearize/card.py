@@ -4,18 +4,17 @@ linearization (matched by fingerprint). Nothing in it is typed by hand."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from lola_chat import linearization
 from lola_chat.evals.provenance import RESULTS_DIR
 from lola_chat.evals.report import read_results, results_markdown
-from lola_chat.linearization import LINEARIZATION_FILE
 
 
 def fingerprint(directory: Path) -> str:
-    """As ``linearization.load_linearization`` reports it: 16 hex digits of the safetensors file's sha256."""
-    return hashlib.sha256((Path(directory) / LINEARIZATION_FILE).read_bytes()).hexdigest()[:16]
+    """The fingerprint of the linearization in ``directory``, as loading it reports."""
+    return linearization.fingerprint((Path(directory) / linearization.LINEARIZATION_FILE).read_bytes())
 
 
 def _number(value) -> str:
