@@ -13,7 +13,7 @@ from lola_chat import cli
 from lola_chat.config import Config, Paths
 from lola_chat.errors import UsageError
 from lola_chat.evals import command, footprint, niah, report
-from lola_chat.evals.arms import parse_arms
+from lola_chat.evals.arms import parse_arms, parse_lengths
 from lola_chat.evals.ppl import heldout_windows
 from lola_chat.linearization import save_linearization
 from lola_chat.linearize import card
@@ -99,12 +99,12 @@ def test_parse_arms_and_lengths():
     assert arms["softmax"].attention == "softmax"
     assert (arms["sre32"].capacity, arms["sre32"].policy) == (32, "sre")
     assert (arms["random128"].capacity, arms["random128"].policy) == (128, "random")
-    assert command.parse_lengths("1K,2k,300") == [1024, 2048, 300]
+    assert parse_lengths("1K,2k,300") == [1024, 2048, 300]
     for bad in ("fast", "g", "softmax2"):
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):
-        command.parse_lengths("1M")
+        parse_lengths("1M")
 
 
 def test_state_sizes_match_real_states(tmp_path, lola_home):

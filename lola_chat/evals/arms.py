@@ -16,6 +16,7 @@ from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
 DEFAULT_ARMS = "softmax,g0,g64,g128,g256,random128,recent128"
+LENGTH = re.compile(r"^(\d+)([kK]?)$")
 ARM_PATTERN = re.compile(r"^(g|sre|random|recent)(\d+)$")
 POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
 
@@ -94,3 +95,16 @@ class Models:
             "linearization_fingerprint": lola.linearization_fingerprint,
             "lola": lola.lola.as_dict(),
         }
+
+
+def parse_lengths(text: str) -> list[int]:
+    """ "1K,2K,512" -> [1024, 2048, 512] (K = 1024 tokens)."""
+    lengths = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        match = LENGTH.match(part)
+        if not match or int(match[1]) == 0:
+            raise UsageError(f"bad length {part!r}: use token counts such as 512, 1K, 32K")
+        lengths.append(int(match[1]) * (1024 if match[2] else 1))
+    if not lengths:
+        raise UsageError("no lengths given")
+    return lengths

@@ -20,6 +20,7 @@ import torch
 
 from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
+from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
 from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.memory import LolaSettings
@@ -34,18 +35,6 @@ TINY_SHAPES = ModelConfig(
 )
 
 
-def lengths(text: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            values.append(int(part.rstrip("k")) * scale)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected lengths like 1024,8k,128k, got {text!r}") from None
-    return values
-
-
 def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -53,7 +42,7 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         help="decode and prefill speed of LoLA and softmax attention, side by side",
         description=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--lengths", type=lengths, help="tokens in memory (default 1K,8K,32K,128K on a GPU)")
+    parser.add_argument("--lengths", help="tokens in memory (default 1K,8K,32K,128K on a GPU)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per repeat and arm")
     parser.add_argument("--repeats", type=int, default=3)
@@ -200,7 +189,7 @@ def summarize(runs: list[dict]) -> dict:
 def run(args, config: Config) -> int:
     device = resolve_device(config.device)
     dtype = default_dtype(device)
-    bench_lengths = args.lengths or lengths(DEFAULT_LENGTHS[device.type])
+    bench_lengths = parse_lengths(args.lengths or DEFAULT_LENGTHS[device.type])
     wanted = [name.strip() for name in args.arms.split(",") if name.strip()]
     unknown = sorted(set(wanted) - set(ARMS))
     if unknown:

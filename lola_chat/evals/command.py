@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
 from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals import footprint, niah, ppl, report
-from lola_chat.evals.arms import DEFAULT_ARMS, Models, parse_arms
+from lola_chat.evals.arms import DEFAULT_ARMS, Models, parse_arms, parse_lengths
 from lola_chat.evals.provenance import RESULTS_DIR, run_info
 from lola_chat.linearization import resolve_linearization
 from lola_chat.linearize import card
@@ -21,20 +20,6 @@ from lola_chat.linearize.tiny import write_tiny_checkpoint
 
 FULL = {"lengths": "1K,2K,4K,8K,16K,32K", "prompts": 50, "contexts": "2K,8K", "ppl_windows": None}
 TINY = {"lengths": "256,512", "prompts": 2, "contexts": "256,512", "ppl_windows": 4}
-LENGTH = re.compile(r"^(\d+)([kK]?)$")
-
-
-def parse_lengths(text: str) -> list[int]:
-    """ "1K,2K,512" -> [1024, 2048, 512] (K = 1024 tokens)."""
-    lengths = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        match = LENGTH.match(part)
-        if not match or int(match[1]) == 0:
-            raise UsageError(f"bad length {part!r}: use token counts such as 512, 1K, 32K")
-        lengths.append(int(match[1]) * (1024 if match[2] else 1))
-    if not lengths:
-        raise UsageError("no lengths given")
-    return lengths
 
 
 def register(subparsers, common: argparse.ArgumentParser) -> None:
