@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lola_chat.config import Config, GenerationSettings
+from lola_chat.decoding import TokenFeeder
 from lola_chat.errors import LolaError
 from lola_chat.memory import State
 from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, Session, SessionStore
@@ -101,9 +102,12 @@ def sample(
 
 
 class Engine:
-    """One open conversation: a model, its memory, and the session that persists it."""
+    """One open conversation: a model, its memory, and the session that persists it. ``decoding`` picks how
+    tokens are fed (see ``lola_chat.decoding``); by default graph replay where it applies."""
 
-    def __init__(self, config: Config, loaded, store: SessionStore, device: torch.device):
+    def __init__(
+        self, config: Config, loaded, store: SessionStore, device: torch.device, decoding: str = "auto"
+    ):
         self.config = config
         self.loaded = loaded
         self.model = loaded.model
@@ -114,10 +118,20 @@ class Engine:
             str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
         )
         self.session: Session | None = None
+        self._feeder = TokenFeeder(self.model, decoding)
         self.state: State | None = None
         self.generation = config.generation
         self._generator: torch.Generator | None = None
         self._evictions_at_turn = 0
+
+    @property
+    def state(self) -> State | None:
+        """The conversation's memory, up to date whenever no turn is running."""
+        return self._feeder.state
+
+    @state.setter
+    def state(self, state: State | None) -> None:
+        self._feeder.bind(state)
 
     # Sessions ---------------------------------------------------------------------------------------
 
@@ -216,8 +230,9 @@ class Engine:
     def restore(self, snapshot_id: str) -> None:
         tensors, meta = self.session.load_snapshot(self.expectations(), snapshot_id)
         self.session.restore(snapshot_id)
-        self.state = self.new_state()
-        self.state.load({k: v.to(self.torch_device) for k, v in tensors.items()}, int(meta["tokens_seen"]))
+        state = self.new_state()
+        state.load({k: v.to(self.torch_device) for k, v in tensors.items()}, int(meta["tokens_seen"]))
+        self.state = state
 
     def branch(self, new_name: str, snapshot_id: str | None = None) -> None:
         self.store.branch(self.session.name, new_name, snapshot_id)
@@ -237,10 +252,10 @@ class Engine:
         for start in range(0, len(ids), PREFILL_PIECE):
             if cancel is not None and cancel.is_set():
                 return None
-            piece = torch.tensor([ids[start : start + PREFILL_PIECE]], device=self.torch_device)
-            logits = self.model(piece, self.state, last_only=True)[0, -1]
+            logits = self._feeder.feed(ids[start : start + PREFILL_PIECE])
             if on_progress:
                 on_progress(min(start + PREFILL_PIECE, len(ids)), len(ids))
+        self._feeder.sync()
         return logits
 
     def _sampler_generator(self) -> torch.Generator | None:
@@ -268,7 +283,7 @@ class Engine:
             if token in self.template.end_ids:
                 break
             generated.append(token)
-            logits = self.model(torch.tensor([[token]], device=self.torch_device), self.state)[0, -1]
+            logits = self._feeder.feed([token])
             text = self.template.decode(generated)
             if not text.endswith("\ufffd") and len(text) > len(shown):
                 if on_piece:
@@ -354,6 +369,7 @@ class Engine:
         before = self.state.checkpoint()
         if self._prefill(ids, on_progress, cancel) is None and ids:
             self.state.restore(before)
+            self._feeder.bind(self.state)  # a decoder's copy ran ahead of the restored State
             return 0
         snapshot = self.save(note="feed")
         self.session.append(

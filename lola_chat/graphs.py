@@ -12,6 +12,7 @@ them back into the ``State``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -130,12 +131,17 @@ class CapturedDecoder:
     ``step(token)`` feeds one token and returns the sampled next token as a (B,) int64 device tensor;
     that tensor is the decoder's input buffer, overwritten by the next step, so feeding it straight
     back costs no copy. ``prefill(tokens)`` feeds (B, N) tokens. ``sync()`` writes the memory back
-    into the ``State`` it was built from (call it before reading, saving or otherwise using the state).
+    into the ``State`` it was built from (call it before reading, saving or otherwise using the state);
+    ``rebind(state)`` makes the decoder work on another State of the same shapes.
+
+    ``capture=False`` runs the very same step functions directly instead of replaying graphs of them, so
+    the step logic also runs off the GPU (Triton's interpreter on a CPU, for tests).
     """
 
-    def __init__(self, model, state: State, sampling: GenerationSettings = GREEDY):
+    def __init__(self, model, state: State, sampling: GenerationSettings = GREEDY, capture: bool = True):
         device = model.embed_tokens.weight.device
-        require_capture(device)
+        if capture:
+            require_capture(device)
         if state.kind != "lola":
             raise LolaError("captured decoding runs LoLA memory only")
         self.model, self.state, self.sampling = model, state, sampling
@@ -156,7 +162,12 @@ class CapturedDecoder:
         self.generator = None
         if sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        self.graphs, self.outputs = self._capture()
+        self.variants = {
+            "token": partial(self._run, self.token[:, None], False),
+            "token_evict": partial(self._run, self.token[:, None], True),
+            "chunk": partial(self._run, self.chunk_tokens, True),
+        }
+        self.graphs, self.outputs = self._capture() if capture else (None, {})
         self.last = "token"
 
     def _run(self, tokens: torch.Tensor, evicting: bool) -> torch.Tensor:
@@ -177,24 +188,33 @@ class CapturedDecoder:
         self.token.copy_(sample(logits, self.sampling, self.generator, self.penalized))
         return logits
 
-    def _variant(self, tokens: torch.Tensor, evicting: bool):
-        def run() -> torch.Tensor:
-            # Warm-up runs from position 0 so that a whole-chunk step starts at a chunk boundary.
-            if not torch.cuda.is_current_stream_capturing():
-                self.counter.seen.zero_()
-            return self._run(tokens, evicting)
-
-        return run
-
     def _capture(self) -> tuple[dict, dict]:
-        variants = {
-            "token": self._variant(self.token[:, None], False),
-            "token_evict": self._variant(self.token[:, None], True),
-            "chunk": self._variant(self.chunk_tokens, True),
-        }
-        captured = capture_graphs(variants, self.generator)
+        def from_start(run):
+            def warm_up_or_capture() -> torch.Tensor:
+                # Warm-up runs from position 0 so that a whole-chunk step starts at a chunk boundary.
+                if not torch.cuda.is_current_stream_capturing():
+                    self.counter.seen.zero_()
+                return run()
+
+            return warm_up_or_capture
+
+        captured = capture_graphs(
+            {name: from_start(run) for name, run in self.variants.items()}, self.generator
+        )
         self.reload()
         return captured
+
+    def _replay(self, name: str) -> None:
+        if self.graphs is None:
+            self.outputs[name] = self.variants[name]()
+        else:
+            self.graphs[name].replay()
+        self.last = name
+
+    def rebind(self, state: State) -> None:
+        """Work on ``state`` from now on (same model and settings), starting from its memory."""
+        self.state = state
+        self.reload()
 
     def reload(self) -> None:
         """Discard the decoder's memory and take the State's again (after the State was restored)."""
@@ -212,8 +232,7 @@ class CapturedDecoder:
         if token is not self.token:
             self.token.copy_(torch.as_tensor(token, device=self.token.device).expand(self.batch))
         evicting = (self.tokens_seen + 1) % self.chunk == 0
-        self.last = "token_evict" if evicting else "token"
-        self.graphs[self.last].replay()
+        self._replay("token_evict" if evicting else "token")
         self.tokens_seen += 1
         self.evictions += evicting
         return self.token
@@ -228,8 +247,7 @@ class CapturedDecoder:
         while start < tokens.shape[1]:
             if self.tokens_seen % self.chunk == 0 and tokens.shape[1] - start >= self.chunk:
                 self.chunk_tokens.copy_(tokens[:, start : start + self.chunk])
-                self.last = "chunk"
-                self.graphs["chunk"].replay()
+                self._replay("chunk")
                 self.tokens_seen += self.chunk
                 self.evictions += 1
                 start += self.chunk

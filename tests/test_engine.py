@@ -204,3 +204,27 @@ def test_command_line_settings_win_over_the_session_and_the_session_over_default
     again = Engine(config, tiny_loaded, SessionStore(config.paths.sessions), torch.device("cpu"))
     again.open("t")
     assert again.generation.max_new_tokens == 7 and again.generation.top_p == 0.5
+
+
+def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loaded, lola_home, monkeypatch):
+    from lola_chat.kernels import lola
+
+    from lola_chat import decoding
+
+    model = tiny_loaded.model
+    lola_state = model.new_state("lola", tiny_loaded.lola)
+    assert not decoding.captured_decoding_applies(model, lola_state)  # a CPU: the kernels run the reference
+    engine = make_engine(tiny_loaded, lola_home)
+    engine.open("t")
+    engine.chat("hello")
+    assert engine._feeder.decoding == "model" and engine._feeder.decoder is None
+
+    asked = []
+    monkeypatch.setattr(lola, "uses_triton", lambda *tensors, feature_map=None: asked.append(tensors) or True)
+    assert decoding.captured_decoding_applies(model, lola_state)
+    assert asked[0][0] is lola_state.layers[0].win_k
+    assert not decoding.captured_decoding_applies(model, model.new_state("softmax"))
+    random_policy = LolaSettings(chunk=8, capacity=12, policy="random")
+    assert not decoding.captured_decoding_applies(model, model.new_state("lola", random_policy))
+    with pytest.raises(LolaError, match="unknown decoding"):
+        decoding.TokenFeeder(model, "fast")
