@@ -3,8 +3,9 @@
 One program handles one (batch, query head) and up to 64 queries. It rotates queries and keys at
 attention time in the compact frame of ``reference.attend`` (cache, previous chunk, current chunk),
 runs an online softmax over the three key ranges with fp32 accumulation, adds the Hedgehog linear
-term phi(q)^T H over phi(q)^T s with the shared normalizer, and writes the new keys and values into
-the window. Unused slots (empty cache slots, window slots past the newest token) are never loaded.
+term phi(q)^T H over phi(q)^T s with the shared normalizer (rescaled to the window's best score),
+and writes the new keys and values into the window. Unused slots (empty cache slots, window slots
+past the newest token) are never loaded.
 
 The token count can be a host integer or a device tensor, so a CUDA graph captured once serves
 every position.
@@ -47,7 +48,7 @@ def _softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq, ON
     alpha = tl.exp(m - m_new)
     total = total * alpha + tl.sum(weights, axis=1)
     acc = acc * alpha[:, None] + matmul(weights, v, ONE_ROW)
-    return m_new, total, acc
+    return m_new, total, acc, tl.max(scores, axis=1)
 
 
 @triton.jit
@@ -102,9 +103,12 @@ def _attend_kernel(
         k, k_partner = _load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
         v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
-        m, total, acc = _softmax_block(
+        m, total, acc, _ = _softmax_block(
             m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
         )
+
+    # The window's best score: the linear term is measured against it (see reference.attend).
+    window_top = tl.full((BLOCK_T,), -1.0e30, tl.float32)
 
     win_row = (batch * HKV + kv_head) * 2 * C
     for start in range(0, C, BLOCK_N):
@@ -113,9 +117,10 @@ def _attend_kernel(
         k, k_partner = _load_rows(wk_ptr + win_row * D, slot, D, ok, D)
         v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
-        m, total, acc = _softmax_block(
+        m, total, acc, block_top = _softmax_block(
             m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
         )
+        window_top = tl.maximum(window_top, block_top)
 
     new_base = batch * sk_b + kv_head * sk_h
     for start in range(0, C, BLOCK_N):
@@ -134,9 +139,10 @@ def _attend_kernel(
         v = v_old.to(tl.float32) + v_new.to(tl.float32)
         visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
         k, k_partner = k + k_new, k_partner + k_new_partner
-        m, total, acc = _softmax_block(
+        m, total, acc, block_top = _softmax_block(
             m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq, ONE_ROW
         )
+        window_top = tl.maximum(window_top, block_top)
 
     up, down = features(q, load_feature_map(fq_ptr, head, D, E), ONE_ROW)
     feats = tl.arange(0, E)
@@ -145,8 +151,9 @@ def _attend_kernel(
     h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
-    linear = matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)
-    linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
+    linear_scale = tl.exp(window_top - m)
+    linear = (matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)) * linear_scale[:, None]
+    linear_norm = (tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)) * linear_scale
     gate = tl.load(gate_ptr + head).to(tl.float32)
     # Rows past the segment have no keys and an empty normalizer; they are not stored.
     norm = tl.where(t_ok, gate * total + linear_norm, 1.0)

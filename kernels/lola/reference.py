@@ -84,7 +84,10 @@ def attend(
     q: (B, Hq, T, D); k, v: (B, Hkv, T, D), un-rotated; T <= C - (tokens_seen % C).
     window_factor: (Hq,) in (0, 1). Returns (y (B, Hq, T, D) in q's dtype, new win_k, new win_v).
 
-        y = (g sum_j exp(a_j - m) v_j + phi(q)^T H) / (g sum_j exp(a_j - m) + phi(q)^T s)
+        y = (g sum_j exp(a_j - m) v_j + r phi(q)^T H) / (g sum_j exp(a_j - m) + r phi(q)^T s),
+        r = exp(m_window - m)
+
+    with a_j over the cache and the window, m their maximum and m_window the window's maximum.
     """
     batch, n_heads, length, dim = q.shape
     chunk = win_k.shape[2] // 2
@@ -123,7 +126,12 @@ def attend(
     win_scores = (q_grouped @ win_rot.transpose(-1, -2)).reshape(batch, n_heads, length, 2 * chunk)
     scores = torch.cat([q_rot @ cache_rot.transpose(-1, -2), win_scores], dim=-1) * dim**-0.5
     scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
+    # window score. A cached key that scores above the whole window (a recalled fact) lowers the
+    # folded pairs' true share by the same factor, so the linear term is rescaled to that maximum.
+    linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
     seen = visible.any(dim=0)[:, None]
     cache_values = cache_v.to(acc).masked_fill(~seen[:capacity], 0.0)
     win_values = win_v.to(acc).masked_fill(~seen[capacity:], 0.0)
@@ -131,8 +139,8 @@ def attend(
     softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
     gate = window_factor.to(acc)[None, :, None, None]
     phi_q = hedgehog(q, fmap_q)
-    numerator = gate * softmax_part + phi_q @ h
-    denominator = gate * weights.sum(dim=-1, keepdim=True) + (phi_q @ s[..., None])
+    numerator = gate * softmax_part + linear_scale * (phi_q @ h)
+    denominator = gate * weights.sum(dim=-1, keepdim=True) + linear_scale * (phi_q @ s[..., None])
     return (numerator / denominator).to(q.dtype), win_k, win_v
 
 

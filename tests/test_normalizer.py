@@ -1,0 +1,48 @@
+"""The linear term is measured against the window's best score: a cached key that outscores the whole
+window takes the share of attention it would have in softmax, instead of being drowned by the folded
+pairs (what made needle retrieval fail with the paper's plain shared normalizer)."""
+
+import torch
+from lola_chat.kernels import lola
+from test_invariants import HQ, random_attn, random_qkv
+from test_invariants import new_memory as make_memory
+
+
+def filled_memory(margin: float):
+    """A memory with pairs folded into H and s, whose newest cache slot holds a key aligned with the
+    next query (``margin`` above every window score) and a value of all 7s."""
+    attn = random_attn(seed=5)
+    attn.inv_freq = torch.zeros_like(attn.inv_freq)  # no rotation, so the alignment survives positions
+    memory = make_memory(chunk=4, capacity=4)
+    q, k, v = random_qkv(40, seed=6)
+    memory.attend(q, k, v, attn)
+    assert memory.folded() > 0 and float(memory.s.abs().sum()) > 0
+    query = torch.randn(2, HQ, 1, q.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    window_scores = query @ memory.win_k.repeat_interleave(HQ // memory.win_k.shape[1], 1).transpose(-1, -2)
+    unit = query / query.norm(dim=-1, keepdim=True)
+    needed = (window_scores.amax() + margin) * q.shape[-1] ** 0.5 / query.norm(dim=-1, keepdim=True)
+    memory.cache_k[:, :, -1:] = unit * needed
+    memory.cache_v[:, :, -1:] = 7.0
+    return memory, attn, query
+
+
+def attend_one(memory, attn, query):
+    return lola.attend(
+        query, query[:, :: HQ // memory.win_k.shape[1]], query[:, :: HQ // memory.win_k.shape[1]],
+        memory.win_k, memory.win_v, memory.cache_k, memory.cache_v, memory.h, memory.s,
+        attn.fmap_q, attn.window_factor(), attn.inv_freq, memory.tokens_seen,
+    )[0]  # fmt: skip
+
+
+def test_a_cached_key_far_above_the_window_takes_the_attention():
+    memory, attn, query = filled_memory(margin=60.0)
+    y = attend_one(memory, attn, query)
+    torch.testing.assert_close(y, torch.full_like(y, 7.0), rtol=0, atol=1e-6)
+
+
+def test_the_linear_share_shrinks_with_the_cached_keys_lead():
+    distances = []
+    for margin in (1.0, 4.0, 16.0):
+        memory, attn, query = filled_memory(margin)
+        distances.append(float((attend_one(memory, attn, query) - 7.0).abs().max()))
+    assert distances[0] > distances[1] > distances[2]
