@@ -177,3 +177,19 @@ def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, 
     args, config = parse(["eval", "report", "--out", str(out)], monkeypatch)
     assert args.func(args, config) == 0
     assert (out / "README.md").read_text() == readme
+
+
+def test_append_adds_a_runs_rows_and_keeps_every_runs_provenance(tmp_path, lola_home, tiny_data, monkeypatch):
+    out = tmp_path / "results"
+    base = ["eval", "niah", "--tiny", "--device", "cpu", "--prompts", "1", "--configs", "g0,g64"]
+    base += ["--out", str(out), "--data", str(tiny_data)]
+    for argv in (["--lengths", "200"], ["--lengths", "256", "--append"], ["--lengths", "256", "--append"]):
+        args, config = parse([*base, *argv], monkeypatch)
+        assert args.func(args, config) == 0
+    payload = report.read_results(out)["niah"]
+    assert sorted({(r["config"], r["length"]) for r in payload["rows"]}) == [
+        ("g0", 200), ("g0", 256), ("g64", 200), ("g64", 256)
+    ]  # fmt: skip
+    assert len(payload["rows"]) == 2 * 2 * 2
+    assert [run["command"].split("--lengths ")[1][:3] for run in payload["earlier_runs"]] == ["200", "256"]
+    assert "with rows of an earlier run" in (out / "README.md").read_text()

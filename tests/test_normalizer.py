@@ -17,7 +17,9 @@ def filled_memory(margin: float):
     q, k, v = random_qkv(40, seed=6)
     memory.attend(q, k, v, attn)
     assert memory.folded() > 0 and float(memory.s.abs().sum()) > 0
-    query = torch.randn(2, HQ, 1, q.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    query = torch.randn(
+        2, HQ, 1, q.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(7)
+    )
     window_scores = query @ memory.win_k.repeat_interleave(HQ // memory.win_k.shape[1], 1).transpose(-1, -2)
     unit = query / query.norm(dim=-1, keepdim=True)
     needed = (window_scores.amax() + margin) * q.shape[-1] ** 0.5 / query.norm(dim=-1, keepdim=True)

@@ -48,6 +48,12 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny random model and tiny lengths (CPU check)"
     )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the results file already in --out (rows of this run replace equal ones; each run's "
+        "provenance is kept), so a long evaluation can run in parts",
+    )
     parser.set_defaults(func=run)
 
 
@@ -87,7 +93,12 @@ def run(args, config: Config) -> int:
     books = read_books(resolve_data_dir(args.data)) if {"niah", "ppl"} & set(which) else []
     info = run_info(device)
 
+    earlier = report.read_results(out) if args.append else {}
+
     def save(name: str, settings: dict, rows: list[dict]) -> None:
+        if name in earlier:
+            rows = report.merge_rows(earlier[name]["rows"], rows)
+            info["earlier_runs"] = report.run_history(earlier[name])
         payload = {
             **info,
             "model": models.describe(),

@@ -37,6 +37,22 @@ def read_results(out_dir: Path) -> dict[str, dict]:
     return results
 
 
+ROW_KEY = ("config", "haystack", "length", "context")
+RUN_KEYS = ("created", "command", "device", "commit")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows not measured again in ``new``, then ``new``'s."""
+    measured = {tuple(row.get(key) for key in ROW_KEY) for row in new}
+    return [row for row in old if tuple(row.get(key) for key in ROW_KEY) not in measured] + new
+
+
+def run_history(payload: dict) -> list[dict]:
+    """The provenance of every run whose rows a results file holds, oldest first."""
+    own = {key: payload.get(key) for key in RUN_KEYS}
+    return [*payload.get("earlier_runs", []), own]
+
+
 def length_label(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
@@ -119,7 +135,11 @@ def provenance_line(payload: dict) -> str:
     versions = payload.get("versions", {})
     device, commit, created = (payload.get(key, "?") for key in ("device", "commit", "created"))
     command = payload.get("command", "?")
-    return f"{device}, commit `{commit}`, {created}, torch {versions.get('torch', '?')}; command: `{command}`"
+    line = f"{device}, commit `{commit}`, {created}, torch {versions.get('torch', '?')}; command: `{command}`"
+    for run in reversed(payload.get("earlier_runs", [])):
+        line += f"; with rows of an earlier run ({run.get('device')}, commit `{run.get('commit')}`, "
+        line += f"{run.get('created')}; command: `{run.get('command')}`)"
+    return line
 
 
 def results_markdown(results: dict[str, dict], heading: str = "##") -> str:
