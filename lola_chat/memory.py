@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lola_chat.kernels import lola
-from lola_chat.kernels.lola.reference import accumulator
+from lola_chat.kernels.lola.reference import FrameRotary, accumulator
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class LolaMemory:
         self.cache_ids = torch.full((batch, n_heads, g), -1, dtype=torch.int64, device=device)
         self.tokens_seen = 0
         self.evictions = 0
+        # Rotary tables and rotated keys the reference keeps between calls (see FrameRotary).
+        self._rotary: FrameRotary | None = None
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
     memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
@@ -53,7 +55,9 @@ class LolaMemory:
         """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated; ids: (B, T) token ids or None.
         Returns (B, Hq, T, D)."""
         chunk = self.settings.chunk
-        outputs = [q[:, :, :0]]
+        if self._rotary is None or self._rotary.inv_freq is not attn.inv_freq:
+            self._rotary = FrameRotary(attn.inv_freq, chunk, self.settings.capacity)
+        outputs = []
         start = 0
         while start < q.shape[2]:
             length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
@@ -72,6 +76,7 @@ class LolaMemory:
                 attn.window_factor(),
                 attn.inv_freq,
                 self.tokens_seen,
+                self._rotary,
             )
             outputs.append(y)
             if ids is not None:
@@ -81,10 +86,14 @@ class LolaMemory:
             if self.tokens_seen % chunk == 0:
                 self._evict(attn)
             start = end
-        return torch.cat(outputs, dim=2)
+        if len(outputs) == 1:
+            return outputs[0]
+        return torch.cat(outputs, dim=2) if outputs else q[:, :, :0]
 
     def _evict(self, attn) -> None:
         chunk = self.settings.chunk
+        if self._rotary is not None:
+            self._rotary.forget()
         *memories, keep = lola.evict(
             self.win_k,
             self.win_v,
@@ -111,6 +120,8 @@ class LolaMemory:
             current = getattr(self, name)
             setattr(self, name, tensors[name].to(dtype=current.dtype, device=current.device).clone())
         self.tokens_seen = tokens_seen
+        if self._rotary is not None:
+            self._rotary.forget()
 
     def recall_errors(self, attn) -> torch.Tensor:
         """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN

@@ -4,6 +4,7 @@ Llama checkpoints (without the ``model.`` prefix) so weights load by name."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,6 +54,47 @@ class ModelConfig:
         return 2 * self.head_dim
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, for bf16 inference on a CPU, multiplies with a copy of its weight laid out once
+    for oneDNN: ``F.linear`` re-lays the weight out on every call, which doubles the cost of a decode
+    step (measured: 61 vs 124 us for a 576x1536 bf16 weight at one token; the results are the same
+    oneDNN kernel's). The copy is remade whenever the weight tensor changes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self._packed: tuple | None = None
+
+    def _packs(self, x: torch.Tensor) -> bool:
+        weight = self.weight
+        return (
+            x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.bfloat16
+            and self.bias is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and packed_linear_available()
+        )
+
+    def packed_weight(self) -> torch.Tensor:
+        weight = self.weight
+        if self._packed is None or self._packed[:3] != (id(weight), weight.data_ptr(), weight._version):
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            self._packed = (id(weight), weight.data_ptr(), weight._version, packed)
+        return self._packed[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packs(x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
+        return super().forward(x)
+
+
+@functools.cache
+def packed_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(torch.ops.mkldnn, name) for name in ("_reorder_linear_weight", "_linear_pointwise")
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -69,10 +111,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.dim, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.o_proj = Linear(cfg.n_heads * hd, d, bias=False)
         # The linearization: Hedgehog feature maps (identity at start, as in LoLCATs) and window gates.
         eye = torch.eye(hd).expand(cfg.n_heads, hd, hd)
         self.fmap_q = nn.Parameter(eye.clone())
@@ -102,9 +144,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.intermediate, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.intermediate, bias=False)
+        self.down_proj = Linear(cfg.intermediate, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -130,7 +172,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

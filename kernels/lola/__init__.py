@@ -17,9 +17,10 @@ import os
 
 import torch
 from lola_chat.kernels.lola import reference
-from lola_chat.kernels.lola.reference import frame, rotate, self_recall_error
+from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate, self_recall_error
 
 __all__ = [
+    "FrameRotary",
     "attend",
     "evict",
     "force_reference",
@@ -76,12 +77,18 @@ def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None)
     return _triton_module("attend") is not None
 
 
-def attend(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen):
-    """See ``reference.attend``; dispatched as described in this module's docstring."""
+def attend(
+    q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen, rotary=None
+):
+    """See ``reference.attend``; dispatched as described in this module's docstring. ``rotary``
+    (a ``FrameRotary``) serves the reference only; the Triton path forgets what it kept, as it
+    writes the window in place."""
     args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen)
     if uses_triton(q, k, v, win_k, cache_k, h, s, fmap_q, window_factor, feature_map=fmap_q):
+        if rotary is not None:
+            rotary.forget()
         return _triton_module("attend").attend(*args)
-    return reference.attend(*args)
+    return reference.attend(*args, rotary)
 
 
 def evict(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None):

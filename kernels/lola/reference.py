@@ -18,6 +18,9 @@ Every function here is out-of-place (returns new tensors) so the same code can b
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 SRE_EPS = 1e-6
@@ -35,7 +38,24 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     acc = accumulator(x.dtype)
     z = torch.einsum("bhtd,hde->bhte", x.to(acc), weight.to(acc))
-    return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+    return torch.stack([z, -z], dim=-2).softmax(dim=-1).flatten(-2)
+
+
+def rotary_table(
+    pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin of the rotary angles at ``pos`` (any shape), computed in float64 and
+    rounded to ``dtype``: ``apply_rotary(x, *rotary_table(pos, inv_freq, x.dtype)) == rotate(x, pos,
+    inv_freq)``. The sin's first half is negated so a rotation needs one roll instead of neg and cat."""
+    angles = pos.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotate-half rotation, x * cos + [-x2, x1] * sin, as x * cos + [x2, x1] * [-sin, sin]
+    (the same products: negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -43,12 +63,70 @@ def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.
 
     x: (..., L, D); pos: (L,) or broadcastable to x's leading dims plus L; inv_freq: (D/2,).
     """
-    angles = pos.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated_half * sin
+    return apply_rotary(x, *rotary_table(pos, inv_freq, x.dtype))
+
+
+class FrameRotary:
+    """Rotary tables for every position a memory's compact frame can use, from -(G + C) (slots that
+    are masked anyway) to G + 2C, made once per dtype and device; and the memory's keys as last
+    rotated, so that a decode step rotates only its new key.
+
+    A memory passes one to every attend call of one layer. Within a chunk the frame does not move:
+    the rotated cache keys are reused while the same cache tensor comes back, and the rotated window
+    is extended by the new keys while the window passed in is the one the last call returned. Any
+    other tensor (after an eviction, a load, an in-place kernel) is rotated afresh. Nothing is kept
+    while autograd records through the keys."""
+
+    def __init__(self, inv_freq: torch.Tensor, chunk: int, capacity: int):
+        self.inv_freq = inv_freq
+        self.first = -(capacity + chunk)
+        self.end = capacity + 2 * chunk
+        self._tables: dict = {}
+        self._kept: dict[str, tuple] = {}
+
+    def table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._tables:
+            # Made as ordinary tensors even inside inference mode, so that autograd may use them later.
+            with torch.inference_mode(False):
+                pos = torch.arange(self.first, self.end, device=device)
+                self._tables[key] = rotary_table(pos, self.inv_freq.to(device), dtype)
+        return self._tables[key]
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (..., L, D) at the consecutive positions start, start + 1, ..., start + L - 1."""
+        cos, sin = self.table(x.dtype, x.device)
+        begin = start - self.first
+        length = x.shape[-2]
+        return apply_rotary(x, cos[begin : begin + length], sin[begin : begin + length])
+
+    def forget(self) -> None:
+        self._kept.clear()
+
+    def prepared(
+        self, name: str, x: torch.Tensor, acc: torch.dtype, start: int | None = None, appended=None
+    ) -> torch.Tensor:
+        """``x`` rotated from frame position ``start`` (not rotated when None) and cast to ``acc``.
+        ``appended``: (the tensor ``x`` was made from, the new rows, their first slot) when ``x`` is
+        that tensor with the new rows written in along dim 2."""
+
+        def prepare(rows: torch.Tensor, first: int | None) -> torch.Tensor:
+            return (rows if first is None else self.rotate(rows, first)).to(acc)
+
+        kept = self._kept.get(name)
+        if kept is not None and appended is not None and kept[0] is appended[0] and kept[1] == start:
+            _, new, slot = appended
+            rows = prepare(new, None if start is None else start + slot)
+            out = torch.slice_scatter(kept[2], rows, dim=2, start=slot, end=slot + new.shape[2])
+        elif kept is not None and kept[0] is x and kept[1] == start:
+            return kept[2]
+        else:
+            out = prepare(x, start)
+        if torch.is_grad_enabled() and out.requires_grad:
+            self._kept.pop(name, None)
+        else:
+            self._kept[name] = (x, start, out)
+        return out
 
 
 def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
@@ -62,6 +140,50 @@ def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
 
 def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the keys and queries of one attend call sit in the compact frame, and what each query
+    sees. Depends only on integers, so it is made once per (fill, length) and reused."""
+
+    key_start: int  # frame position of cache slot 0; the slots' positions are consecutive from it
+    query_start: int
+    hidden: torch.Tensor  # (T, G + 2C) bool: key slot j is not visible to query t
+    unseen_cache: torch.Tensor | None  # (G, 1) bool: no query sees the slot; None when all are seen
+    unseen_window: torch.Tensor | None  # (2C, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: torch.device) -> Layout:
+    # Made as ordinary tensors even inside inference mode, so that autograd may use them later.
+    with torch.inference_mode(False):
+        return _layout(chunk, capacity, tokens_seen, length, device)
+
+
+def _layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: torch.device) -> Layout:
+    cached, previous, current = frame(tokens_seen, chunk, capacity)
+    slot = torch.arange(capacity + 2 * chunk, device=device)
+    in_cache = slot < capacity
+    in_previous = (slot >= capacity) & (slot < capacity + chunk)
+    window_slot = slot - capacity - chunk
+    query_slot = current + torch.arange(length, device=device)
+    visible = torch.where(
+        in_cache,
+        slot >= capacity - cached,
+        torch.where(in_previous, torch.tensor(previous > 0, device=device), window_slot >= 0),
+    )
+    visible = visible[None, :] & (~(window_slot[None, :] > query_slot[:, None]))
+    unseen = ~visible.any(dim=0)[:, None]
+    # Visible slots sit at consecutive frame positions (cache, previous chunk, current chunk); while
+    # there is no previous chunk the cache is empty too, so both may shift down over masked slots.
+    return Layout(
+        key_start=cached - capacity - (chunk - previous),
+        query_start=cached + previous + current,
+        hidden=~visible,
+        unseen_cache=unseen[:capacity] if bool(unseen[:capacity].any()) else None,
+        unseen_window=unseen[capacity:] if bool(unseen[capacity:].any()) else None,
+    )
 
 
 def attend(
@@ -78,11 +200,13 @@ def attend(
     window_factor: torch.Tensor,
     inv_freq: torch.Tensor,
     tokens_seen: int,
+    rotary: FrameRotary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens that all fall inside the current chunk, and append them to the window.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, T, D), un-rotated; T <= C - (tokens_seen % C).
-    window_factor: (Hq,) in (0, 1). Returns (y (B, Hq, T, D) in q's dtype, new win_k, new win_v).
+    window_factor: (Hq,) in (0, 1). ``rotary``: tables for ``inv_freq`` kept by the caller, or None.
+    Returns (y (B, Hq, T, D) in q's dtype, new win_k, new win_v).
 
         y = (g sum_j exp(a_j - m) v_j + r phi(q)^T H) / (g sum_j exp(a_j - m) + r phi(q)^T s),
         r = exp(m_window - m)
@@ -92,49 +216,37 @@ def attend(
     batch, n_heads, length, dim = q.shape
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
-    cached, previous, current = frame(tokens_seen, chunk, capacity)
+    current = tokens_seen % chunk
     assert current + length <= chunk, "a segment may not cross a chunk boundary"
+    keys_before, values_before = win_k, win_v
     win_k = torch.slice_scatter(win_k, k, dim=2, start=chunk + current, end=chunk + current + length)
     win_v = torch.slice_scatter(win_v, v, dim=2, start=chunk + current, end=chunk + current + length)
-
-    device = q.device
-    slot = torch.arange(capacity + 2 * chunk, device=device)
-    in_cache = slot < capacity
-    in_previous = (slot >= capacity) & (slot < capacity + chunk)
-    window_slot = slot - capacity - chunk
-    key_pos = torch.where(
-        in_cache,
-        slot - (capacity - cached),
-        torch.where(in_previous, cached + slot - capacity, cached + previous + window_slot),
-    )
-    query_slot = current + torch.arange(length, device=device)
-    query_pos = cached + previous + query_slot
-    visible = torch.where(
-        in_cache,
-        slot >= capacity - cached,
-        torch.where(in_previous, torch.tensor(previous > 0, device=device), window_slot >= 0),
-    )
-    visible = visible[None, :] & (~(window_slot[None, :] > query_slot[:, None]))
+    where = layout(chunk, capacity, tokens_seen, length, q.device)
+    rotary = rotary if rotary is not None else FrameRotary(inv_freq, chunk, capacity)
 
     # The window is shared by the query heads of a KV group, so it is scored per group, never copied.
     acc = accumulator(q.dtype)
     group = n_heads // win_k.shape[1]
-    q_rot = rotate(q, query_pos, inv_freq).to(acc)
-    cache_rot = rotate(cache_k, key_pos[:capacity], inv_freq).to(acc)
-    win_rot = rotate(win_k, key_pos[capacity:], inv_freq).to(acc)
+    q_rot = rotary.rotate(q, where.query_start).to(acc)
+    cache_rot = rotary.prepared("cache_k", cache_k, acc, where.key_start)
+    win_start = where.key_start + capacity
+    win_rot = rotary.prepared("win_k", win_k, acc, win_start, (keys_before, k, chunk + current))
     q_grouped = q_rot.reshape(batch, -1, group * length, dim)
     win_scores = (q_grouped @ win_rot.transpose(-1, -2)).reshape(batch, n_heads, length, 2 * chunk)
     scores = torch.cat([q_rot @ cache_rot.transpose(-1, -2), win_scores], dim=-1) * dim**-0.5
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(where.hidden, float("-inf"), scores)
     top = scores.amax(dim=-1, keepdim=True)
     weights = torch.exp(scores - top)
     # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
     # window score. A cached key that scores above the whole window (a recalled fact) lowers the
     # folded pairs' true share by the same factor, so the linear term is rescaled to that maximum.
     linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
-    seen = visible.any(dim=0)[:, None]
-    cache_values = cache_v.to(acc).masked_fill(~seen[:capacity], 0.0)
-    win_values = win_v.to(acc).masked_fill(~seen[capacity:], 0.0)
+    cache_values = rotary.prepared("cache_v", cache_v, acc)
+    if where.unseen_cache is not None:
+        cache_values = torch.where(where.unseen_cache, 0.0, cache_values)
+    win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
+    if where.unseen_window is not None:
+        win_values = torch.where(where.unseen_window, 0.0, win_values)
     win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)
     softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
     gate = window_factor.to(acc)[None, :, None, None]

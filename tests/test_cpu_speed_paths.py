@@ -1,0 +1,137 @@
+"""The CPU fast paths compute what the plain formulas compute: rotary tables, the keys a memory keeps
+rotated between calls, the cached layouts, the prepacked bf16 linear, the dtype choice."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lola_chat.kernels.lola import reference
+
+from lola_chat.config import DTYPE_ENV, default_dtype
+from lola_chat.errors import UsageError
+from lola_chat.model import Linear, ModelConfig, Transformer
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def rotate_by_definition(x, pos, inv_freq):
+    angles = pos.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def inv_freq(dim=16):
+    return 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotate_and_frame_tables_equal_the_definition(dtype):
+    x = torch.randn(2, 3, 40, 16).to(dtype)
+    pos = torch.arange(40) * 3 - 7
+    assert torch.equal(reference.rotate(x, pos, inv_freq()), rotate_by_definition(x, pos, inv_freq()))
+    frame = reference.FrameRotary(inv_freq(), chunk=8, capacity=16)
+    for start in (-24, -3, 0, 5):
+        consecutive = torch.arange(start, min(start + 40, frame.end))
+        rows = x[:, :, : len(consecutive)]
+        expected = rotate_by_definition(rows, consecutive, inv_freq())
+        assert torch.equal(frame.rotate(rows, start), expected)
+
+
+def random_state(dtype, batch=2, hq=6, hkv=2, d=16, chunk=8, capacity=16):
+    acc = reference.accumulator(dtype)
+    zeros = [torch.zeros(batch, hkv, 2 * chunk, d, dtype=dtype)] * 2 + [
+        torch.zeros(batch, hq, capacity, d, dtype=dtype)
+    ] * 2
+    return zeros + [torch.zeros(batch, hq, 2 * d, d, dtype=acc), torch.zeros(batch, hq, 2 * d, dtype=acc)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("capacity", [16, 0])
+def test_kept_rotations_give_the_same_outputs_bit_for_bit(dtype, capacity):
+    """A memory's FrameRotary reuses rotated keys within a chunk; a fresh one each call recomputes all."""
+    chunk, hq, hkv, d = 8, 6, 2, 16
+    g = torch.Generator().manual_seed(0)
+    fmap_q, fmap_k = torch.randn(hq, d, d, generator=g), torch.randn(hq, d, d, generator=g)
+    gate = torch.rand(hq, generator=g)
+    kept = reference.FrameRotary(inv_freq(), chunk, capacity)
+    fresh_state = random_state(dtype, capacity=capacity)
+    kept_state = list(fresh_state)
+    seen = 0
+    for length in [3, 5, 1, 1, 2, 4, 8] + [1] * 20 + [8, 8, 5]:
+        length = min(length, chunk - seen % chunk)
+        q = torch.randn(2, hq, length, d, generator=g).to(dtype)
+        k, v = (torch.randn(2, hkv, length, d, generator=g).to(dtype) for _ in range(2))
+        y0, *fresh_state[:2] = reference.attend(q, k, v, *fresh_state, fmap_q, gate, inv_freq(), seen)
+        y1, *kept_state[:2] = reference.attend(q, k, v, *kept_state, fmap_q, gate, inv_freq(), seen, kept)
+        assert torch.equal(y0, y1) and torch.equal(fresh_state[0], kept_state[0])
+        seen += length
+        if seen % chunk == 0:
+            *fresh_state, _ = reference.evict(*fresh_state, fmap_k, seen)
+            *kept_state, _ = reference.evict(*kept_state, fmap_k, seen)
+            kept.forget()
+
+
+def test_layouts_made_in_inference_mode_serve_autograd_later():
+    hq, hkv, d = 6, 2, 16
+    fmap = torch.randn(hq, d, d)
+    gate = torch.rand(hq)
+    state = random_state(torch.float32)
+    reference.layout.cache_clear()
+    with torch.inference_mode():
+        q, k, v = torch.randn(2, hq, 4, d), torch.randn(2, hkv, 4, d), torch.randn(2, hkv, 4, d)
+        reference.attend(q, k, v, *state, fmap, gate, inv_freq(), 3)
+    q = torch.randn(2, hq, 4, d, requires_grad=True)
+    y, _, _ = reference.attend(q, k.clone(), v.clone(), *state, fmap, gate, inv_freq(), 3)
+    y.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_default_dtype(monkeypatch):
+    assert default_dtype(torch.device("cuda"), environ={}) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert default_dtype(torch.device("cpu"), environ={}) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert default_dtype(torch.device("cpu"), environ={}) == torch.bfloat16
+    assert default_dtype(torch.device("cpu"), environ={DTYPE_ENV: "float32"}) == torch.float32
+    assert default_dtype(torch.device("cuda"), environ={DTYPE_ENV: "float32"}) == torch.float32
+    with pytest.raises(UsageError):
+        default_dtype(torch.device("cpu"), environ={DTYPE_ENV: "int8"})
+
+
+def test_packed_linear_equals_linear_and_follows_weight_changes():
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    for length in (1, 7):
+        x = torch.randn(1, length, 64).to(torch.bfloat16)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=4e-2, rtol=2e-2)
+    layer.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_fp32_state_loads_into_a_bf16_model_and_continues():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate=48)
+    torch.manual_seed(0)
+    model32 = Transformer(cfg).eval()
+    model16 = Transformer(cfg).eval()
+    model16.load_state_dict(model32.state_dict())
+    model16.to(torch.bfloat16)
+    tokens = torch.randint(0, 64, (1, 150))
+    with torch.inference_mode():
+        state32 = model32.new_state("lola")
+        model32(tokens, state32)
+        state16 = model16.new_state("lola")
+        state16.load(state32.tensors(), state32.tokens_seen)
+        assert state16.layers[0].win_k.dtype == torch.bfloat16
+        assert state16.layers[0].h.dtype == torch.float32
+        next_token = torch.tensor([[5]])
+        logits16 = model16(next_token, state16)
+        logits32 = model32(next_token, state32)
+    assert torch.isfinite(logits16).all()
+    assert torch.nn.functional.cosine_similarity(logits16.flatten(), logits32.flatten(), dim=0) > 0.99
