@@ -102,8 +102,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        wide = x.float()
+        variance = wide.pow(2).mean(-1, keepdim=True)
+        return (wide * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
 class Attention(nn.Module):

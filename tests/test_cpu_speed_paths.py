@@ -46,10 +46,16 @@ def random_state(dtype, batch=2, hq=6, hkv=2, d=16, chunk=8, capacity=16):
     return zeros + [torch.zeros(batch, hq, 2 * d, d, dtype=acc), torch.zeros(batch, hq, 2 * d, dtype=acc)]
 
 
+@pytest.mark.parametrize("inference", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("capacity", [16, 0])
-def test_kept_rotations_give_the_same_outputs_bit_for_bit(dtype, capacity):
+def test_kept_rotations_give_the_same_outputs_bit_for_bit(dtype, capacity, inference):
     """A memory's FrameRotary reuses rotated keys within a chunk; a fresh one each call recomputes all."""
+    with torch.inference_mode(inference):
+        kept_and_fresh_agree(dtype, capacity)
+
+
+def kept_and_fresh_agree(dtype, capacity):
     chunk, hq, hkv, d = 8, 6, 2, 16
     g = torch.Generator().manual_seed(0)
     fmap_q, fmap_k = torch.randn(hq, d, d, generator=g), torch.randn(hq, d, d, generator=g)

@@ -22,6 +22,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 SRE_EPS = 1e-6
 
@@ -117,7 +118,11 @@ class FrameRotary:
         if kept is not None and appended is not None and kept[0] is appended[0] and kept[1] == start:
             _, new, slot = appended
             rows = prepare(new, None if start is None else start + slot)
-            out = torch.slice_scatter(kept[2], rows, dim=2, start=slot, end=slot + new.shape[2])
+            if torch.is_grad_enabled():  # an earlier call's graph may have saved the kept tensor
+                out = torch.slice_scatter(kept[2], rows, dim=2, start=slot, end=slot + new.shape[2])
+            else:
+                out = kept[2]
+                out[:, :, slot : slot + new.shape[2]] = rows
         elif kept is not None and kept[0] is x and kept[1] == start:
             return kept[2]
         else:
@@ -138,6 +143,15 @@ def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
     return cached, previous, tokens_seen % chunk
 
 
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.gather(2, index[..., None].expand(..., D))``, as one index_select over flattened rows
+    (measured 10x faster on a CPU than gather with an expanded index)."""
+    batch, heads, rows, dim = x.shape
+    base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * rows
+    picked = x.reshape(batch * heads * rows, dim).index_select(0, (index + base).flatten())
+    return picked.view(batch, heads, index.shape[-1], dim)
+
+
 def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
@@ -150,8 +164,9 @@ class Layout:
     key_start: int  # frame position of cache slot 0; the slots' positions are consecutive from it
     query_start: int
     hidden: torch.Tensor  # (T, G + 2C) bool: key slot j is not visible to query t
-    unseen_cache: torch.Tensor | None  # (G, 1) bool: no query sees the slot; None when all are seen
-    unseen_window: torch.Tensor | None  # (2C, 1)
+    # The slots some query sees, [first, end): a suffix of the cache and a range of the window.
+    cache_seen: tuple[int, int]
+    window_seen: tuple[int, int]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,16 +189,24 @@ def _layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: to
         torch.where(in_previous, torch.tensor(previous > 0, device=device), window_slot >= 0),
     )
     visible = visible[None, :] & (~(window_slot[None, :] > query_slot[:, None]))
-    unseen = ~visible.any(dim=0)[:, None]
     # Visible slots sit at consecutive frame positions (cache, previous chunk, current chunk); while
     # there is no previous chunk the cache is empty too, so both may shift down over masked slots.
     return Layout(
         key_start=cached - capacity - (chunk - previous),
         query_start=cached + previous + current,
         hidden=~visible,
-        unseen_cache=unseen[:capacity] if bool(unseen[:capacity].any()) else None,
-        unseen_window=unseen[capacity:] if bool(unseen[capacity:].any()) else None,
+        cache_seen=(capacity - cached, capacity),
+        window_seen=(0 if previous else chunk, chunk + current + length),
     )
+
+
+def _zero_outside(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """x with rows (dim 2) outside [first, end) set to zero: no weight reaches them, and stale or
+    empty slots must not turn a zero weight into NaN."""
+    rows = x.shape[2]
+    if (first, end) == (0, rows):
+        return x
+    return F.pad(x[:, :, first:end], (0, 0, first, rows - end))
 
 
 def attend(
@@ -241,12 +264,9 @@ def attend(
     # window score. A cached key that scores above the whole window (a recalled fact) lowers the
     # folded pairs' true share by the same factor, so the linear term is rescaled to that maximum.
     linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
-    cache_values = rotary.prepared("cache_v", cache_v, acc)
-    if where.unseen_cache is not None:
-        cache_values = torch.where(where.unseen_cache, 0.0, cache_values)
+    cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
-    if where.unseen_window is not None:
-        win_values = torch.where(where.unseen_window, 0.0, win_values)
+    win_values = _zero_outside(win_values, *where.window_seen)
     win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)
     softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
     gate = window_factor.to(acc)[None, :, None, None]
@@ -314,14 +334,13 @@ def evict(
             # A stable sort keeps the earlier of two equal scores (repeated tokens give exact ties).
             order = score.sort(dim=-1, descending=True, stable=True).indices
             keep = order[..., :capacity].sort(dim=-1).values
-            cache_k = cand_k.gather(2, keep[..., None].expand(-1, -1, -1, cand_k.shape[-1]))
-            cache_v = cand_v.gather(2, keep[..., None].expand(-1, -1, -1, cand_v.shape[-1]))
+            cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
             kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, keep, True)
         else:
             kept = torch.zeros(cand_v.shape[:3], dtype=torch.bool, device=cand_v.device)
-        folded = (valid & ~kept).to(phi_k.dtype)[..., None]
-        h = h + (phi_k * folded).transpose(-1, -2) @ cand_v.to(h.dtype)
-        s = s + (phi_k * folded).sum(dim=2)
+        phi_folded = phi_k * (valid & ~kept).to(phi_k.dtype)[..., None]
+        h = h + phi_folded.transpose(-1, -2) @ cand_v.to(h.dtype)
+        s = s + phi_folded.sum(dim=2)
     win_k = torch.cat([win_k[:, :, chunk:], win_k[:, :, chunk:]], dim=2)
     win_v = torch.cat([win_v[:, :, chunk:], win_v[:, :, chunk:]], dim=2)
     return win_k, win_v, cache_k, cache_v, h, s, keep
