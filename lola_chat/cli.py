@@ -52,6 +52,12 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--chunk", type=positive_int, help="window chunk size C (default from the linearization)"
     )
+    group.add_argument(
+        "--normalizer",
+        choices=["shared", "window"],
+        help="how the linear term is weighed against the exact pairs: shared (the paper's; default) or "
+        "window (recalls more, costs perplexity; see docs/results)",
+    )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)
@@ -160,7 +166,9 @@ def load_engine(config, args, progress: bool = True):
 
     device = resolve_device(config.device)
     loaded = load_model(config, device, default_dtype(device), progress=progress)
-    overrides = {k: getattr(args, k) for k in ("capacity", "chunk") if getattr(args, k, None) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("capacity", "chunk", "normalizer") if getattr(args, k, None) is not None
+    }
     if overrides.get("chunk") == 0:
         raise UsageError("--chunk must be at least 1")
     loaded.lola = dataclasses.replace(loaded.lola, **overrides)

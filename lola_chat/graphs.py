@@ -98,6 +98,7 @@ class _StaticLayer:
 
     def __init__(self, memory: LolaMemory, counter: _Counter, window_ids: torch.Tensor):
         self.chunk = memory.settings.chunk
+        self.normalizer = memory.settings.normalizer
         self.counter = counter
         self.window_ids = window_ids
         for name in LolaMemory.memory_names + ("cache_ids",):
@@ -113,7 +114,7 @@ class _StaticLayer:
         counter = self.counter
         y, _, _ = attend_triton.attend(
             q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen,
+            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen, self.normalizer,
         )  # fmt: skip
         if counter.evicting:
             *_, keep = evict_triton.evict(

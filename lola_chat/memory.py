@@ -20,6 +20,10 @@ class LolaSettings:
     chunk: int = 64
     capacity: int = 128
     policy: str = "sre"
+    # "shared": the paper's normalizer; "window": the linear term is measured against the window's
+    # best score (see reference.attend). Measured in docs/results: "window" recalls more needles,
+    # "shared" keeps perplexity close to the softmax model.
+    normalizer: str = "shared"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +81,7 @@ class LolaMemory:
                 attn.inv_freq,
                 self.tokens_seen,
                 self._rotary,
+                self.settings.normalizer,
             )
             outputs.append(y)
             if ids is not None:

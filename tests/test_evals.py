@@ -95,16 +95,19 @@ def test_perplexity_windows_come_only_from_held_out_text(tokenizer, tiny_data):
 
 
 def test_parse_arms_and_lengths():
-    arms = {arm.name: arm for arm in parse_arms("softmax,g0,sre32,random128,recent128")}
+    arms = {arm.name: arm for arm in parse_arms("softmax,g0,sre32,window64,random128,recent128")}
     assert arms["softmax"].attention == "softmax"
     assert (arms["sre32"].capacity, arms["sre32"].policy) == (32, "sre")
     assert (arms["random128"].capacity, arms["random128"].policy) == (128, "random")
-    assert parse_lengths("1K,2k,300") == [1024, 2048, 300]
+    assert arms["sre32"].settings(16).normalizer == "shared"
+    assert arms["window64"].settings(16) == LolaSettings(16, 64, "sre", "window")
+    assert "window normalizer" in arms["window64"].label and "window" not in arms["sre32"].label
+    assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
     for bad in ("fast", "g", "softmax2"):
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):
-        parse_lengths("1M")
+        parse_lengths("1G")
 
 
 def test_state_sizes_match_real_states(tmp_path, lola_home):

@@ -1,7 +1,8 @@
-"""The linear term is measured against the window's best score: a cached key that outscores the whole
-window takes the share of attention it would have in softmax, instead of being drowned by the folded
-pairs (what made needle retrieval fail with the paper's plain shared normalizer)."""
+"""The "window" normalizer measures the linear term against the window's best score: a cached key that
+outscores the whole window takes the share of attention it would have in softmax, instead of being
+drowned by the folded pairs as with the paper's "shared" normalizer."""
 
+import pytest
 import torch
 from lola_chat.kernels import lola
 from test_invariants import HQ, random_attn, random_qkv
@@ -28,11 +29,11 @@ def filled_memory(margin: float):
     return memory, attn, query
 
 
-def attend_one(memory, attn, query):
+def attend_one(memory, attn, query, normalizer="window"):
     return lola.attend(
         query, query[:, :: HQ // memory.win_k.shape[1]], query[:, :: HQ // memory.win_k.shape[1]],
         memory.win_k, memory.win_v, memory.cache_k, memory.cache_v, memory.h, memory.s,
-        attn.fmap_q, attn.window_factor(), attn.inv_freq, memory.tokens_seen,
+        attn.fmap_q, attn.window_factor(), attn.inv_freq, memory.tokens_seen, None, normalizer,
     )[0]  # fmt: skip
 
 
@@ -48,3 +49,15 @@ def test_the_linear_share_shrinks_with_the_cached_keys_lead():
         memory, attn, query = filled_memory(margin)
         distances.append(float((attend_one(memory, attn, query) - 7.0).abs().max()))
     assert distances[0] > distances[1] > distances[2]
+
+
+def test_the_shared_normalizer_keeps_the_linear_share():
+    memory, attn, query = filled_memory(margin=60.0)
+    y = attend_one(memory, attn, query, "shared")
+    assert float((y - 7.0).abs().max()) > 1e-2
+
+
+def test_an_unknown_normalizer_is_refused():
+    memory, attn, query = filled_memory(margin=1.0)
+    with pytest.raises(ValueError, match="normalizer"):
+        attend_one(memory, attn, query, "softmax")

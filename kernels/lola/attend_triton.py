@@ -3,7 +3,7 @@
 One program handles one (batch, query head) and up to 64 queries. It rotates queries and keys at
 attention time in the compact frame of ``reference.attend`` (cache, previous chunk, current chunk),
 runs an online softmax over the three key ranges with fp32 accumulation, adds the Hedgehog linear
-term phi(q)^T H over phi(q)^T s with the shared normalizer (rescaled to the window's best score),
+term phi(q)^T H over phi(q)^T s with the shared normalizer (optionally rescaled to the window's best score),
 and writes the new keys and values into the window. Unused slots (empty cache slots, window slots
 past the newest token) are never loaded.
 
@@ -71,7 +71,7 @@ def _attend_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEEN_ON_DEVICE: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
 ):  # fmt: skip
     ONE_ROW: tl.constexpr = BLOCK_T == 1
     pid = tl.program_id(0)
@@ -151,7 +151,7 @@ def _attend_kernel(
     h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
-    linear_scale = tl.exp(window_top - m)
+    linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full((BLOCK_T,), 1.0, tl.float32)
     linear = (matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)) * linear_scale[:, None]
     linear_norm = (tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)) * linear_scale
     gate = tl.load(gate_ptr + head).to(tl.float32)
@@ -183,6 +183,7 @@ def attend(
     window_factor: torch.Tensor,
     inv_freq: torch.Tensor,
     tokens_seen: int | torch.Tensor,
+    normalizer: str = "shared",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens inside the current chunk and append them to the window, in place.
 
@@ -191,7 +192,8 @@ def attend(
     h (B, Hq, F, D) and s (B, Hq, F) fp32 with F = 2E; fmap_q (Hq, D, E); window_factor (Hq,);
     inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
     ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
-    checked on the host, and a CUDA graph can replay the call at any position).
+    checked on the host, and a CUDA graph can replay the call at any position). ``normalizer``:
+    "shared" or "window", as in the reference.
 
     Unlike the reference, win_k and win_v are updated in place and returned as the same tensors.
     Returns (y (B, Hq, T, D) in q's dtype, laid out (B, T, Hq, D) in memory, win_k, win_v).
@@ -220,6 +222,7 @@ def attend(
         y.stride(0), y.stride(1), y.stride(2),
         HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
         BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity), 32), SEEN_ON_DEVICE=on_device,
+        WINDOW_NORMALIZER=normalizer == "window",
         num_warps=8,
     )  # fmt: skip
     return y, win_k, win_v

@@ -224,6 +224,7 @@ def attend(
     inv_freq: torch.Tensor,
     tokens_seen: int,
     rotary: FrameRotary | None = None,
+    normalizer: str = "shared",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens that all fall inside the current chunk, and append them to the window.
 
@@ -231,10 +232,12 @@ def attend(
     window_factor: (Hq,) in (0, 1). ``rotary``: tables for ``inv_freq`` kept by the caller, or None.
     Returns (y (B, Hq, T, D) in q's dtype, new win_k, new win_v).
 
-        y = (g sum_j exp(a_j - m) v_j + r phi(q)^T H) / (g sum_j exp(a_j - m) + r phi(q)^T s),
-        r = exp(m_window - m)
+        y = (g sum_j exp(a_j - m) v_j + r phi(q)^T H) / (g sum_j exp(a_j - m) + r phi(q)^T s)
 
-    with a_j over the cache and the window, m their maximum and m_window the window's maximum.
+    with a_j over the cache and the window and m their maximum. ``normalizer`` "shared" is the
+    paper's formula (r = 1); "window" measures the linear term against the window's best score,
+    r = exp(m_window - m), so a cached key that outscores the whole window is not drowned by the
+    folded pairs. Both are the LoLCATs hybrid at G = 0 (then m_window = m).
     """
     batch, n_heads, length, dim = q.shape
     chunk = win_k.shape[2] // 2
@@ -261,9 +264,12 @@ def attend(
     top = scores.amax(dim=-1, keepdim=True)
     weights = torch.exp(scores - top)
     # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
-    # window score. A cached key that scores above the whole window (a recalled fact) lowers the
-    # folded pairs' true share by the same factor, so the linear term is rescaled to that maximum.
-    linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
+    # window score; "window" rescales it when a cached key scores above the whole window.
+    linear_scale = 1.0
+    if normalizer == "window":
+        linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
+    elif normalizer != "shared":
+        raise ValueError(f"unknown normalizer {normalizer!r}")
     cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
     win_values = _zero_outside(win_values, *where.window_seen)

@@ -15,9 +15,9 @@ from lola_chat.errors import UsageError
 from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
-DEFAULT_ARMS = "softmax,g0,g64,g128,g256,random128,recent128"
-LENGTH = re.compile(r"^(\d+)([kK]?)$")
-ARM_PATTERN = re.compile(r"^(g|sre|random|recent)(\d+)$")
+DEFAULT_ARMS = "softmax,g0,g64,g128,g256,window128,window256,random128,recent128"
+LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
+ARM_PATTERN = re.compile(r"^(g|sre|window|random|recent)(\d+)$")
 POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
 
 
@@ -27,9 +27,12 @@ class Arm:
     attention: str
     capacity: int = 0
     policy: str = "sre"
+    normalizer: str = "shared"
 
     def settings(self, chunk: int) -> LolaSettings:
-        return LolaSettings(chunk=chunk, capacity=self.capacity, policy=self.policy)
+        return LolaSettings(
+            chunk=chunk, capacity=self.capacity, policy=self.policy, normalizer=self.normalizer
+        )
 
     @property
     def label(self) -> str:
@@ -37,11 +40,13 @@ class Arm:
             return "softmax base (full KV cache)"
         if self.capacity == 0:
             return "linearized, G=0 (window + linear)"
-        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]})"
+        window = ", window normalizer" if self.normalizer == "window" else ""
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window})"
 
 
 def parse_arms(text: str) -> list[Arm]:
-    """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>", comma-separated."""
+    """ "softmax", "g<G>" (or "sre<G>"), "window<G>" (self-recall error with the window normalizer),
+    "random<G>", "recent<G>", comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
@@ -49,9 +54,12 @@ def parse_arms(text: str) -> list[Arm]:
             continue
         match = ARM_PATTERN.match(name)
         if not match:
-            raise UsageError(f"unknown configuration {name!r}; use softmax, g<G>, random<G> or recent<G>")
-        policy = "sre" if match[1] in ("g", "sre") else match[1]
-        arms.append(Arm(name, "lola", int(match[2]), policy))
+            raise UsageError(
+                f"unknown configuration {name!r}; use softmax, g<G>, window<G>, random<G> or recent<G>"
+            )
+        policy = "sre" if match[1] in ("g", "sre", "window") else match[1]
+        normalizer = "window" if match[1] == "window" else "shared"
+        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer))
     if not arms:
         raise UsageError("--configs is empty")
     return arms
@@ -98,13 +106,13 @@ class Models:
 
 
 def parse_lengths(text: str) -> list[int]:
-    """ "1K,2K,512" -> [1024, 2048, 512] (K = 1024 tokens)."""
+    """ "1K,2K,512,1M" -> [1024, 2048, 512, 1048576] (K = 1024 tokens, M = 1024K)."""
     lengths = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         match = LENGTH.match(part)
         if not match or int(match[1]) == 0:
-            raise UsageError(f"bad length {part!r}: use token counts such as 512, 1K, 32K")
-        lengths.append(int(match[1]) * (1024 if match[2] else 1))
+            raise UsageError(f"bad length {part!r}: use token counts such as 512, 1K, 32K, 1M")
+        lengths.append(int(match[1]) * {"": 1, "k": 1024, "m": 2**20}[match[2].lower()])
     if not lengths:
         raise UsageError("no lengths given")
     return lengths

@@ -25,7 +25,7 @@ CASES = [
 ]
 
 
-def run_both(states, tokens_seen, length, device_seen=False):
+def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared"):
     clean, poisoned = states.memory(tokens_seen)
     b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
     # q, k, v as the model makes them: transposed views of (B, T, H, D) projections.
@@ -39,7 +39,7 @@ def run_both(states, tokens_seen, length, device_seen=False):
     def call(fn, memory, seen):
         m = memory
         return fn(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
-                  fmap, gate, inv_freq, seen)  # fmt: skip
+                  fmap, gate, inv_freq, seen, normalizer=normalizer)  # fmt: skip
 
     expected = call(reference.attend, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
@@ -69,6 +69,21 @@ def test_attend_matches_reference(
     states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen)
     expected, got, poisoned = run_both(states, tokens_seen, length)
     check(expected, got, poisoned, states, tokens_seen, length, dtype)
+
+
+WINDOW_CASES = [case for case in CASES if case.id in ("cache-partly-full", "steady-state-fills-chunk", "T63")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens_seen,length,chunk,capacity,heads,kv_heads,dim,batch", WINDOW_CASES)
+def test_attend_with_the_window_normalizer_matches_reference(
+    device, lola_states, dtype, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
+):
+    states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 1)
+    expected, got, poisoned = run_both(states, tokens_seen, length, normalizer="window")
+    check(expected, got, poisoned, states, tokens_seen, length, dtype)
+    shared, _, _ = run_both(states, tokens_seen, length)[0]
+    assert not torch.allclose(shared.float(), expected[0].float(), atol=1e-3), "the normalizer had no effect"
 
 
 def test_attend_reads_position_from_device_tensor(device, lola_states):
