@@ -23,6 +23,7 @@ from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
 from lola_chat.evals.provenance import REPO_ROOT, run_info
+from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.memory import LolaSettings
 from lola_chat.model import ModelConfig, Transformer
 
@@ -63,7 +64,14 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.02)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    # As weights.build_model: the linearization and the rotary frequencies stay in fp32 or wider.
+    for block in model.layers:
+        attn = block.self_attn
+        for name in ("fmap_q", "fmap_k", "window_logit"):
+            getattr(attn, name).data = getattr(attn, name).data.to(accumulator(dtype))
+        attn.inv_freq = attn.inv_freq.to(accumulator(dtype))
+    return model
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
