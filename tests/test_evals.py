@@ -196,3 +196,12 @@ def test_append_adds_a_runs_rows_and_keeps_every_runs_provenance(tmp_path, lola_
     assert len(payload["rows"]) == 2 * 2 * 2
     assert [run["command"].split("--lengths ")[1][:3] for run in payload["earlier_runs"]] == ["200", "256"]
     assert "with rows of an earlier run" in (out / "README.md").read_text()
+
+
+def test_the_commit_named_in_the_environment_wins_over_the_trees_git(monkeypatch):
+    from lola_chat.evals import provenance
+
+    monkeypatch.setenv(provenance.COMMIT_ENV, "abc1234")
+    assert provenance.git_commit() == "abc1234"
+    monkeypatch.delenv(provenance.COMMIT_ENV)
+    assert provenance.git_commit() not in ("abc1234", "")

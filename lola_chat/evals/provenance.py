@@ -22,7 +22,10 @@ COMMIT_ENV = "LOLA_CHAT_COMMIT"
 
 
 def git_commit() -> str:
-    """HEAD's hash, with "-dirty" when tracked files differ from it; or $LOLA_CHAT_COMMIT; or "unknown"."""
+    """$LOLA_CHAT_COMMIT when set (a copy of the tree run elsewhere, whose git metadata, if any, may be
+    stale); else HEAD's hash, with "-dirty" when tracked files differ from it; or "unknown"."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -42,7 +45,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return head + ("-dirty" if changes else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get(COMMIT_ENV, "unknown")
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
