@@ -265,6 +265,21 @@ def encode_snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str], note
     return safetensors.torch.save(tensors, metadata)
 
 
+def describe_difference(theirs: str | None, ours: str) -> str:
+    """ "theirs != ours", or for JSON objects only the fields that differ ("normalizer: none != shared")."""
+    try:
+        old, new = json.loads(theirs or ""), json.loads(ours)
+    except ValueError:
+        old = new = None
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{one_line(theirs, 60)} != {one_line(ours, 60)}"
+    fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(
+        f"{k}: {one_line(json.dumps(old.get(k)), 30)} != {one_line(json.dumps(new.get(k)), 30)}"
+        for k in fields
+    )
+
+
 @dataclass
 class SnapshotInfo:
     id: str
@@ -367,7 +382,7 @@ class SnapshotFolder:
             if theirs != ours:
                 raise self.refusal(
                     snapshot_id,
-                    f"was made with a different {key} ({one_line(theirs, 60)} != {one_line(ours, 60)})",
+                    f"was made with a different {key} ({describe_difference(theirs, ours)})",
                     "use the matching model and settings, or rebuild with --rebuild",
                 )
         return tensors, metadata

@@ -395,3 +395,13 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_bytes(target, b"one")
     atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_settings_mismatch_names_only_the_fields_that_differ():
+    from lola_chat.storage import describe_difference
+
+    theirs = '{"capacity": 128, "chunk": 64, "policy": "sre"}'
+    ours = '{"capacity": 128, "chunk": 64, "normalizer": "shared", "policy": "sre"}'
+    assert describe_difference(theirs, ours) == 'normalizer: null != "shared"'
+    assert describe_difference("64", "128") == "64 != 128"
+    assert describe_difference(None, "x") == "None != x"
