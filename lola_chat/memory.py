@@ -55,10 +55,6 @@ class LolaMemory:
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
     memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
 
-    # Whole chunks that one reference attend call takes at most once the frame is steady (see
-    # ``_attend_chunks``); bounds the per-chunk states kept at once. 1 attends chunk by chunk.
-    batch_chunks = 32
-
     def attend(self, q, k, v, attn, ids: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, Hq, T, D), k and v: (B, Hkv, T, D) un-rotated; ids: (B, T) token ids or None.
         Returns (B, Hq, T, D)."""
@@ -68,11 +64,6 @@ class LolaMemory:
         outputs = []
         start = 0
         while start < q.shape[2]:
-            whole = min(self._steady_chunks(q, k, attn, q.shape[2] - start), self.batch_chunks)
-            if whole >= 2:
-                outputs.append(self._attend_chunks(q, k, v, attn, ids, start, whole))
-                start += whole * chunk
-                continue
             length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
             end = start + length
             y, self.win_k, self.win_v = lola.attend(
@@ -93,71 +84,16 @@ class LolaMemory:
                 self.settings.normalizer,
             )
             outputs.append(y)
-            self._advance(ids, start, end, attn)
+            if ids is not None:
+                slot = chunk + self.tokens_seen % chunk
+                self.win_ids[:, slot : slot + length] = ids[:, start:end]
+            self.tokens_seen += length
+            if self.tokens_seen % chunk == 0:
+                self._evict(attn)
             start = end
         if len(outputs) == 1:
             return outputs[0]
         return torch.cat(outputs, dim=2) if outputs else q[:, :, :0]
-
-    def _advance(self, ids, start: int, end: int, attn) -> None:
-        """Count tokens [start, end) of the segment as seen (their keys are in the window); evict when
-        they close a chunk."""
-        chunk = self.settings.chunk
-        if ids is not None:
-            slot = chunk + self.tokens_seen % chunk
-            self.win_ids[:, slot : slot + end - start] = ids[:, start:end]
-        self.tokens_seen += end - start
-        if self.tokens_seen % chunk == 0:
-            self._evict(attn)
-
-    def _steady_chunks(self, q, k, attn, remaining: int) -> int:
-        """How many whole chunks from here can share one attend call: the memory is at a chunk boundary
-        with its cache and previous chunk full, so every such chunk has the same frame (layout). Only
-        for the reference without autograd: the Triton path attends in place, chunk by chunk."""
-        chunk, capacity = self.settings.chunk, self.settings.capacity
-        if self.tokens_seen % chunk or self.tokens_seen < capacity + chunk or remaining < 2 * chunk:
-            return 0
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, attn.fmap_q, attn.fmap_k)):
-            return 0
-        if lola.uses_triton(q, k, self.win_k, self.cache_k, self.h, feature_map=attn.fmap_q):
-            return 0
-        return remaining // chunk
-
-    def _attend_chunks(self, q, k, v, attn, ids, start: int, count: int) -> torch.Tensor:
-        """Attend ``count`` whole chunks of the segment from ``start`` in one call. Eviction never looks
-        at queries, so the chunks' evictions run first, recording the memory each chunk starts from;
-        then the chunks, stacked along the batch dimension, attend against their own memories at once.
-        The same formula on the same operands as chunk by chunk."""
-        chunk = self.settings.chunk
-        tokens_seen = self.tokens_seen
-        starts = []
-        for i in range(count):
-            begin = start + i * chunk
-            self.win_k = torch.cat([self.win_k[:, :, :chunk], k[:, :, begin : begin + chunk]], dim=2)
-            self.win_v = torch.cat([self.win_v[:, :, :chunk], v[:, :, begin : begin + chunk]], dim=2)
-            starts.append((self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s))
-            self._advance(ids, begin, begin + chunk, attn)
-        memories = [torch.cat(tensors, dim=0) for tensors in zip(*starts, strict=True)]
-
-        def stacked(x: torch.Tensor) -> torch.Tensor:
-            """(B, H, count * C, D) from ``start`` -> (count * B, H, C, D), chunk-major like ``memories``."""
-            x = x[:, :, start : start + count * chunk].unflatten(2, (count, chunk))
-            return x.permute(2, 0, 1, 3, 4).flatten(0, 1)
-
-        y, _, _ = lola.attend(
-            stacked(q),
-            stacked(k),
-            stacked(v),
-            *memories,
-            attn.fmap_q,
-            attn.window_factor(),
-            attn.inv_freq,
-            tokens_seen,
-            self._rotary,
-            self.settings.normalizer,
-        )
-        self._rotary.forget()
-        return y.unflatten(0, (count, q.shape[0])).permute(1, 2, 0, 3, 4).flatten(2, 3)
 
     def _evict(self, attn) -> None:
         chunk = self.settings.chunk
