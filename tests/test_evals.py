@@ -15,7 +15,7 @@ from lola_chat.errors import UsageError
 from lola_chat.evals import command, footprint, niah, report
 from lola_chat.evals.arms import parse_arms, parse_lengths
 from lola_chat.evals.ppl import heldout_windows
-from lola_chat.linearization import save_linearization
+from lola_chat.linearization import resolve_linearization, save_linearization
 from lola_chat.linearize import card
 from lola_chat.linearize.data import encode, read_books
 from lola_chat.linearize.tiny import tiny_tokenizer, write_tiny_checkpoint, write_tiny_data
@@ -205,3 +205,14 @@ def test_the_commit_named_in_the_environment_wins_over_the_trees_git(monkeypatch
     assert provenance.git_commit() == "abc1234"
     monkeypatch.delenv(provenance.COMMIT_ENV)
     assert provenance.git_commit() not in ("abc1234", "")
+
+
+def test_results_elsewhere_leave_the_shipped_card_alone(tmp_path, lola_home, monkeypatch):
+    shipped = resolve_linearization("smollm2-135m-instruct") / "README.md"
+    before = shipped.read_bytes()
+    args, config = parse(["eval", "report", "--out", str(tmp_path / "results")], monkeypatch)
+    with pytest.raises(UsageError, match="no results folder"):
+        args.func(args, config)
+    (tmp_path / "results").mkdir()
+    assert args.func(args, config) == 0
+    assert shipped.read_bytes() == before

@@ -63,9 +63,9 @@ def _option(args, name: str):
 
 
 def _update_card(args, out: Path, linearization: str | None) -> None:
-    directory = args.card or (
-        resolve_linearization(linearization) if linearization and not args.tiny else None
-    )
+    # The shipped card shows the shipped results: it follows only docs/results unless --card says otherwise.
+    shipped = linearization and not args.tiny and Path(out).resolve() == RESULTS_DIR.resolve()
+    directory = args.card or (resolve_linearization(linearization) if shipped else None)
     if directory is not None:
         print(f"updated {card.write_card(directory, out)}", file=sys.stderr)
 
@@ -73,6 +73,8 @@ def _update_card(args, out: Path, linearization: str | None) -> None:
 def run(args, config: Config) -> int:
     out = args.out or (config.paths.cache / "tiny-results" if args.tiny else RESULTS_DIR)
     if args.which == "report":
+        if not out.is_dir():
+            raise UsageError(f"no results folder {out}; run an evaluation first or pass --out")
         report.write_plots(out)
         print(f"wrote {report.write_readme(out)}")
         _update_card(args, out, config.linearization)
