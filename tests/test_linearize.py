@@ -110,10 +110,10 @@ def test_lora_adapters_start_as_identity_and_detach_cleanly(tiny_loaded):
     assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
-def run_linearize(out, data, monkeypatch, seed=0):
+def run_linearize(out, data, monkeypatch, seed=0, extra=()):
     argv = "linearize --tiny --device cpu --steps-transfer 3 --steps-lora 2 --seq-len 64 --batch 2"
     argv += f" --chunk {CHUNK} --self-generated 3 --reply-tokens 8 --checkpoint-every 2 --seed {seed}"
-    argv = [*argv.split(), "--out", str(out), "--data", str(data)]
+    argv = [*argv.split(), "--out", str(out), "--data", str(data), *extra]
     args, config = parse(argv, monkeypatch)
     assert args.func(args, config) == 0
     return config
@@ -145,6 +145,35 @@ def test_linearize_writes_a_loadable_reproducible_linearization(tmp_path, lola_h
 
     run_linearize(tmp_path / "again", tiny_data, monkeypatch)
     assert card.fingerprint(tmp_path / "again") == fingerprint
+
+
+@pytest.mark.parametrize("normalizer", ["shared", "window"])
+def test_training_with_a_sparse_cache_uses_it_and_reaches_the_feature_maps(tiny_loaded, normalizer):
+    from lola_chat.linearize.distill import distill_loss
+
+    model = tiny_loaded.model
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 6 * CHUNK))
+    without, _ = transfer_loss(model, tokens, CHUNK)
+    with_cache, _ = transfer_loss(model, tokens, CHUNK, capacity=CHUNK, normalizer=normalizer)
+    assert math.isfinite(with_cache.item()) and with_cache.item() != without.item()
+    params = transfer_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    loss, parts = distill_loss(model, tokens, CHUNK, 1.0, capacity=CHUNK, normalizer=normalizer)
+    loss.backward()
+    assert math.isfinite(parts["kl"]) and all(p.grad is not None for p in params)
+    assert any(float(p.grad.abs().sum()) > 0 for p in params)
+
+
+def test_linearize_with_a_training_cache_saves_its_normalizer(tmp_path, lola_home, tiny_data, monkeypatch):
+    out = tmp_path / "lin"
+    run_linearize(out, tiny_data, monkeypatch, extra=["--train-capacity", "16", "--normalizer", "window"])
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["lola"]["normalizer"] == "window"
+    assert meta["training"]["settings"]["train_capacity"] == 16
+    assert "a sparse cache of G = 16 (window normalizer) in training" in (out / "README.md").read_text()
 
 
 def test_linearize_refuses_missing_data(tmp_path, lola_home, monkeypatch):

@@ -33,13 +33,19 @@ def _how_made(meta: dict) -> str:
     mixture = ", ".join(f"{name} {weight:g}" for name, weight in data.get("mixture", {}).items())
     books = ", ".join(data.get("books", []))
     heldout = 100 * data.get("heldout_fraction", 0)
+    trained_capacity = settings.get("train_capacity", 0) if isinstance(settings, dict) else 0
+    cache = (
+        f"a sparse cache of G = {trained_capacity} ({settings.get('normalizer', 'shared')} normalizer)"
+        if trained_capacity
+        else "no sparse cache (G = 0)"
+    )
     lines = [
         f"- Command: `{get(training, 'command')}`",
         f"- Device: {get(training, 'device')}; commit `{get(training, 'commit')}`; "
         f"{get(training, 'created')}; wall time {get(training, 'wall_seconds')} s (attention transfer "
         f"{get(transfer, 'seconds')} s, LoRA {get(lora, 'seconds')} s)",
         f"- Seed {get(settings, 'seed')}; sequences of {get(settings, 'seq_len')} tokens, batches of "
-        f"{get(settings, 'batch')}; LoLA chunk {get(settings, 'chunk')}, no sparse cache (G = 0) in training",
+        f"{get(settings, 'batch')}; LoLA chunk {get(settings, 'chunk')}, {cache} in training",
         f"- Stage 1, attention transfer: {get(transfer, 'steps')} steps, AdamW lr "
         f"{get(settings, 'lr_transfer')}; each layer's LoLA attention output (before o_proj) fitted to its "
         "softmax output by MSE on the teacher's own hidden states; trainable: Hedgehog feature maps and "

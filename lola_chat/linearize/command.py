@@ -27,6 +27,7 @@ MINIMUMS = {
     "lora_rank": 1,
     "self_generated": 0,
     "reply_tokens": 1,
+    "train_capacity": 0,
 }
 
 
@@ -66,6 +67,14 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="longest reply the teacher writes for a self-generated conversation",
     )
+    parser.add_argument(
+        "--train-capacity",
+        type=int,
+        default=DEFAULTS.train_capacity,
+        metavar="G",
+        help="train with a sparse cache of G pairs (default 0: the LoLCATs recipe; --normalizer applies "
+        "to training and is saved for inference)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, metavar="N")
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny random model: checks the code path on a CPU"
@@ -88,6 +97,8 @@ def settings_from(args) -> TrainSettings:
         batch=args.batch,
         seed=0 if args.seed is None else args.seed,
         chunk=chunk,
+        train_capacity=args.train_capacity,
+        normalizer=args.normalizer or DEFAULTS.normalizer,
         lora_rank=args.lora_rank,
         ce_weight=args.ce_weight,
         lora_alpha=2.0 * args.lora_rank,
@@ -123,6 +134,7 @@ def run(args, config: Config) -> int:
         chunk=settings.chunk,
         capacity=args.capacity if args.capacity is not None else config.lola.capacity,
         policy=config.lola.policy,
+        normalizer=settings.normalizer,
     )
     record = linearize(loaded, settings, data_dir, out_dir, inference, run_info(device))
     card.write_card(out_dir)

@@ -11,15 +11,16 @@ from lola_chat.memory import LolaSettings
 
 
 def distill_loss(
-    model, tokens: torch.Tensor, chunk: int, ce_weight: float
+    model, tokens: torch.Tensor, chunk: int, ce_weight: float, capacity: int = 0, normalizer: str = "shared"
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """KL(teacher || student) per token plus ``ce_weight`` times next-token cross entropy.
-    Returns (loss, {"kl": ..., "ce": ...})."""
+    """KL(teacher || student) per token plus ``ce_weight`` times next-token cross entropy, the student
+    running LoLA with a sparse cache of ``capacity`` (0: none). Returns (loss, {"kl": ..., "ce": ...})."""
     with torch.no_grad(), lora.disabled(model):
         teacher = model(tokens, model.new_state("softmax", batch=tokens.shape[0]))
         teacher_logp = torch.log_softmax(teacher, dim=-1)
     del teacher
-    state = model.new_state("lola", LolaSettings(chunk=chunk, capacity=0), batch=tokens.shape[0])
+    settings = LolaSettings(chunk=chunk, capacity=capacity, normalizer=normalizer)
+    state = model.new_state("lola", settings, batch=tokens.shape[0])
     student_logp = torch.log_softmax(model(tokens, state), dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(dim=-1).mean()
     ce = F.nll_loss(student_logp[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())

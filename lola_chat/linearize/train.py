@@ -37,6 +37,9 @@ class TrainSettings:
     batch: int = 16
     seed: int = 0
     chunk: int = 64
+    # Sparse cache and normalizer the student trains with (G = 0: the LoLCATs recipe, cache off).
+    train_capacity: int = 0
+    normalizer: str = "shared"
     lr_transfer: float = 1e-2
     lr_lora: float = 1e-3
     lora_rank: int = 8
@@ -212,7 +215,10 @@ def linearize(
     try:
 
         def transfer_step():
-            loss, per_layer = transfer_loss(model, mixture.batch(settings.batch).to(device), settings.chunk)
+            tokens = mixture.batch(settings.batch).to(device)
+            loss, per_layer = transfer_loss(
+                model, tokens, settings.chunk, settings.train_capacity, settings.normalizer
+            )
             return loss, {"layer_mse": [round(x, 6) for x in per_layer.tolist()]}
 
         transfer = optimize(
@@ -230,7 +236,14 @@ def linearize(
 
         def distill_step():
             tokens = mixture.batch(settings.batch).to(device)
-            return distill_loss(model, tokens, settings.chunk, settings.ce_weight)
+            return distill_loss(
+                model,
+                tokens,
+                settings.chunk,
+                settings.ce_weight,
+                settings.train_capacity,
+                settings.normalizer,
+            )
 
         distill = optimize(
             model,

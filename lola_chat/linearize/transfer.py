@@ -1,6 +1,7 @@
-"""Stage 1, attention transfer (LoLCATs): every layer's LoLA attention without a sparse cache (G = 0:
-sliding window + linear attention) learns to reproduce that layer's softmax attention output, on the
-teacher's own hidden states. Only the Hedgehog feature maps and the window factors train.
+"""Stage 1, attention transfer (LoLCATs): every layer's LoLA attention, by default without a sparse
+cache (G = 0: sliding window + linear attention; ``capacity`` trains with one), learns to reproduce
+that layer's softmax attention output, on the teacher's own hidden states. Only the Hedgehog feature
+maps and the window factors train.
 
 The student runs through ``LolaMemory`` -- the very code inference runs. All layers train at once on
 detached inputs, so they are independent; stacking the layers along the head axis (layer l's query
@@ -55,9 +56,12 @@ def _heads_first(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(b, t, n_heads, -1).transpose(1, 2)
 
 
-def transfer_loss(model, tokens: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MSE between the G = 0 LoLA attention output and the softmax attention output, both taken before
-    o_proj, over all layers. Returns (loss, per-layer MSE (n_layers,) detached)."""
+def transfer_loss(
+    model, tokens: torch.Tensor, chunk: int, capacity: int = 0, normalizer: str = "shared"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSE between the LoLA attention output (G = ``capacity``, 0 by default: window + linear only) and
+    the softmax attention output, both taken before o_proj, over all layers. Returns (loss, per-layer
+    MSE (n_layers,) detached)."""
     cfg = model.cfg
     inputs, targets = capture_attention(model, tokens)
     with torch.no_grad():
@@ -70,7 +74,7 @@ def transfer_loss(model, tokens: torch.Tensor, chunk: int) -> tuple[torch.Tensor
         cfg.n_layers * cfg.n_kv_heads,
         cfg.head_dim,
         cfg.feature_dim,
-        LolaSettings(chunk=chunk, capacity=0),
+        LolaSettings(chunk=chunk, capacity=capacity, normalizer=normalizer),
         q.dtype,
         q.device,
     )
