@@ -15,7 +15,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
@@ -280,27 +279,22 @@ class _StaticKVLayer:
     def __init__(self, batch, n_kv_heads, capacity, head_dim, dtype, device, counter: _Counter):
         self.k = torch.zeros(batch, n_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.slots = torch.arange(capacity, device=device)
         self.counter = counter
 
     def attend(self, q, k, v, attn, ids=None) -> torch.Tensor:
+        from lola_chat.kernels import softmax
         from lola_chat.kernels.lola import rotate
 
         pos = self.counter.seen
         self.k.index_copy_(2, pos, rotate(k, pos, attn.inv_freq))
         self.v.index_copy_(2, pos, v)
-        # The query heads of one KV head become that head's queries, so the masked kernel needs no GQA.
-        batch, n_heads, _, dim = q.shape
-        n_kv_heads = self.k.shape[1]
-        grouped = rotate(q, pos, attn.inv_freq).reshape(batch, n_kv_heads, n_heads // n_kv_heads, dim)
-        y = F.scaled_dot_product_attention(grouped, self.k, self.v, attn_mask=(self.slots <= pos)[None, :])
-        return y.reshape(batch, n_heads, 1, dim)
+        return softmax.decode(rotate(q, pos, attn.inv_freq), self.k, self.v, pos + 1)
 
 
 class SoftmaxDecoder:
     """The baseline for ``lola-chat bench``: the unmodified model decoding with a static KV cache of
     ``capacity`` positions (the first ``tokens_seen`` of them taken as filled), one CUDA graph per token;
-    attention is masked SDPA over the whole static cache. Greedy."""
+    attention is the split-KV decode kernel (kernels/softmax), which reads only the filled prefix. Greedy."""
 
     def __init__(self, model, batch: int, capacity: int, tokens_seen: int):
         weight = model.embed_tokens.weight
@@ -308,8 +302,6 @@ class SoftmaxDecoder:
         cfg = model.cfg
         self.model = model
         self.counter = _Counter(tokens_seen, weight.device)
-        # Padded so the memory-efficient kernel can take the mask.
-        capacity = -(-capacity // 16) * 16
         self.layers = [
             _StaticKVLayer(
                 batch, cfg.n_kv_heads, capacity, cfg.head_dim, weight.dtype, weight.device, self.counter

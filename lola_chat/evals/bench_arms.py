@@ -217,7 +217,7 @@ class SoftmaxCapturedArm(Arm):
     Decode speed does not depend on the cached values, so its cache is taken as filled without a prefill."""
 
     name = "softmax-captured"
-    label = "softmax, static KV cache + CUDA graph"
+    label = "softmax, static KV cache, split-KV decode kernel + CUDA graph"
 
     def __init__(self, bench: BenchModel, device: torch.device):
         super().__init__(bench, device)
