@@ -61,7 +61,7 @@ def parse(text: str) -> tuple[str, str] | None:
 
     A message that starts with ``//`` is sent with one slash, so a user can still say ``/etc/hosts``.
     """
-    if not text.startswith("/") or text.startswith("//"):
+    if not is_command(text):
         return None
     name, _, rest = text[1:].partition(" ")
     name = name.strip().lower()
@@ -72,6 +72,20 @@ def parse(text: str) -> tuple[str, str] | None:
 
 def message_text(text: str) -> str:
     return text[1:] if text.startswith("//") else text
+
+
+def is_command(text: str) -> bool:
+    return text.startswith("/") and not text.startswith("//")
+
+
+def typed_prompts(history: list[dict]) -> list[str]:
+    """The user's messages in a session history as they were typed: a leading slash doubled again, fed
+    documents left out."""
+    return [
+        "/" + message["content"] if message["content"].startswith("/") else message["content"]
+        for message in history
+        if message.get("role") == "user" and not message.get("document") and message.get("content")
+    ]
 
 
 def parse_setting(rest: str) -> dict[str, float | int | None]:

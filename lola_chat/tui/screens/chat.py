@@ -83,6 +83,7 @@ class ChatScreen(Screen):
             self.inspector.show(view.report)
         if view.session != self.session_name:
             self.session_name = view.session
+            self.query_one(PromptArea).sent.load(commands.typed_prompts(view.history))
             self.app.remember_session(view.session)
 
     async def _tick(self) -> None:
@@ -117,6 +118,7 @@ class ChatScreen(Screen):
             self.notify(str(error), severity="error")
             return
         if accepted:
+            event.prompt.sent.add(text, command=command is not None)
             event.prompt.clear()
 
     async def send(self, text: str) -> bool:

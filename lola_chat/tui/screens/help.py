@@ -38,6 +38,7 @@ class HelpScreen(ModalScreen[None]):
         typing = [
             ("Enter", "send the message"),
             (key_label(",".join(NEWLINE_KEYS)), "new line in the message"),
+            ("Up / Down", "older / newer prompts (on first / last line)"),
         ]
         commands = [(command.usage, command.help) for command in SLASH_COMMANDS]
         return cls(
