@@ -341,12 +341,11 @@ def evict(
             order = score.sort(dim=-1, descending=True, stable=True).indices
             keep = order[..., :capacity].sort(dim=-1).values
             cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
-            kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, keep, True)
-        else:
-            kept = torch.zeros(cand_v.shape[:3], dtype=torch.bool, device=cand_v.device)
-        phi_folded = phi_k * (valid & ~kept).to(phi_k.dtype)[..., None]
-        h = h + phi_folded.transpose(-1, -2) @ cand_v.to(h.dtype)
-        s = s + phi_folded.sum(dim=2)
+            # Invalid slots score -inf and sort last, so the valid candidates not kept are these.
+            folded = order[..., capacity : cached + chunk].sort(dim=-1).values
+            phi_k, cand_v = _take_rows(phi_k, folded), _take_rows(cand_v, folded)
+        h = h + phi_k.transpose(-1, -2) @ cand_v.to(h.dtype)
+        s = s + phi_k.sum(dim=2)
     win_k = torch.cat([win_k[:, :, chunk:], win_k[:, :, chunk:]], dim=2)
     win_v = torch.cat([win_v[:, :, chunk:], win_v[:, :, chunk:]], dim=2)
     return win_k, win_v, cache_k, cache_v, h, s, keep
