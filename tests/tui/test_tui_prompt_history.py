@@ -99,6 +99,24 @@ async def test_up_and_down_move_inside_a_multi_line_input(engine, make_app):
         assert prompt.text == "line one\nline two\nline three", "the multi-line draft is kept"
 
 
+async def test_up_moves_inside_a_soft_wrapped_line_first(engine, make_app):
+    app = make_app()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(app, pilot)
+        await send_all(app, pilot, "earlier")
+        prompt = prompt_of(app)
+        long_line = "word " * 60
+        prompt.insert(long_line)
+        await pilot.press("up")
+        assert prompt.text == long_line
+        assert prompt.cursor_location[1] < len(long_line)
+        for _ in range(len(long_line) // 40):
+            if prompt.text != long_line:
+                break
+            await pilot.press("up")
+        assert prompt.text == "earlier", "Up on the first visual row recalls"
+
+
 async def test_multi_line_prompts_are_browsed_whole(engine, make_app):
     app = make_app()
     async with app.run_test(size=(100, 32)) as pilot:
