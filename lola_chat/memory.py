@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lola_chat.kernels import lola
-from lola_chat.kernels.lola.reference import FrameRotary, accumulator
+from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, accumulator
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class LolaMemory:
         self.evictions = 0
         # Rotary tables and rotated keys the reference keeps between calls (see FrameRotary).
         self._rotary: FrameRotary | None = None
+        # Hedgehog features of the cached keys the reference keeps between evictions; never saved.
+        self._features = KeyFeatures()
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
     memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
@@ -109,6 +111,7 @@ class LolaMemory:
             attn.fmap_k,
             self.tokens_seen,
             self.settings.policy,
+            features=self._features,
         )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:
@@ -127,6 +130,7 @@ class LolaMemory:
         self.tokens_seen = tokens_seen
         if self._rotary is not None:
             self._rotary.forget()
+        self._features.forget()
 
     def recall_errors(self, attn) -> torch.Tensor:
         """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN

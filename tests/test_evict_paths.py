@@ -104,3 +104,86 @@ def test_evict_at_G0_is_differentiable():
     *_, h, s, _ = reference.evict(*memory, fmap_k, tokens_seen=32)
     (h.sum() + s.sum()).backward()
     assert fmap_k.grad is not None and torch.isfinite(fmap_k.grad).all()
+
+
+def new_chunk(memory, chunk, seed):
+    """The memory after eviction with a fresh current chunk written in (what attend would do)."""
+    g = torch.Generator().manual_seed(seed)
+    win_k, win_v, *rest = memory
+    fresh = [torch.randn(x[:, :, chunk:].shape, generator=g).to(x.dtype) for x in (win_k, win_v)]
+    return [torch.cat([x[:, :, :chunk], y], dim=2) for x, y in zip((win_k, win_v), fresh, strict=True)] + rest
+
+
+@pytest.mark.parametrize("policy", ["sre", "random", "recent"])
+@pytest.mark.parametrize(
+    ("chunk", "capacity", "heads", "kv_heads", "batch"),
+    [(8, 20, 4, 2, 2), (8, 16, 6, 3, 1), (8, 5, 4, 1, 2), (8, 0, 4, 2, 1)],
+    ids=["G-not-a-multiple-of-C", "steady", "G-below-C", "G0"],
+)
+def test_kept_key_features_give_the_same_evictions(chunk, capacity, heads, kv_heads, batch, policy):
+    """Evictions from an empty cache through a full one, with and without the kept features."""
+    memory, fmap_k = memory_before_eviction(torch.bfloat16, batch, heads, kv_heads, 8, chunk, capacity)
+    plain, reused = list(memory), list(memory)
+    features = reference.KeyFeatures()
+    with torch.inference_mode():
+        for step in range(1, 8):
+            seen = step * chunk
+            expected = reference.evict(*plain, fmap_k, seen, policy, torch.Generator().manual_seed(step))
+            got = reference.evict(
+                *reused, fmap_k, seen, policy, torch.Generator().manual_seed(step), features
+            )
+            assert_same_eviction(got, expected, torch.bfloat16)
+            plain, reused = new_chunk(expected[:6], chunk, step), new_chunk(got[:6], chunk, step)
+            if capacity and step >= 2:
+                assert features.get(got[2], fmap_k) is not None
+
+
+def test_kept_key_features_serve_only_the_unchanged_cache_and_feature_map():
+    memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
+    features = reference.KeyFeatures()
+    cache_k = reference.evict(*memory, fmap_k, 32, features=features)[2]
+    kept = features.get(cache_k, fmap_k)
+    torch.testing.assert_close(kept, reference.hedgehog(cache_k, fmap_k), atol=1e-6, rtol=1e-6)
+    assert features.get(cache_k.clone(), fmap_k) is None
+    assert features.get(cache_k, fmap_k.clone()) is None
+    fmap_k.mul_(2)
+    assert features.get(cache_k, fmap_k) is None
+    features.keep(cache_k, fmap_k, kept)
+    cache_k[:, :, 0] = 0
+    assert features.get(cache_k, fmap_k) is None
+
+
+def test_nothing_is_kept_while_autograd_records():
+    memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
+    fmap_k.requires_grad_(True)
+    features = reference.KeyFeatures()
+    cache_k = reference.evict(*memory, fmap_k, 32, features=features)[2]
+    assert features.get(cache_k, fmap_k) is None
+
+
+def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
+    """A memory reloaded from its own tensors before every call forgets what it kept."""
+    from types import SimpleNamespace
+
+    from lola_chat.memory import LolaMemory, LolaSettings
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, chunk = 4, 2, 8, 8
+    attn = SimpleNamespace(
+        fmap_q=torch.randn(heads, dim, dim, generator=g) * 0.5,
+        fmap_k=torch.randn(heads, dim, dim, generator=g) * 0.5,
+        window_factor=lambda: torch.full((heads,), 0.5),
+        inv_freq=1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
+    )
+    settings = LolaSettings(chunk=chunk, capacity=12)
+    kept, forgetful = (
+        LolaMemory(2, heads, kv_heads, dim, 2 * dim, settings, torch.float32, "cpu") for _ in "ab"
+    )
+    with torch.inference_mode():
+        for length in (5, 11, 8, 16, 3, 21):
+            q = torch.randn(2, heads, length, dim, generator=g)
+            k, v = (torch.randn(2, kv_heads, length, dim, generator=g) for _ in "kv")
+            forgetful.load(forgetful.tensors(), forgetful.tokens_seen)
+            torch.testing.assert_close(kept.attend(q, k, v, attn), forgetful.attend(q, k, v, attn))
+    for name in LolaMemory.memory_names:
+        torch.testing.assert_close(getattr(kept, name), getattr(forgetful, name), atol=1e-5, rtol=1e-5)

@@ -17,10 +17,11 @@ import os
 
 import torch
 from lola_chat.kernels.lola import reference
-from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate, self_recall_error
+from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, frame, rotate, self_recall_error
 
 __all__ = [
     "FrameRotary",
+    "KeyFeatures",
     "attend",
     "evict",
     "force_reference",
@@ -92,13 +93,18 @@ def attend(
     return reference.attend(*args, rotary, normalizer)
 
 
-def evict(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None):
+def evict(
+    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
+):
     """See ``reference.evict``; dispatched as described in this module's docstring (Triton runs the
-    "sre" policy only)."""
+    "sre" policy only). ``features`` (a ``KeyFeatures``) serves the reference only; the Triton path
+    forgets what it kept, as it writes the cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
     if policy == "sre" and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
+        if features is not None:
+            features.forget()
         return _triton_module("evict").evict(*args)
-    return reference.evict(*args)
+    return reference.evict(*args, features)
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -292,6 +292,38 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 
+class KeyFeatures:
+    """The hedgehog features of a memory's cached keys, kept between evictions so that an eviction
+    computes features only for the chunk leaving the window. They serve only the very cache tensor
+    and feature map they were made from, unchanged in place since (version counters, where the
+    tensors have them; inference tensors change in place only on the Triton path, which forgets
+    them). Nothing is kept while autograd records through them."""
+
+    def __init__(self):
+        self._kept: tuple | None = None
+
+    @staticmethod
+    @staticmethod
+    def _stamp(cache_k: torch.Tensor, fmap_k: torch.Tensor) -> tuple:
+        versions = tuple(None if t.is_inference() else t._version for t in (cache_k, fmap_k))
+        return (*versions, fmap_k.data_ptr())
+
+    def get(self, cache_k: torch.Tensor, fmap_k: torch.Tensor) -> torch.Tensor | None:
+        kept = self._kept
+        if kept is None or kept[0] is not cache_k or kept[1] is not fmap_k:
+            return None
+        return kept[3] if kept[2] == self._stamp(cache_k, fmap_k) else None
+
+    def keep(self, cache_k: torch.Tensor, fmap_k: torch.Tensor, features: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and features.requires_grad:
+            self._kept = None
+        else:
+            self._kept = (cache_k, fmap_k, self._stamp(cache_k, fmap_k), features)
+
+    def forget(self) -> None:
+        self._kept = None
+
+
 def evict(
     win_k: torch.Tensor,
     win_v: torch.Tensor,
@@ -303,6 +335,7 @@ def evict(
     tokens_seen: int,
     policy: str = "sre",
     generator: torch.Generator | None = None,
+    features: KeyFeatures | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Close the current chunk (it must be full): the previous chunk leaves the window.
 
@@ -312,6 +345,8 @@ def evict(
     or, for ablations, "random" or "recent". Returns new (win_k, win_v, cache_k, cache_v, h, s) and
     ``keep`` (B, Hq, G): for each new cache slot, its index among the candidates (old cache slots
     0..G-1, then the leaving chunk's tokens G..G+C-1), or None when nothing left the window or G = 0.
+    ``features``: the caller's ``KeyFeatures`` (it reuses the cached keys' features and keeps the new
+    cache's), or None to compute every candidate's features afresh.
     """
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
@@ -325,7 +360,11 @@ def evict(
         cand_k = torch.cat([cache_k, leaving_k], dim=2)
         cand_v = torch.cat([cache_v, leaving_v], dim=2)
         valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached
-        phi_k = hedgehog(cand_k, fmap_k)
+        cached_features = features.get(cache_k, fmap_k) if features is not None else None
+        if cached_features is None:
+            phi_k = hedgehog(cand_k, fmap_k)
+        else:
+            phi_k = torch.cat([cached_features, hedgehog(leaving_k, fmap_k)], dim=2)
         if capacity > 0:
             if policy == "sre":
                 score = self_recall_error(phi_k, cand_v, h, s)
@@ -341,6 +380,8 @@ def evict(
             order = score.sort(dim=-1, descending=True, stable=True).indices
             keep = order[..., :capacity].sort(dim=-1).values
             cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
+            if features is not None:
+                features.keep(cache_k, fmap_k, _take_rows(phi_k, keep))
             # Invalid slots score -inf and sort last, so the valid candidates not kept are these.
             folded = order[..., capacity : cached + chunk].sort(dim=-1).values
             phi_k, cand_v = _take_rows(phi_k, folded), _take_rows(cand_v, folded)
