@@ -9,8 +9,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from lola_chat.errors import UsageError
 from lola_chat.kernels import lola
 from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, accumulator
+
+POLICIES = ("sre", "random", "recent")
+NORMALIZERS = ("shared", "window")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,16 @@ class LolaSettings:
     # best score (see reference.attend). Measured in docs/results: "window" recalls more needles,
     # "shared" keeps perplexity close to the softmax model.
     normalizer: str = "shared"
+
+    def __post_init__(self):
+        if self.chunk < 1 or self.capacity < 0:
+            raise UsageError(
+                f"LoLA chunk must be at least 1 and capacity at least 0, not {self.chunk}/{self.capacity}"
+            )
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown eviction policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.normalizer not in NORMALIZERS:
+            raise UsageError(f"unknown normalizer {self.normalizer!r}; known: {', '.join(NORMALIZERS)}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,8 @@
 """The CPU fast paths compute what the plain formulas compute: rotary tables, the keys a memory keeps
 rotated between calls, the cached layouts, the prepacked bf16 linear, the dtype choice."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from lola_chat.kernels.lola import reference
 
 from lola_chat.config import DTYPE_ENV, default_dtype
 from lola_chat.errors import UsageError
+from lola_chat.memory import LolaMemory, LolaSettings
 from lola_chat.model import Linear, ModelConfig, Transformer
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -83,7 +86,7 @@ def test_layouts_made_in_inference_mode_serve_autograd_later():
     fmap = torch.randn(hq, d, d)
     gate = torch.rand(hq)
     state = random_state(torch.float32)
-    reference.layout.cache_clear()
+    reference._layout.cache_clear()
     with torch.inference_mode():
         q, k, v = torch.randn(2, hq, 4, d), torch.randn(2, hkv, 4, d), torch.randn(2, hkv, 4, d)
         reference.attend(q, k, v, *state, fmap, gate, inv_freq(), 3)
@@ -141,3 +144,35 @@ def test_fp32_state_loads_into_a_bf16_model_and_continues():
         logits32 = model32(next_token, state32)
     assert torch.isfinite(logits16).all()
     assert torch.nn.functional.cosine_similarity(logits16.flatten(), logits32.flatten(), dim=0) > 0.99
+
+
+def test_a_returned_window_is_never_changed_by_later_calls():
+    attn = SimpleNamespace(
+        fmap_q=torch.eye(16).expand(6, 16, 16).clone(),
+        fmap_k=torch.eye(16).expand(6, 16, 16).clone(),
+        window_factor=lambda: torch.full((6,), 0.5),
+        inv_freq=inv_freq(),
+    )
+    memory = LolaMemory(
+        1, 6, 2, 16, 32, LolaSettings(chunk=8, capacity=8), torch.float32, torch.device("cpu")
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        memory.attend(
+            torch.randn(1, 6, 3, 16, generator=gen), *torch.randn(2, 1, 2, 3, 16, generator=gen), attn
+        )
+        held = {name: getattr(memory, name) for name in ("win_k", "win_v")}
+        copies = {name: t.clone() for name, t in held.items()}
+        for _ in range(2):
+            memory.attend(
+                torch.randn(1, 6, 1, 16, generator=gen), *torch.randn(2, 1, 2, 1, 16, generator=gen), attn
+            )
+    for name in held:
+        assert torch.equal(held[name], copies[name]), name
+
+
+def test_layouts_are_cached_per_frame_not_per_position():
+    reference._layout.cache_clear()
+    for seen in range(1000, 1000 + 64 * 20):
+        reference.layout(64, 128, seen, 1, torch.device("cpu"))
+    assert reference._layout.cache_info().currsize <= 64

@@ -61,3 +61,13 @@ def test_an_unknown_normalizer_is_refused():
     memory, attn, query = filled_memory(margin=1.0)
     with pytest.raises(ValueError, match="normalizer"):
         attend_one(memory, attn, query, "softmax")
+
+
+def test_settings_refuse_an_unknown_normalizer_or_policy():
+    from lola_chat.errors import UsageError
+    from lola_chat.memory import LolaSettings
+
+    with pytest.raises(UsageError, match="normalizer"):
+        LolaSettings(normalizer="windows")
+    with pytest.raises(UsageError, match="policy"):
+        LolaSettings(policy="lru")

@@ -112,7 +112,9 @@ class FrameRotary:
         that tensor with the new rows written in along dim 2."""
 
         def prepare(rows: torch.Tensor, first: int | None) -> torch.Tensor:
-            return (rows if first is None else self.rotate(rows, first)).to(acc)
+            # A copy even when nothing changes: the kept tensor is extended in place later, and must
+            # never be the caller's (out-of-place contract).
+            return rows.to(acc, copy=True) if first is None else self.rotate(rows, first).to(acc)
 
         kept = self._kept.get(name)
         if kept is not None and appended is not None and kept[0] is appended[0] and kept[1] == start:
@@ -169,15 +171,23 @@ class Layout:
     window_seen: tuple[int, int]
 
 
-@functools.lru_cache(maxsize=4096)
 def layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: torch.device) -> Layout:
+    """The layout depends on the frame only, so a long conversation reuses a bounded set of them."""
+    return _layout(chunk, capacity, *frame(tokens_seen, chunk, capacity), length, device)
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(
+    chunk: int, capacity: int, cached: int, previous: int, current: int, length: int, device: torch.device
+) -> Layout:
     # Made as ordinary tensors even inside inference mode, so that autograd may use them later.
     with torch.inference_mode(False):
-        return _layout(chunk, capacity, tokens_seen, length, device)
+        return _make_layout(chunk, capacity, cached, previous, current, length, device)
 
 
-def _layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: torch.device) -> Layout:
-    cached, previous, current = frame(tokens_seen, chunk, capacity)
+def _make_layout(
+    chunk: int, capacity: int, cached: int, previous: int, current: int, length: int, device: torch.device
+) -> Layout:
     slot = torch.arange(capacity + 2 * chunk, device=device)
     in_cache = slot < capacity
     in_previous = (slot >= capacity) & (slot < capacity + chunk)
@@ -302,7 +312,6 @@ class KeyFeatures:
     def __init__(self):
         self._kept: tuple | None = None
 
-    @staticmethod
     @staticmethod
     def _stamp(cache_k: torch.Tensor, fmap_k: torch.Tensor) -> tuple:
         versions = tuple(None if t.is_inference() else t._version for t in (cache_k, fmap_k))

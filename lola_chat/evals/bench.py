@@ -76,7 +76,8 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
     settings = dataclasses.replace(
-        config.lola, **{k: getattr(args, k) for k in ("chunk", "capacity") if getattr(args, k, None)}
+        config.lola,
+        **{k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)},
     )
     if args.tiny or args.random_default_shapes:
         shapes = TINY_SHAPES if args.tiny else DEFAULT_SHAPES
@@ -87,7 +88,8 @@ def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> Benc
 
     loaded = load_model(config, device, dtype)
     settings = dataclasses.replace(
-        loaded.lola, **{k: getattr(args, k) for k in ("chunk", "capacity") if getattr(args, k, None)}
+        loaded.lola,
+        **{k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)},
     )
     return BenchModel(loaded.model.eval(), settings, f"{loaded.model_dir.name} ({loaded.linearization})")
 
