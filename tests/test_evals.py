@@ -197,6 +197,15 @@ def test_append_adds_a_runs_rows_and_keeps_every_runs_provenance(tmp_path, lola_
     assert [run["command"].split("--lengths ")[1][:3] for run in payload["earlier_runs"]] == ["200", "256"]
     assert "with rows of an earlier run" in (out / "README.md").read_text()
 
+    # One run of several evals: only the eval that had a file before carries earlier runs.
+    every = "eval all --tiny --device cpu --lengths 256 --prompts 1 --contexts 96 --ppl-windows 1"
+    every = [*every.split(), "--configs", "g0", "--out", str(out), "--data", str(tiny_data), "--append"]
+    args, config = parse(every, monkeypatch)
+    assert args.func(args, config) == 0
+    results = report.read_results(out)
+    assert len(results["niah"]["earlier_runs"]) == 3
+    assert "earlier_runs" not in results["ppl"] and "earlier_runs" not in results["memory"]
+
 
 def test_the_commit_named_in_the_environment_wins_over_the_trees_git(monkeypatch):
     from lola_chat.evals import provenance

@@ -98,11 +98,13 @@ def run(args, config: Config) -> int:
     earlier = report.read_results(out) if args.append else {}
 
     def save(name: str, settings: dict, rows: list[dict]) -> None:
+        history = {}
         if name in earlier:
             rows = report.merge_rows(earlier[name]["rows"], rows)
-            info["earlier_runs"] = report.run_history(earlier[name])
+            history = {"earlier_runs": report.run_history(earlier[name])}
         payload = {
             **info,
+            **history,
             "model": models.describe(),
             "configs": [a.name for a in arms],
             "seed": seed,
