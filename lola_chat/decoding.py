@@ -68,11 +68,15 @@ class TokenFeeder:
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` (one sequence, at least one token); returns fp32 logits (vocab,) after the last. With
         the decoder the State lags until ``sync``; the logits are its buffer, valid until the next feed."""
-        tokens = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
         if not self.uses_decoder():
+            tokens = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
             return self.model(tokens, self.state, last_only=True)[0, -1]
         decoder = self._decoder()
-        decoder.prefill(tokens)
+        if len(ids) == 1:
+            # A decoded token: one graph replay, without prefill's reply bookkeeping (the engine samples).
+            decoder.step(ids[0])
+        else:
+            decoder.prefill(torch.tensor([ids], device=self.model.embed_tokens.weight.device))
         return decoder.logits[0]
 
     def sync(self) -> State:
