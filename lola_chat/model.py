@@ -8,9 +8,10 @@ import functools
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lola_chat.kernels.rmsnorm import rms_norm
+from lola_chat.kernels.swiglu import swiglu
 from lola_chat.memory import MEMORY_KINDS, LolaSettings, State
 
 
@@ -95,6 +96,22 @@ def packed_linear_available() -> bool:
     )
 
 
+def stacked_linear(*parts: Linear) -> Linear:
+    """One Linear computing the outputs of ``parts`` side by side in one GEMM: their weights stacked by
+    rows. Each part's weight becomes a view into the stacked one, so nothing is stored twice and loading
+    a part's weight in place (``load_state_dict``, a LoRA merge) updates what the GEMM reads. The stacked
+    weight is a non-persistent buffer: parameters and state_dicts keep only the parts' names. The parts'
+    weights stop requiring grad: the stacked GEMM does not backpropagate into them."""
+    weight = torch.cat([part.weight.detach() for part in parts])
+    with torch.device("meta"):
+        stacked = Linear(parts[0].in_features, weight.shape[0], bias=False)
+    del stacked.weight
+    stacked.register_buffer("weight", weight, persistent=False)
+    for part, view in zip(parts, weight.split([part.out_features for part in parts]), strict=True):
+        part.weight = nn.Parameter(view, requires_grad=False)
+    return stacked
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -102,9 +119,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.float()
-        variance = wide.pow(2).mean(-1, keepdim=True)
-        return (wide * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -116,6 +131,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = Linear(cfg.n_heads * hd, d, bias=False)
+        self.qkv_proj: Linear | None = None  # q, k and v in one GEMM, once Transformer.pack_projections ran
         # The linearization: Hedgehog feature maps (identity at start, as in LoLCATs) and window gates.
         eye = torch.eye(hd).expand(cfg.n_heads, hd, hd)
         self.fmap_q = nn.Parameter(eye.clone())
@@ -130,11 +146,14 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, T, dim) -> un-rotated q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
         b, t, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        return q, k, v
+        hq, hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        # lola-chat linearize wraps the projections in LoRA adapters, which the packed weight lacks.
+        if self.qkv_proj is not None and isinstance(self.q_proj, Linear):
+            q, k, v = self.qkv_proj(x).split((hq * hd, hkv * hd, hkv * hd), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, hq, hd).transpose(1, 2)
+        return q, k.view(b, t, hkv, hd).transpose(1, 2), v.view(b, t, hkv, hd).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, memory, ids: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.project(x)
@@ -148,9 +167,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.dim, cfg.intermediate, bias=False)
         self.up_proj = Linear(cfg.dim, cfg.intermediate, bias=False)
         self.down_proj = Linear(cfg.intermediate, cfg.dim, bias=False)
+        self.gate_up_proj: Linear | None = None  # gate and up in one GEMM, once packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -176,6 +200,18 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def pack_projections(self) -> Transformer:
+        """Compute each layer's q, k and v in one GEMM and its gate and up in another (see
+        ``stacked_linear``): fewer, larger kernels per token. For inference, once the weights are final
+        (loaded, linearization merged, frozen) and on their device and dtype: ``Module.to`` afterwards
+        converts the stacked weights and their views one by one (equal, but stored twice, and a later
+        load into a view would miss the GEMM); packing again shares them again. Returns the model."""
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            attn.qkv_proj = stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_proj = stacked_linear(mlp.gate_proj, mlp.up_proj)
+        return self
 
     def new_state(self, kind: str = "lola", settings: LolaSettings | None = None, batch: int = 1) -> State:
         """Empty memory for a new conversation, on this model's device and dtype."""

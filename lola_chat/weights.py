@@ -203,12 +203,12 @@ def load_model(
         model_fingerprint=model_fingerprint(model_dir, files),
         linearization="none", linearization_fingerprint="none", lola=config.lola,
     )  # fmt: skip
-    if config.attention != "lola":
-        return loaded
-    directory = resolve_linearization(config.linearization)
-    if directory is None:
-        loaded.linearization = loaded.linearization_fingerprint = "untrained"
-    else:
-        loaded.linearization_fingerprint, loaded.lola = load_linearization(model, directory)
-        loaded.linearization = config.linearization
+    if config.attention == "lola":
+        directory = resolve_linearization(config.linearization)
+        if directory is None:
+            loaded.linearization = loaded.linearization_fingerprint = "untrained"
+        else:
+            loaded.linearization_fingerprint, loaded.lola = load_linearization(model, directory)
+            loaded.linearization = config.linearization
+    model.pack_projections()
     return loaded

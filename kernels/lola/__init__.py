@@ -1,7 +1,8 @@
 """LoLA attention: public functions. The PyTorch reference (``reference.py``) is the specification and
 the CPU path; the Triton kernels (``*_triton.py``) run instead when every tensor is on a CUDA device,
 Triton imports, no autograd graph is being recorded through a tensor that needs it, and the shapes
-suit them. ``LOLA_CHAT_REFERENCE=1`` in the environment, or ``force_reference()``, forces the reference.
+suit them. ``LOLA_CHAT_REFERENCE=1`` in the environment, or ``force_reference()``, forces the reference
+(the rule every op shares, in ``lola_chat.kernels.dispatch``).
 
 The Triton paths update the state tensors in place and return them, so callers that rebind the
 returned tensors (as ``lola_chat.memory`` does) work with either path.
@@ -9,17 +10,13 @@ returned tensors (as ``lola_chat.memory`` does) work with either path.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-import importlib
-import os
-
 import torch
+from lola_chat.kernels.dispatch import REFERENCE_ENV, fast_path, force_reference, triton_module
 from lola_chat.kernels.lola import reference
 from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, frame, rotate, self_recall_error
 
 __all__ = [
+    "REFERENCE_ENV",
     "FrameRotary",
     "KeyFeatures",
     "attend",
@@ -32,28 +29,10 @@ __all__ = [
     "uses_triton",
 ]
 
-REFERENCE_ENV = "LOLA_CHAT_REFERENCE"
-_forced = contextvars.ContextVar("lola_force_reference", default=False)
 
-
-@contextlib.contextmanager
-def force_reference(enabled: bool = True):
-    """Within the block, dispatch to the PyTorch reference (``enabled``) or back to the fast path."""
-    token = _forced.set(enabled)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-@functools.cache
 def _triton_module(name: str):
-    """The Triton implementation module, or None where Triton cannot be imported. Imported on first
-    use so that nothing touches Triton on machines that never dispatch to it."""
-    try:
-        return importlib.import_module(f"lola_chat.kernels.lola.{name}_triton")
-    except ImportError:
-        return None
+    """The Triton module ``{name}_triton`` of this package, or None where Triton cannot be imported."""
+    return triton_module(f"lola_chat.kernels.lola.{name}_triton")
 
 
 def _power_of_two(n: int) -> bool:
@@ -62,14 +41,7 @@ def _power_of_two(n: int) -> bool:
 
 def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None) -> bool:
     """Whether a call on these tensors goes to the Triton kernels."""
-    if _forced.get() or os.environ.get(REFERENCE_ENV) == "1":
-        return False
-    if not all(t.is_cuda for t in tensors):
-        return False
-    # float64 is the exact path the tests check the reference with; the kernels accumulate in fp32.
-    if any(t.dtype == torch.float64 for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not fast_path(*tensors):
         return False
     if feature_map is not None and not (
         _power_of_two(feature_map.shape[1]) and _power_of_two(feature_map.shape[2])

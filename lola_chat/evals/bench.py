@@ -83,7 +83,7 @@ def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> Benc
         shapes = TINY_SHAPES if args.tiny else DEFAULT_SHAPES
         settings = LolaSettings(chunk=16, capacity=24) if args.tiny else settings
         name = "tiny random" if args.tiny else "random weights, default model shapes"
-        return BenchModel(random_model(shapes, device, dtype), settings, name)
+        return BenchModel(random_model(shapes, device, dtype).pack_projections(), settings, name)
     from lola_chat.weights import load_model
 
     loaded = load_model(config, device, dtype)
