@@ -203,10 +203,11 @@ class Transformer(nn.Module):
 
     def pack_projections(self) -> Transformer:
         """Compute each layer's q, k and v in one GEMM and its gate and up in another (see
-        ``stacked_linear``): fewer, larger kernels per token. For inference, once the weights are final
-        (loaded, linearization merged, frozen) and on their device and dtype: ``Module.to`` afterwards
-        converts the stacked weights and their views one by one (equal, but stored twice, and a later
-        load into a view would miss the GEMM); packing again shares them again. Returns the model."""
+        ``stacked_linear``): fewer, larger kernels per token. For inference (it freezes those weights),
+        once the weights are final (loaded, linearization merged) and on their device and dtype:
+        ``Module.to`` afterwards converts the stacked weights and their views one by one (equal, but
+        stored twice, and a later load into a view would miss the GEMM); packing again shares them
+        again. Returns the model."""
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
             attn.qkv_proj = stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
