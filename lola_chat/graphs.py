@@ -100,6 +100,9 @@ class _StaticLayer:
         self.normalizer = memory.settings.normalizer
         self.counter = counter
         self.window_ids = window_ids
+        # The window factors, computed on the first (uncaptured warm-up) step: the weights do not change
+        # while a decoder runs, and a sigmoid per layer would be one more kernel in every replay.
+        self.window_factor: torch.Tensor | None = None
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
 
@@ -111,9 +114,11 @@ class _StaticLayer:
         from lola_chat.kernels.lola import attend_triton, evict_triton
 
         counter = self.counter
+        if self.window_factor is None:
+            self.window_factor = attn.window_factor()
         y, _, _ = attend_triton.attend(
             q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen, self.normalizer,
+            attn.fmap_q, self.window_factor, attn.inv_freq, counter.seen, self.normalizer,
         )  # fmt: skip
         if counter.evicting:
             *_, keep = evict_triton.evict(
