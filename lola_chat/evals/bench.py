@@ -221,7 +221,7 @@ def run(args, config: Config) -> int:
         "records": [],
     }
     with torch.inference_mode():
-        if device.type == "cuda" and any(arm.name == "lola-triton" for arm in arms):
+        if device.type == "cuda" and any(arm.name.startswith("lola") for arm in arms):
             results["profile"] = kernel_profile(bench, device)
             print(f"one Triton-path decode step: {results['profile']}", flush=True)
         # Warm-up: every arm once over a short memory that closes chunks (kernels compile, libraries
