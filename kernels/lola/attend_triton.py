@@ -38,25 +38,9 @@ def rotate(x, partner, pos, freq):
 
 
 @triton.jit
-def rotate_block(x, partner, first, freq, cos_rows, sin_rows):
-    """Rotary embedding of a block of rows at positions first, first + 1, ...: by angle addition from
-    the cosines and sines of the block's first position (D each) and of the row offsets (``cos_rows``,
-    ``sin_rows``: (rows, D), the same for every block). Per element that is four products instead of a
-    cosine and a sine, which were half the decode step's time in this kernel (measured on the H200)."""
-    angle = first.to(tl.float32) * freq
-    cos_first, sin_first = tl.cos(angle)[None, :], tl.sin(angle)[None, :]
-    cos = cos_first * cos_rows - sin_first * sin_rows
-    sin = sin_first * cos_rows + cos_first * sin_rows
-    return x * cos + partner * sin
-
-
-@triton.jit
-def _softmax_block(
-    m, total, acc, q, k, k_partner, v, first, visible, freq, cos_rows, sin_rows, ONE_ROW: tl.constexpr
-):
-    """One online-softmax step over a block of keys at positions first, first + 1, ...; the scale is
-    folded into q."""
-    k = rotate_block(k, k_partner, first, freq, cos_rows, sin_rows)
+def _softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq, ONE_ROW: tl.constexpr):
+    """One online-softmax step over a block of keys; the scale is folded into q."""
+    k = rotate(k, k_partner, key_pos, freq)
     scores = matmul(q, tl.trans(k), ONE_ROW)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -111,8 +95,6 @@ def _attend_kernel(
     total = tl.zeros((BLOCK_T,), tl.float32)
     acc = tl.zeros((BLOCK_T, D), tl.float32)
     n = tl.arange(0, BLOCK_N)
-    row_angle = n.to(tl.float32)[:, None] * freq[None, :]
-    cos_rows, sin_rows = tl.cos(row_angle), tl.sin(row_angle)
 
     cache_row = (batch * HQ + head) * G
     for start in range(0, G, BLOCK_N):
@@ -122,19 +104,7 @@ def _attend_kernel(
         v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc, _ = _softmax_block(
-            m,
-            total,
-            acc,
-            q_rot,
-            k,
-            k_partner,
-            v.to(tl.float32),
-            start - (G - cached),
-            visible,
-            freq,
-            cos_rows,
-            sin_rows,
-            ONE_ROW,
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
         )
 
     # The window's best score: the linear term is measured against it (see reference.attend).
@@ -148,19 +118,7 @@ def _attend_kernel(
         v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & t_ok[:, None]
         m, total, acc, block_top = _softmax_block(
-            m,
-            total,
-            acc,
-            q_rot,
-            k,
-            k_partner,
-            v.to(tl.float32),
-            cached + start,
-            visible,
-            freq,
-            cos_rows,
-            sin_rows,
-            ONE_ROW,
+            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
         )
         window_top = tl.maximum(window_top, block_top)
 
@@ -182,19 +140,7 @@ def _attend_kernel(
         visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
         k, k_partner = k + k_new, k_partner + k_new_partner
         m, total, acc, block_top = _softmax_block(
-            m,
-            total,
-            acc,
-            q_rot,
-            k,
-            k_partner,
-            v,
-            cached + previous + start,
-            visible,
-            freq,
-            cos_rows,
-            sin_rows,
-            ONE_ROW,
+            m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq, ONE_ROW
         )
         window_top = tl.maximum(window_top, block_top)
 
