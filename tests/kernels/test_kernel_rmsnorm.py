@@ -101,13 +101,13 @@ def test_cpu_runs_the_reference_and_backpropagates():
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
 
 
-def test_dispatch_runs_the_kernel_where_the_rule_allows(monkeypatch):
-    # Tensors on the CPU stand in for CUDA ones; the kernel runs in the interpreter.
+def test_dispatch_runs_the_kernel_where_the_rule_allows(monkeypatch, device):
+    # Off the GPU, CPU tensors stand in for CUDA ones and the kernel runs in the interpreter.
     calls = []
     monkeypatch.setattr(rmsnorm, "fast_path", lambda *tensors: calls.append(tensors) or True)
     kernel = rmsnorm_triton.rms_norm
     monkeypatch.setattr(rmsnorm_triton, "rms_norm", lambda *args: ("kernel", kernel(*args)))
-    x, weight = inputs("cpu", torch.float32, (3, 5, 48))
+    x, weight = inputs(device, torch.float32, (3, 5, 48))
     tag, got = rmsnorm.rms_norm(x, weight, 1e-5)
     assert tag == "kernel" and calls[0][0] is x and calls[0][1] is weight
     torch.testing.assert_close(got, reference.rms_norm(x, weight, 1e-5), **TOLERANCE[torch.float32])

@@ -75,13 +75,13 @@ def test_cpu_runs_the_reference_and_backpropagates():
     assert gate.grad is not None and torch.isfinite(gate.grad).all()
 
 
-def test_dispatch_runs_the_kernel_where_the_rule_allows(monkeypatch):
-    # Tensors on the CPU stand in for CUDA ones; the kernel runs in the interpreter.
+def test_dispatch_runs_the_kernel_where_the_rule_allows(monkeypatch, device):
+    # Off the GPU, CPU tensors stand in for CUDA ones and the kernel runs in the interpreter.
     calls = []
     monkeypatch.setattr(swiglu, "fast_path", lambda *tensors: calls.append(tensors) or True)
     kernel = swiglu_triton.swiglu
     monkeypatch.setattr(swiglu_triton, "swiglu", lambda *args: ("kernel", kernel(*args)))
-    gate, up = packed("cpu", torch.float32, (2, 3), 48).chunk(2, dim=-1)
+    gate, up = packed(device, torch.float32, (2, 3), 48).chunk(2, dim=-1)
     tag, got = swiglu.swiglu(gate, up)
     assert tag == "kernel" and calls[0][0] is gate and calls[0][1] is up
     check(got, reference.swiglu(gate, up))
