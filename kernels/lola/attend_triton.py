@@ -1,11 +1,17 @@
-"""LoLA attention for one segment of new tokens, fused in one Triton kernel.
+"""LoLA attention for one segment of new tokens in Triton.
 
-One program handles one (batch, query head) and up to 64 queries. It rotates queries and keys at
+Segments of several tokens run fused in one kernel, one program per (batch, query head) and up to 16
+queries. It rotates queries and keys at
 attention time in the compact frame of ``reference.attend`` (cache, previous chunk, current chunk),
 runs an online softmax over the three key ranges with fp32 accumulation, adds the Hedgehog linear
 term phi(q)^T H over phi(q)^T s with the shared normalizer (optionally rescaled to the window's best score),
 and writes the new keys and values into the window. Unused slots (empty cache slots, window slots
 past the newest token) are never loaded.
+
+A single token (a decode step) runs split over the keys instead: one program per (batch, query head,
+block of keys) writes a partial online-softmax result, and a second kernel per (batch, query head)
+merges them, adds the linear term and appends the pair. One fused program per head leaves all but
+nine of the H200's SMs idle and walks the key blocks one after another; the split runs them at once.
 
 The token count can be a host integer or a device tensor, so a CUDA graph captured once serves
 every position.
@@ -64,86 +70,75 @@ def _load_rows(base, rows, row_stride, ok, D: tl.constexpr):
     return x, partner * sign[None, :]
 
 
-@triton.jit(do_not_specialize=["seen"])
-def _attend_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
-    seen, seen_ptr, T,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
-):  # fmt: skip
-    ONE_ROW: tl.constexpr = BLOCK_T == 1
-    pid = tl.program_id(0)
-    batch = pid // HQ
-    head = pid % HQ
-    kv_head = head // (HQ // HKV)
-    if SEEN_ON_DEVICE:
-        seen = tl.load(seen_ptr)
-    cached, previous, current = frame_counts(seen, C, G)
-
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
-    q_slot = current + t
+@triton.jit
+def _cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the cache slots start.. start + BLOCK_N (the filled ones are the last
+    ``cached``, at frame positions 0..cached-1)."""
     dims = tl.arange(0, D)
-    freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
-    q_base = q_ptr + batch * sq_b + head * sq_h
-    q, q_partner = _load_rows(q_base, t, sq_t, t_ok, D)
-    q_rot = rotate(q, q_partner, cached + previous + q_slot, freq) / tl.sqrt(D * 1.0)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = (slot < G) & (slot >= G - cached)
+    k, k_partner = _load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
+    v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    visible = ok[None, :] & t_ok[:, None]
+    m, total, acc, _ = _softmax_block(
+        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
+    )
+    return m, total, acc
 
-    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
-    total = tl.zeros((BLOCK_T,), tl.float32)
-    acc = tl.zeros((BLOCK_T, D), tl.float32)
-    n = tl.arange(0, BLOCK_N)
 
-    cache_row = (batch * HQ + head) * G
-    for start in range(0, G, BLOCK_N):
-        slot = start + n
-        ok = (slot < G) & (slot >= G - cached)
-        k, k_partner = _load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
-        v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-        visible = ok[None, :] & t_ok[:, None]
-        m, total, acc, _ = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
-        )
+@triton.jit
+def _previous_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok,
+                   freq, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C),
+    tracking the window's best score."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = slot < previous
+    k, k_partner = _load_rows(wk_ptr + win_row * D, slot, D, ok, D)
+    v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    visible = ok[None, :] & t_ok[:, None]
+    m, total, acc, block_top = _softmax_block(
+        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
+    )
+    return m, total, acc, tl.maximum(window_top, block_top)
 
-    # The window's best score: the linear term is measured against it (see reference.attend).
-    window_top = tl.full((BLOCK_T,), -1.0e30, tl.float32)
 
-    win_row = (batch * HKV + kv_head) * 2 * C
-    for start in range(0, C, BLOCK_N):
-        slot = start + n
-        ok = slot < previous  # previous is 0 or C
-        k, k_partner = _load_rows(wk_ptr + win_row * D, slot, D, ok, D)
-        v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-        visible = ok[None, :] & t_ok[:, None]
-        m, total, acc, block_top = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
-        )
-        window_top = tl.maximum(window_top, block_top)
+@triton.jit
+def _current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base,
+                  sk_t, start, cached, previous, current, T, q_slot, t_ok, freq, C: tl.constexpr,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the current chunk's slots start.. start + BLOCK_N: the first ``current``
+    from the window, the next T from the new k, v; causal."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    in_window = slot < current
+    is_new = (slot >= current) & (slot < current + T)
+    new_row = slot - current
+    k, k_partner = _load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, D)
+    k_new, k_new_partner = _load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
+    v_old = tl.load(
+        wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
+    )
+    v_new = tl.load(
+        v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
+    )
+    v = v_old.to(tl.float32) + v_new.to(tl.float32)
+    visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+    m, total, acc, block_top = _softmax_block(
+        m, total, acc, q_rot, k + k_new, k_partner + k_new_partner, v, cached + previous + slot, visible,
+        freq, ONE_ROW,
+    )  # fmt: skip
+    return m, total, acc, tl.maximum(window_top, block_top)
 
-    new_base = batch * sk_b + kv_head * sk_h
-    for start in range(0, C, BLOCK_N):
-        slot = start + n
-        in_window = slot < current
-        is_new = (slot >= current) & (slot < current + T)
-        new_row = slot - current
-        k, k_partner = _load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, D)
-        k_new, k_new_partner = _load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
-        v_old = tl.load(
-            wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
-        )
-        v_new = tl.load(
-            v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
-        )
-        v = v_old.to(tl.float32) + v_new.to(tl.float32)
-        visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
-        k, k_partner = k + k_new, k_partner + k_new_partner
-        m, total, acc, block_top = _softmax_block(
-            m, total, acc, q_rot, k, k_partner, v, cached + previous + slot, visible, freq, ONE_ROW
-        )
-        window_top = tl.maximum(window_top, block_top)
 
+@triton.jit
+def _finish(q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, kv_head,
+            fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t,
+            wk_ptr, wv_ptr, win_row, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+            E: tl.constexpr, ONE_ROW: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
+    """Add the linear term to the softmax sums, store y, and append the new pairs to the window."""
+    dims = tl.arange(0, D)
     up, down = features(q, load_feature_map(fq_ptr, head, D, E), ONE_ROW)
     feats = tl.arange(0, E)
     state_row = (batch * HQ + head) * 2 * E
@@ -151,7 +146,7 @@ def _attend_kernel(
     h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
-    linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full((BLOCK_T,), 1.0, tl.float32)
+    linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full(m.shape, 1.0, tl.float32)
     linear = (matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)) * linear_scale[:, None]
     linear_norm = (tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)) * linear_scale
     gate = tl.load(gate_ptr + head).to(tl.float32)
@@ -167,6 +162,151 @@ def _attend_kernel(
     win_new = (win_row + C + q_slot[:, None]) * D + dims[None, :]
     tl.store(wk_ptr + win_new, k_new, mask=writes[:, None])
     tl.store(wv_ptr + win_new, v_new, mask=writes[:, None])
+
+
+@triton.jit
+def _queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D: tl.constexpr):
+    """The queries (fp32) and their rotation at ``position`` with the 1/sqrt(D) scale folded in."""
+    q, q_partner = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
+    return q, rotate(q, q_partner, position, freq) / tl.sqrt(D * 1.0)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _attend_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
+    seen, seen_ptr, T,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
+):  # fmt: skip
+    ONE_ROW: tl.constexpr = BLOCK_T == 1
+    pid = tl.program_id(0)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    cached, previous, current = frame_counts(seen, C, G)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    q_slot = current + t
+    freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
+    q, q_rot = _queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, cached + previous + q_slot, freq, D)
+
+    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
+    total = tl.zeros((BLOCK_T,), tl.float32)
+    acc = tl.zeros((BLOCK_T, D), tl.float32)
+    # The window's best score: the linear term is measured against it (see reference.attend).
+    window_top = tl.full((BLOCK_T,), -1.0e30, tl.float32)
+    cache_row = (batch * HQ + head) * G
+    win_row = (batch * HKV + kv_head) * 2 * C
+    new_base = batch * sk_b + kv_head * sk_h
+    for start in range(0, G, BLOCK_N):
+        m, total, acc = _cache_keys(
+            m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq, G, D, BLOCK_N, ONE_ROW
+        )
+    for start in range(0, C, BLOCK_N):
+        m, total, acc, window_top = _previous_keys(
+            m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok, freq,
+            D, BLOCK_N, ONE_ROW,
+        )  # fmt: skip
+    for start in range(0, C, BLOCK_N):
+        m, total, acc, window_top = _current_keys(
+            m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base, sk_t,
+            start, cached, previous, current, T, q_slot, t_ok, freq, C, D, BLOCK_N, ONE_ROW,
+        )  # fmt: skip
+    _finish(
+        q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, kv_head, fq_ptr, h_ptr, s_ptr, gate_ptr,
+        y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
+        HQ, HKV, C, D, E, ONE_ROW, WINDOW_NORMALIZER,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _decode_blocks_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, freq_ptr, part_m_ptr, part_total_ptr, part_acc_ptr,
+    seen, seen_ptr, sq_b, sq_h, sk_b, sk_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+):  # fmt: skip
+    """One token, one block of keys: the block's softmax max, sum and weighted values (a partial)."""
+    CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
+    WINDOW_BLOCKS: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
+    pid, block = tl.program_id(0), tl.program_id(1)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    cached, previous, current = frame_counts(seen, C, G)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
+    _, q_rot = _queries(q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, cached + previous + current + t, freq, D)
+    m = tl.full((1,), -1.0e30, tl.float32)
+    total = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((1, D), tl.float32)
+    win_row = (batch * HKV + kv_head) * 2 * C
+    if block < CACHE_BLOCKS:
+        cache_row = (batch * HQ + head) * G
+        m, total, acc = _cache_keys(
+            m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, t_ok, freq,
+            G, D, BLOCK_N, True,
+        )  # fmt: skip
+    elif block < CACHE_BLOCKS + WINDOW_BLOCKS:
+        m, total, acc, _ = _previous_keys(
+            m, total, acc, m, q_rot, wk_ptr, wv_ptr, win_row, (block - CACHE_BLOCKS) * BLOCK_N, cached,
+            previous, t_ok, freq, D, BLOCK_N, True,
+        )  # fmt: skip
+    else:
+        m, total, acc, _ = _current_keys(
+            m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, batch * sk_b + kv_head * sk_h, 0,
+            (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached, previous, current, 1, current + t, t_ok,
+            freq, C, D, BLOCK_N, True,
+        )  # fmt: skip
+    part = pid * tl.num_programs(1) + block
+    tl.store(part_m_ptr + part + t, m)
+    tl.store(part_total_ptr + part + t, total)
+    tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _decode_merge_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
+):  # fmt: skip
+    """One token: merge the partials of every key block, then as the fused kernel ends."""
+    pid = tl.program_id(0)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    current = seen % C
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    part_m = tl.load(part_m_ptr + pid * BLOCKS + blocks, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + pid * BLOCKS + blocks, mask=ok, other=0.0)
+    part_acc = tl.load(
+        part_acc_ptr + (pid * BLOCKS + blocks[:, None]) * D + tl.arange(0, D)[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    )
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    q, _ = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
+    _finish(
+        q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, t, t_ok, current + t, batch,
+        head, kv_head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
+        batch * sk_b + kv_head * sk_h, 0, wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C,
+        HQ, HKV, C, D, E, True, WINDOW_NORMALIZER,
+    )  # fmt: skip
 
 
 def attend(
@@ -210,8 +350,12 @@ def attend(
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if length == 1:
+        _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen,
+                y, normalizer)  # fmt: skip
+        return y, win_k, win_v
     # Query tiles of 16 rows: larger tiles spill registers, and more programs spread over more SMs.
-    block_t = 1 if length == 1 else 16
+    block_t = 16
     grid = (batch * n_heads, triton.cdiv(length, block_t))
     # 8 warps: with 4, the fp32 tiles (keys, their rotation, H) exceed 255 registers per thread and
     # spill to local memory (ptxas -v for sm_90); with 8 they fit.
@@ -226,3 +370,33 @@ def attend(
         num_warps=8,
     )  # fmt: skip
     return y, win_k, win_v
+
+
+def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen, y,
+            normalizer):  # fmt: skip
+    """``attend`` for one token: the key blocks in parallel, then one merge per (batch, query head)."""
+    batch, n_heads, _, dim = q.shape
+    n_kv_heads = k.shape[1]
+    chunk = win_k.shape[2] // 2
+    capacity = cache_k.shape[2]
+    on_device = isinstance(tokens_seen, torch.Tensor)
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
+    block_n = block_rows(min(chunk, max(capacity, 1)), 32)
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
+    part_m = torch.empty(batch * n_heads, blocks, dtype=torch.float32, device=q.device)
+    part_total = torch.empty_like(part_m)
+    part_acc = torch.empty(batch * n_heads, blocks, dim, dtype=torch.float32, device=q.device)
+    _decode_blocks_kernel[(batch * n_heads, blocks)](
+        q, k, v, win_k, win_v, cache_k, cache_v, inv_freq, part_m, part_total, part_acc, *seen,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, BLOCK_N=block_n, SEEN_ON_DEVICE=on_device,
+        num_warps=4,
+    )  # fmt: skip
+    _decode_merge_kernel[(batch * n_heads,)](
+        q, k, v, win_k, win_v, h, s, fmap_q.contiguous(), window_factor, y, part_m, part_total, part_acc,
+        *seen, q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
+        CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
+        WINDOW_NORMALIZER=normalizer == "window", num_warps=4,
+    )  # fmt: skip

@@ -22,6 +22,10 @@ CASES = [
     pytest.param(1000, 8, 16, 24, 3, 1, 32, 1, id="steady-state-fills-chunk"),
     pytest.param(997, 1, 16, 0, 3, 1, 16, 2, id="G0-decode"),
     pytest.param(64 * 3 + 1, 63, 64, 24, 3, 1, 16, 1, id="T63"),
+    # One token runs the split kernels: key blocks in parallel, then the merge.
+    pytest.param(36, 1, 16, 24, 3, 1, 16, 2, id="decode-cache-partly-full"),
+    pytest.param(1000, 1, 16, 24, 6, 2, 32, 1, id="decode-steady-state-G24"),
+    pytest.param(64 * 40 + 63, 1, 64, 128, 9, 3, 64, 1, id="decode-default-shapes-last-slot"),
 ]
 
 
@@ -71,7 +75,11 @@ def test_attend_matches_reference(
     check(expected, got, poisoned, states, tokens_seen, length, dtype)
 
 
-WINDOW_CASES = [case for case in CASES if case.id in ("cache-partly-full", "steady-state-fills-chunk", "T63")]
+WINDOW_CASES = [
+    case
+    for case in CASES
+    if case.id in ("cache-partly-full", "steady-state-fills-chunk", "T63", "decode-steady-state-G24")
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
