@@ -241,7 +241,7 @@ def _decode_blocks_kernel(
     t = tl.arange(0, 1)
     t_ok = t < 1
     freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
-    _, q_rot = _queries(q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, cached + previous + current + t, freq, D)
+    q, q_rot = _queries(q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, cached + previous + current + t, freq, D)
     m = tl.full((1,), -1.0e30, tl.float32)
     total = tl.zeros((1,), tl.float32)
     acc = tl.zeros((1, D), tl.float32)
@@ -253,12 +253,12 @@ def _decode_blocks_kernel(
             G, D, BLOCK_N, True,
         )  # fmt: skip
     elif block < CACHE_BLOCKS + WINDOW_BLOCKS:
-        m, total, acc, _ = _previous_keys(
+        m, total, acc, window_top = _previous_keys(
             m, total, acc, m, q_rot, wk_ptr, wv_ptr, win_row, (block - CACHE_BLOCKS) * BLOCK_N, cached,
             previous, t_ok, freq, D, BLOCK_N, True,
         )  # fmt: skip
     else:
-        m, total, acc, _ = _current_keys(
+        m, total, acc, window_top = _current_keys(
             m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, batch * sk_b + kv_head * sk_h, 0,
             (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached, previous, current, 1, current + t, t_ok,
             freq, C, D, BLOCK_N, True,
