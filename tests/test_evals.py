@@ -102,8 +102,12 @@ def test_parse_arms_and_lengths():
     assert arms["sre32"].settings(16).normalizer == "shared"
     assert arms["window64"].settings(16) == LolaSettings(16, 64, "sre", "window")
     assert "window normalizer" in arms["window64"].label and "window" not in arms["sre32"].label
+    ablations = {arm.name: arm for arm in parse_arms("window-random128,window-recent64")}
+    assert ablations["window-random128"].settings(16) == LolaSettings(16, 128, "random", "window")
+    assert ablations["window-recent64"].settings(16) == LolaSettings(16, 64, "recent", "window")
+    assert "keep most recent, window normalizer" in ablations["window-recent64"].label
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
-    for bad in ("fast", "g", "softmax2"):
+    for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g"):
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):

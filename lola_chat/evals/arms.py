@@ -15,9 +15,11 @@ from lola_chat.errors import UsageError
 from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
-DEFAULT_ARMS = "softmax,g0,g64,g128,g256,window128,window256,random128,recent128"
+DEFAULT_ARMS = (
+    "softmax,g0,g64,g128,g256,window128,window256,random128,recent128,window-random128,window-recent128"
+)
 LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
-ARM_PATTERN = re.compile(r"^(g|sre|window|random|recent)(\d+)$")
+ARM_PATTERN = re.compile(r"^(?:(window)-?)?(g|sre|random|recent)?(\d+)$")
 POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
 
 
@@ -45,21 +47,23 @@ class Arm:
 
 
 def parse_arms(text: str) -> list[Arm]:
-    """ "softmax", "g<G>" (or "sre<G>"), "window<G>" (self-recall error with the window normalizer),
-    "random<G>", "recent<G>", comma-separated."""
+    """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>" (the shared normalizer), and the same
+    with the window normalizer: "window<G>" (self-recall error), "window-random<G>", "window-recent<G>";
+    comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
             arms.append(Arm(name, "softmax"))
             continue
         match = ARM_PATTERN.match(name)
-        if not match:
+        if not match or not (match[1] or match[2]):
             raise UsageError(
-                f"unknown configuration {name!r}; use softmax, g<G>, window<G>, random<G> or recent<G>"
+                f"unknown configuration {name!r}; use softmax, g<G>, random<G>, recent<G>, window<G>, "
+                "window-random<G> or window-recent<G>"
             )
-        policy = "sre" if match[1] in ("g", "sre", "window") else match[1]
-        normalizer = "window" if match[1] == "window" else "shared"
-        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer))
+        policy = match[2] if match[2] in ("random", "recent") else "sre"
+        normalizer = "window" if match[1] else "shared"
+        arms.append(Arm(name, "lola", int(match[3]), policy, normalizer))
     if not arms:
         raise UsageError("--configs is empty")
     return arms
