@@ -21,7 +21,7 @@ import torch
 from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
-from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
+from lola_chat.evals.bench_arms import ARMS, BenchModel, Clock, LolaArm, make_arms
 from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.memory import LolaSettings
@@ -176,6 +176,34 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     }
 
 
+def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
+    """What memory bandwidth allows at batch 1: the bandwidth one GEMV over the largest weight (the output
+    projection, one token) reaches, and the time to read every weight once at that bandwidth, which no
+    decode step can beat. Weights shared between modules (tied embeddings, packed projections) count once."""
+    head = model.lm_head
+    x = torch.randn(1, head.weight.shape[1], dtype=head.weight.dtype, device=device)
+    for _ in range(3):
+        head(x)
+    clock = Clock(device)
+    for _ in range(25):
+        clock.mark()
+        head(x)
+    clock.mark()
+    gemv_ms = float(torch.tensor(clock.intervals()).median())
+    bandwidth = head.weight.nbytes / (gemv_ms / 1000.0)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.parameters()}
+    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.buffers()})
+    weight_bytes = sum(storages.values())
+    read_ms = weight_bytes / bandwidth * 1000.0
+    return {
+        "gemv_ms": gemv_ms,
+        "bandwidth_gb_per_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "read_ms": read_ms,
+        "tokens_per_s": 1000.0 / read_ms,
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-token milliseconds of each repeat -> medians of repeats, pooled p99, eviction steps apart."""
     ordinary = [torch.tensor(r["ordinary_ms"]) for r in runs if r["ordinary_ms"]]
@@ -221,6 +249,7 @@ def run(args, config: Config) -> int:
         "records": [],
     }
     with torch.inference_mode():
+        results["floor"] = weight_read_floor(bench.model, device)
         if device.type == "cuda" and any(arm.name.startswith("lola") for arm in arms):
             results["profile"] = kernel_profile(bench, device)
             print(f"one Triton-path decode step: {results['profile']}", flush=True)
@@ -286,6 +315,19 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all (Triton path, eager).",
+        ]
+    if "floor" in results:
+        floor = results["floor"]
+        fastest = max(
+            (r["decode_tokens_per_s"] for r in results["records"] if "decode_median_ms" in r), default=0
+        )
+        lines += [
+            "",
+            "Bandwidth floor: one GEMV over the output projection reads "
+            f"{floor['bandwidth_gb_per_s']:,.1f} GB/s; at that rate reading all "
+            f"{floor['weight_bytes'] / 1e6:,.1f} MB of weights once takes {floor['read_ms']:.3f} ms, "
+            f"a ceiling of {floor['tokens_per_s']:,.0f} decode tokens/s at batch 1. The fastest decode above "
+            f"reaches {fastest / floor['tokens_per_s']:.1%} of it.",
         ]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
     lines += ["", f"Versions: {versions}. Clocks: {run.get('clocks') or 'not available'}.", ""]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lola_chat.cli import main
+from lola_chat.config import default_dtype
 from lola_chat.errors import LolaError
 from lola_chat.evals.bench import TINY_SHAPES, random_model
 
@@ -33,7 +34,15 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     # 18 steps from 40 or 72 tokens with chunks of 16 close at least one chunk; the state is fixed-size.
     assert all(r["eviction_steps"] >= 1 for r in lola)
     assert len({r["state_bytes"] for r in lola}) == 1
+    floor = results["floor"]
+    # Every weight once: the tied embedding and the packed projections' views are not counted twice.
+    model = random_model(TINY_SHAPES, torch.device("cpu"), default_dtype(torch.device("cpu")))
+    unique = {id(p): p.nbytes for p in model.parameters()}
+    assert floor["weight_bytes"] == sum(unique.values()) + sum(b.nbytes for b in model.buffers())
+    assert floor["bandwidth_gb_per_s"] > 0
+    assert floor["tokens_per_s"] == pytest.approx(1000.0 / floor["read_ms"])
     assert "| lola-reference | 40 |" in (out / "tiny.md").read_text()
+    assert "Bandwidth floor" in (out / "tiny.md").read_text()
     assert (out / "tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
