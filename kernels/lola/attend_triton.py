@@ -1,17 +1,17 @@
 """LoLA attention for one segment of new tokens in Triton.
 
-Segments of several tokens run fused in one kernel, one program per (batch, query head) and up to 16
-queries. It rotates queries and keys at
-attention time in the compact frame of ``reference.attend`` (cache, previous chunk, current chunk),
-runs an online softmax over the three key ranges with fp32 accumulation, adds the Hedgehog linear
-term phi(q)^T H over phi(q)^T s with the shared normalizer (optionally rescaled to the window's best score),
-and writes the new keys and values into the window. Unused slots (empty cache slots, window slots
-past the newest token) are never loaded.
+Segments of several tokens run fused in one kernel, one program per (batch, query head, tile of up to
+16 queries). It rotates queries and keys at attention time in the compact frame of ``reference.attend``
+(cache, previous chunk, current chunk), runs an online softmax over the three key ranges with fp32
+accumulation, adds the Hedgehog linear term phi(q)^T H over phi(q)^T s with the shared normalizer
+(optionally rescaled to the window's best score), and writes the new keys and values into the window.
+Unused slots (empty cache slots, window slots past the newest token) are never loaded.
 
 A single token (a decode step) runs split over the keys instead: one program per (batch, query head,
 block of keys) writes a partial online-softmax result, and a second kernel per (batch, query head)
-merges them, adds the linear term and appends the pair. One fused program per head leaves all but
-nine of the H200's SMs idle and walks the key blocks one after another; the split runs them at once.
+merges them, adds the linear term and appends the pair. Fused, a decode step would be one program per
+(batch, query head), nine for the default model at batch 1, leaving most of a GPU's SMs idle while each
+walks its key blocks one after another; the split runs the blocks at once.
 
 The token count can be a host integer or a device tensor, so a CUDA graph captured once serves
 every position.
@@ -133,7 +133,7 @@ def _current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr
 
 
 @triton.jit
-def _finish(q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, kv_head,
+def _finish(q, m, total, acc, window_top, t, t_ok, q_slot, batch, head,
             fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t,
             wk_ptr, wv_ptr, win_row, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
             E: tl.constexpr, ONE_ROW: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
@@ -216,8 +216,8 @@ def _attend_kernel(
             start, cached, previous, current, T, q_slot, t_ok, freq, C, D, BLOCK_N, ONE_ROW,
         )  # fmt: skip
     _finish(
-        q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, kv_head, fq_ptr, h_ptr, s_ptr, gate_ptr,
-        y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
+        q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr,
+        sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
         HQ, HKV, C, D, E, ONE_ROW, WINDOW_NORMALIZER,
     )  # fmt: skip
 
@@ -246,6 +246,8 @@ def _decode_blocks_kernel(
     total = tl.zeros((1,), tl.float32)
     acc = tl.zeros((1, D), tl.float32)
     win_row = (batch * HKV + kv_head) * 2 * C
+    # q and window_top go unused (a block's best score is its m). Named, not ``_``: Triton's compiler, unlike
+    # its interpreter, refuses a name that a branch rebinds with another type.
     if block < CACHE_BLOCKS:
         cache_row = (batch * HQ + head) * G
         m, total, acc = _cache_keys(
@@ -273,7 +275,7 @@ def _decode_blocks_kernel(
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
     part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
     SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
 ):  # fmt: skip
@@ -303,7 +305,7 @@ def _decode_merge_kernel(
     q, _ = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
     _finish(
         q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, t, t_ok, current + t, batch,
-        head, kv_head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
+        head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
         batch * sk_b + kv_head * sk_h, 0, wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C,
         HQ, HKV, C, D, E, True, WINDOW_NORMALIZER,
     )  # fmt: skip
@@ -396,7 +398,7 @@ def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor
     _decode_merge_kernel[(batch * n_heads,)](
         q, k, v, win_k, win_v, h, s, fmap_q.contiguous(), window_factor, y, part_m, part_total, part_acc,
         *seen, q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
-        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
         CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
         WINDOW_NORMALIZER=normalizer == "window", num_warps=4,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The fused Triton attention against ``reference.attend``."""
+"""The Triton attention (fused segments, decode split over key blocks) against ``reference.attend``."""
 
 from __future__ import annotations
 
@@ -29,13 +29,18 @@ CASES = [
 ]
 
 
-def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared"):
+def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared", packed=False):
     clean, poisoned = states.memory(tokens_seen)
     b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
-    # q, k, v as the model makes them: transposed views of (B, T, H, D) projections.
-    q = states.randn(b, length, hq, d).transpose(1, 2)
-    k = states.randn(b, length, hkv, d).transpose(1, 2)
-    v = states.randn(b, length, hkv, d).transpose(1, 2)
+    if packed:
+        # As Transformer.pack_projections makes them: views into one (B, T, (Hq + 2 Hkv) D) GEMM output.
+        qkv = states.randn(b, length, (hq + 2 * hkv) * d).split((hq * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = (x.view(b, length, -1, d).transpose(1, 2) for x in qkv)
+    else:
+        # q, k, v as the unpacked model makes them: transposed views of (B, T, H, D) projections.
+        q = states.randn(b, length, hq, d).transpose(1, 2)
+        k = states.randn(b, length, hkv, d).transpose(1, 2)
+        v = states.randn(b, length, hkv, d).transpose(1, 2)
     fmap = states.feature_map()
     gate = torch.sigmoid(states.randn(hq, scale=2.0))
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=states.device) / d)
@@ -47,13 +52,15 @@ def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared"
 
     expected = call(reference.attend, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
+    before = {name: tensor.clone() for name, tensor in poisoned.items()}
     got = call(attend_triton.attend, poisoned, seen)
-    return expected, got, poisoned
+    return expected, got, (poisoned, before)
 
 
-def check(expected, got, poisoned, states, tokens_seen, length, dtype):
+def check(expected, got, kernel_memory, states, tokens_seen, length, dtype):
     y_ref, win_k_ref, win_v_ref = expected
     y, win_k, win_v = got
+    poisoned, before = kernel_memory  # the kernel's state tensors after and before the call
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     assert torch.isfinite(y).all(), "the kernel read a poisoned slot"
     torch.testing.assert_close(y.float(), y_ref.float(), **TOLERANCE[dtype])
@@ -63,6 +70,11 @@ def check(expected, got, poisoned, states, tokens_seen, length, dtype):
     written = slice(c + current, c + current + length)
     torch.testing.assert_close(win_k[:, :, written], win_k_ref[:, :, written], atol=0, rtol=0)
     torch.testing.assert_close(win_v[:, :, written], win_v_ref[:, :, written], atol=0, rtol=0)
+    # Nothing else is written: the rest of the window (NaN where unused) and the other state tensors.
+    for name, tensor in before.items():
+        if name in ("win_k", "win_v"):
+            tensor[:, :, written] = poisoned[name][:, :, written]
+        torch.testing.assert_close(poisoned[name], tensor, atol=0, rtol=0, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -71,8 +83,8 @@ def test_attend_matches_reference(
     device, lola_states, dtype, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
 ):
     states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen)
-    expected, got, poisoned = run_both(states, tokens_seen, length)
-    check(expected, got, poisoned, states, tokens_seen, length, dtype)
+    expected, got, kernel_memory = run_both(states, tokens_seen, length)
+    check(expected, got, kernel_memory, states, tokens_seen, length, dtype)
 
 
 WINDOW_CASES = [
@@ -88,13 +100,20 @@ def test_attend_with_the_window_normalizer_matches_reference(
     device, lola_states, dtype, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
 ):
     states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 1)
-    expected, got, poisoned = run_both(states, tokens_seen, length, normalizer="window")
-    check(expected, got, poisoned, states, tokens_seen, length, dtype)
+    expected, got, kernel_memory = run_both(states, tokens_seen, length, normalizer="window")
+    check(expected, got, kernel_memory, states, tokens_seen, length, dtype)
     shared, _, _ = run_both(states, tokens_seen, length)[0]
     assert not torch.allclose(shared.float(), expected[0].float(), atol=1e-3), "the normalizer had no effect"
 
 
+@pytest.mark.parametrize("tokens_seen,length", [(53, 1), (36, 5)], ids=["decode", "segment"])
+def test_attend_reads_packed_projection_views(device, lola_states, tokens_seen, length):
+    states = lola_states(device, torch.float32, heads=6, kv_heads=2, seed=tokens_seen + 2)
+    expected, got, kernel_memory = run_both(states, tokens_seen, length, packed=True)
+    check(expected, got, kernel_memory, states, tokens_seen, length, torch.float32)
+
+
 def test_attend_reads_position_from_device_tensor(device, lola_states):
     states = lola_states(device, torch.float32, seed=7)
-    expected, got, poisoned = run_both(states, 53, 1, device_seen=True)
-    check(expected, got, poisoned, states, 53, 1, torch.float32)
+    expected, got, kernel_memory = run_both(states, 53, 1, device_seen=True)
+    check(expected, got, kernel_memory, states, 53, 1, torch.float32)
