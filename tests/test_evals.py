@@ -107,7 +107,8 @@ def test_parse_arms_and_lengths():
     assert ablations["window-recent64"].settings(16) == LolaSettings(16, 64, "recent", "window")
     assert "keep most recent, window normalizer" in ablations["window-recent64"].label
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
-    for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g"):
+    for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g", "window-128",
+                "windowg128", "windowrandom128", "window-sre64"):  # fmt: skip
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):

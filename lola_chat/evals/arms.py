@@ -19,7 +19,17 @@ DEFAULT_ARMS = (
     "softmax,g0,g64,g128,g256,window128,window256,random128,recent128,window-random128,window-recent128"
 )
 LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
-ARM_PATTERN = re.compile(r"^(?:(window)-?)?(g|sre|random|recent)?(\d+)$")
+ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)$")
+# An arm name's prefix -> (eviction policy, normalizer).
+ARM_KINDS = {
+    "g": ("sre", "shared"),
+    "sre": ("sre", "shared"),
+    "random": ("random", "shared"),
+    "recent": ("recent", "shared"),
+    "window": ("sre", "window"),
+    "window-random": ("random", "window"),
+    "window-recent": ("recent", "window"),
+}
 POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
 
 
@@ -56,14 +66,13 @@ def parse_arms(text: str) -> list[Arm]:
             arms.append(Arm(name, "softmax"))
             continue
         match = ARM_PATTERN.match(name)
-        if not match or not (match[1] or match[2]):
+        if not match or match[1] not in ARM_KINDS:
             raise UsageError(
                 f"unknown configuration {name!r}; use softmax, g<G>, random<G>, recent<G>, window<G>, "
                 "window-random<G> or window-recent<G>"
             )
-        policy = match[2] if match[2] in ("random", "recent") else "sre"
-        normalizer = "window" if match[1] else "shared"
-        arms.append(Arm(name, "lola", int(match[3]), policy, normalizer))
+        policy, normalizer = ARM_KINDS[match[1]]
+        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer))
     if not arms:
         raise UsageError("--configs is empty")
     return arms
