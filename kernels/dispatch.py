@@ -38,7 +38,8 @@ def triton_module(name: str):
 
 def fast_path(*tensors: torch.Tensor) -> bool:
     """Whether a call on these tensors may leave the reference: it is not forced, every tensor is on a
-    CUDA device, and no autograd graph is being recorded through them (the kernels have no backward)."""
+    CUDA device, none is float64, and no autograd graph is being recorded through them (the kernels have
+    no backward)."""
     if _forced.get() or os.environ.get(REFERENCE_ENV) == "1":
         return False
     if not all(t.is_cuda for t in tensors):

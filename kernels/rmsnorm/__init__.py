@@ -15,9 +15,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     to x's dtype before the weight multiplies it.
 
     x: (..., N) float, any leading dims; weight: (N,). Returns x's shape in the promoted dtype of x and
-    weight. The Triton kernel runs where x and weight are on a CUDA device, Triton imports, the reference
-    is not forced and autograd is not recording through them (the kernel has no backward); elsewhere
-    the reference."""
+    weight. The Triton kernel runs where ``dispatch.fast_path`` allows it, Triton imports and x has a unit
+    stride in N; elsewhere the reference."""
     if x.stride(-1) == 1 and fast_path(x, weight):
         kernel = triton_module("lola_chat.kernels.rmsnorm.rmsnorm_triton")
         if kernel is not None:

@@ -16,9 +16,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
     gate, up: (..., N) of one shape and dtype; they may be the two halves of one packed projection's
     output (``gate_up.chunk(2, -1)``): the kernel reads them in place. Returns their shape and dtype,
-    contiguous. The Triton kernel runs where both are on a CUDA device, Triton imports, the reference
-    is not forced and autograd is not recording through them (the kernel has no backward); elsewhere
-    the reference."""
+    contiguous. The Triton kernel runs where ``dispatch.fast_path`` allows it, Triton imports and both
+    have one shape and dtype and a unit stride in N; elsewhere the reference (which also broadcasts)."""
     same = gate.shape == up.shape and gate.dtype == up.dtype
     if same and gate.stride(-1) == up.stride(-1) == 1 and fast_path(gate, up):
         kernel = triton_module("lola_chat.kernels.swiglu.swiglu_triton")
