@@ -100,8 +100,9 @@ class _StaticLayer:
         self.normalizer = memory.settings.normalizer
         self.counter = counter
         self.window_ids = window_ids
-        # The window factors, computed on the first (uncaptured warm-up) step: the weights do not change
-        # while a decoder runs, and a sigmoid per layer would be one more kernel in every replay.
+        # The window factors, computed on the first step (the uncaptured warm-up where graphs are captured):
+        # the weights do not change while a decoder runs, and a sigmoid per layer would be one more kernel
+        # in every replay.
         self.window_factor: torch.Tensor | None = None
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
