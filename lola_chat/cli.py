@@ -55,8 +55,8 @@ def common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--normalizer",
         choices=["shared", "window"],
-        help="how the linear term is weighed against the exact pairs: shared (the paper's; default) or "
-        "window (recalls more, costs perplexity; see docs/results)",
+        help="how the linear term is weighed against the exact pairs: shared (the paper's) or window "
+        "(against the window's best score); default: the linearization's (shared where it names none)",
     )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)
