@@ -352,9 +352,10 @@ def attend(
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
     if length == 1:
-        _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen,
-                y, normalizer)  # fmt: skip
+        args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq)
+        _decode(*args, seen, on_device, y, normalizer)
         return y, win_k, win_v
     # Query tiles of 16 rows: larger tiles spill registers, and more programs spread over more SMs.
     block_t = 16
@@ -363,7 +364,7 @@ def attend(
     # spill to local memory (ptxas -v for sm_90); with 8 they fit.
     _attend_kernel[grid](
         q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
-        0 if on_device else tokens_seen, tokens_seen if on_device else q, length,
+        *seen, length,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
@@ -374,15 +375,12 @@ def attend(
     return y, win_k, win_v
 
 
-def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen, y,
-            normalizer):  # fmt: skip
-    """``attend`` for one token: the key blocks in parallel, then one merge per (batch, query head)."""
+def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, seen,
+            on_device, y, normalizer):  # fmt: skip
+    """``attend`` for one token: the key blocks in parallel, then one merge per (batch, query head).
+    ``seen``: the kernels' (host count, device count pointer) arguments, as ``attend`` makes them."""
     batch, n_heads, _, dim = q.shape
-    n_kv_heads = k.shape[1]
-    chunk = win_k.shape[2] // 2
-    capacity = cache_k.shape[2]
-    on_device = isinstance(tokens_seen, torch.Tensor)
-    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
+    n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
     block_n = block_rows(min(chunk, max(capacity, 1)), 32)
     cache_blocks = triton.cdiv(capacity, block_n)
     blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)

@@ -60,7 +60,8 @@ def _how_made(meta: dict) -> str:
         f"the chat template, and {get(data, 'self_generated_conversations')} conversations the teacher wrote "
         f"during the run. Tokens available: {tokens}; sampling weights: {mixture}",
         f"- Inference settings shipped: chunk {get(lola, 'chunk')}, sparse cache G = "
-        f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}",
+        f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}, "
+        f"{lola.get('normalizer', 'shared')} normalizer",
     ]
     versions = training.get("versions", {})
     if versions:
