@@ -35,14 +35,14 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert all(r["eviction_steps"] >= 1 for r in lola)
     assert len({r["state_bytes"] for r in lola}) == 1
     floor = results["floor"]
-    # Every weight once: the tied embedding and the packed projections' views are not counted twice.
+    # Every weight matrix once: the tied embedding and the packed projections' views are not counted twice.
     model = random_model(TINY_SHAPES, torch.device("cpu"), default_dtype(torch.device("cpu")))
-    unique = {id(p): p.nbytes for p in model.parameters()}
-    assert floor["weight_bytes"] == sum(unique.values()) + sum(b.nbytes for b in model.buffers())
-    assert floor["bandwidth_gb_per_s"] > 0
+    assert TINY_SHAPES.tie_embeddings
+    assert floor["weight_bytes"] == sum(p.nbytes for p in model.parameters() if p.dim() == 2)
+    assert floor["weight_matrices"] == 4 * TINY_SHAPES.n_layers + 1 and floor["bandwidth_gb_per_s"] > 0
     assert floor["tokens_per_s"] == pytest.approx(1000.0 / floor["read_ms"])
     assert "| lola-reference | 40 |" in (out / "tiny.md").read_text()
-    assert "Bandwidth floor" in (out / "tiny.md").read_text()
+    assert "Matmul floor" in (out / "tiny.md").read_text()
     assert (out / "tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
