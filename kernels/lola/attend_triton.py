@@ -381,6 +381,8 @@ def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor
     ``seen``: the kernels' (host count, device count pointer) arguments, as ``attend`` makes them."""
     batch, n_heads, _, dim = q.shape
     n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
+    # One block of at most 32 keys per program (4 warps cover it): the parallelism comes from the blocks,
+    # and blocks no taller than the smaller range waste no program on an empty tail.
     block_n = block_rows(min(chunk, max(capacity, 1)), 32)
     cache_blocks = triton.cdiv(capacity, block_n)
     blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
