@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -192,9 +193,10 @@ async def test_help_screen_lists_keys(engine, make_app):
         await pilot.press("f1")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        text = app.export_screenshot()
-        for label in ("Ctrl+R", "Regenerate", "F2", "/set&#160;KEY&#160;VALUE"):
+        text = html.unescape(app.export_screenshot()).replace("\xa0", " ")
+        for label in ("Ctrl+R", "Regenerate", "F2", "/set KEY VALUE", "Up / Down"):
             assert label in text
+        assert "older / newer prompts (on first / last line)" in text
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen is app.chat

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import html
-
 from fake_engine import BASE_TIME
 from pilot_helpers import settle, type_and_send
 
@@ -191,14 +189,3 @@ def test_edits_to_recalled_prompts_last_until_the_next_send():
     assert history.entries == ["a", "b", "draft"], "a repeat of the newest is kept once"
     assert history.step("", -1) == "draft"
     assert history.step("draft", -1) == "b", "edits are dropped once a prompt is sent"
-
-
-async def test_help_lists_the_history_keys(engine, make_app):
-    app = make_app()
-    async with app.run_test(size=(100, 32)) as pilot:
-        await settle(app, pilot)
-        await pilot.press("f1")
-        await pilot.pause()
-        text = app.export_screenshot()
-        shown_text = html.unescape(text).replace("\xa0", " ")
-        assert "Up / Down" in shown_text and "older / newer prompts (on first / last line)" in shown_text
