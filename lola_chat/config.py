@@ -106,8 +106,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): there bf16 halves the
-    bytes a decode step reads and runs prefill matmuls several times faster than fp32 (measured ~12x
-    with AMX at 512 tokens). Elsewhere bf16 is emulated and slower than fp32."""
+    bytes a decode step reads and runs prefill matmuls several times faster than fp32 (AMX tiles).
+    Elsewhere bf16 is emulated and slower than fp32."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

@@ -24,9 +24,8 @@ class LolaSettings:
     chunk: int = 64
     capacity: int = 128
     policy: str = "sre"
-    # "shared": the paper's normalizer; "window": the linear term is measured against the window's
-    # best score (see reference.attend). Measured in docs/results: "window" recalls more needles,
-    # "shared" keeps perplexity close to the softmax model.
+    # "shared": the paper's normalizer; "window": the linear term is weighed against the window's best
+    # score (see reference.attend). A linearization's config names the one it was trained for.
     normalizer: str = "shared"
 
     def __post_init__(self):
