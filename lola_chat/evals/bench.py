@@ -188,7 +188,6 @@ def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
         if isinstance(module, torch.nn.Linear)
         and module.weight.nbytes == module.weight.untyped_storage().nbytes()
     ]
-    linears = list({module.weight.untyped_storage().data_ptr(): module for module in linears}.values())
     inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=device) for m in linears]
 
     def read_all() -> torch.Tensor:
