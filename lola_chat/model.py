@@ -147,8 +147,7 @@ class Attention(nn.Module):
         """x: (B, T, dim) -> un-rotated q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
         b, t, _ = x.shape
         hq, hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        # lola-chat linearize wraps the projections in LoRA adapters, which the packed weight lacks.
-        if self.qkv_proj is not None and isinstance(self.q_proj, Linear):
+        if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split((hq * hd, hkv * hd, hkv * hd), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

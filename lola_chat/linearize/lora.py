@@ -34,9 +34,12 @@ class LoraLinear(nn.Module):
 
 
 def attach(model, rank: int, alpha: float) -> list[nn.Parameter]:
-    """Wrap q, k, v and o of every layer; returns the new trainable factors."""
+    """Wrap q, k, v and o of every layer; returns the new trainable factors. A packed q/k/v GEMM
+    (``Transformer.pack_projections``) would bypass the adapters, so it is dropped; the adapters' merge
+    on detach writes into the base weights, which stay correct unpacked."""
     params = []
     for block in model.layers:
+        block.self_attn.qkv_proj = None
         for name in LORA_TARGETS:
             adapter = LoraLinear(getattr(block.self_attn, name), rank, alpha)
             setattr(block.self_attn, name, adapter)
