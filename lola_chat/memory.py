@@ -13,7 +13,7 @@ from lola_chat.errors import UsageError
 from lola_chat.kernels import lola
 from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, accumulator
 
-POLICIES = ("sre", "random", "recent")
+POLICIES = ("sre", "novelty", "random", "recent")
 NORMALIZERS = ("shared", "window")
 
 

@@ -11,6 +11,18 @@ from lola_chat.kernels.lola import reference
 SUM_ORDER_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
 
 
+def cache_recall_by_definition(k, v, valid):
+    """For each candidate: the value distance to the valid other candidate with the nearest key."""
+    error = torch.linalg.vector_norm(v.double(), dim=-1)
+    for b, head, i in torch.cartesian_prod(*(torch.arange(n) for n in k.shape[:3])).tolist():
+        others = [j for j in range(k.shape[2]) if valid[j] and j != i]
+        if others:
+            key = k[b, head].double()
+            nearest = min(others, key=lambda j: float(torch.dist(key[i], key[j])))
+            error[b, head, i] = torch.dist(v[b, head, i].double(), v[b, head, nearest].double())
+    return error
+
+
 def evict_by_definition(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator):
     chunk, capacity, n_heads = win_k.shape[2] // 2, cache_k.shape[2], cache_k.shape[1]
     cached, previous, _ = reference.frame(tokens_seen - 1, chunk, capacity)
@@ -25,6 +37,9 @@ def evict_by_definition(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_see
         if capacity:
             if policy == "sre":
                 score = reference.self_recall_error(phi, cand_v, h, s)
+            elif policy == "novelty":
+                sre = reference.self_recall_error(phi, cand_v, h, s)
+                score = torch.minimum(sre, cache_recall_by_definition(cand_k, cand_v, valid).to(sre.dtype))
             elif policy == "random":
                 score = torch.rand(cand_v.shape[:3], generator=generator)
             else:
@@ -80,7 +95,7 @@ def assert_same_eviction(got, expected, dtype):
         assert torch.equal(keep, ref_keep)
 
 
-@pytest.mark.parametrize("policy", ["sre", "random", "recent"])
+@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("tokens_seen", "chunk", "capacity", "heads", "kv_heads", "dim", "batch"), CASES)
 def test_evict_equals_the_masked_definition(tokens_seen, chunk, capacity, heads, kv_heads, dim, batch, dtype,
@@ -114,7 +129,7 @@ def new_chunk(memory, chunk, seed):
     return [torch.cat([x[:, :, :chunk], y], dim=2) for x, y in zip((win_k, win_v), fresh, strict=True)] + rest
 
 
-@pytest.mark.parametrize("policy", ["sre", "random", "recent"])
+@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
 @pytest.mark.parametrize(
     ("chunk", "capacity", "heads", "kv_heads", "batch"),
     [(8, 20, 4, 2, 2), (8, 16, 6, 3, 1), (8, 5, 4, 1, 2), (8, 0, 4, 2, 1)],
@@ -187,3 +202,16 @@ def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
             torch.testing.assert_close(kept.attend(q, k, v, attn), forgetful.attend(q, k, v, attn))
     for name in LolaMemory.memory_names:
         torch.testing.assert_close(getattr(kept, name), getattr(forgetful, name), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_recall_error_is_zero_for_a_duplicate_and_the_value_norm_for_a_lone_pair():
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 1, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
+    k[..., 3, :], v[..., 3, :] = k[..., 1, :], v[..., 1, :]
+    valid = torch.tensor([False, True, True, True, True])
+    error = reference.cache_recall_error(k, v, valid)
+    assert error[0, 0, 1] == 0 and error[0, 0, 3] == 0
+    assert error[0, 0, 2] > 0
+    torch.testing.assert_close(error, cache_recall_by_definition(k, v, valid).float())
+    alone = torch.tensor([False, False, True, False, False])
+    torch.testing.assert_close(reference.cache_recall_error(k, v, alone)[0, 0, 2], v[0, 0, 2].norm())

@@ -138,7 +138,7 @@ def test_eviction_keeps_the_pairs_with_highest_self_recall_error():
     torch.testing.assert_close(memory.cache_k, expected)
 
 
-@pytest.mark.parametrize("policy", ["sre", "random", "recent"])
+@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
 def test_policies_fill_the_cache_in_time_order(policy):
     chunk, capacity = 4, 6
     memory = new_memory(chunk, capacity, batch=1, policy=policy)

@@ -302,6 +302,25 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 
+def cache_recall_error(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """|| v_i - v_j || for the valid candidate j != i whose key is nearest to k_i (Euclidean): how badly
+    the other candidates would stand in for pair i. A pair the cache would hold twice (the same token
+    in the same context, as repeated text gives) scores near zero.
+
+    k, v: (B, Hq, N, D) un-rotated; valid: (N,) bool. Returns (B, Hq, N) fp32 (fp64 for fp64 inputs);
+    ||v|| where no other candidate is valid.
+    """
+    acc = accumulator(k.dtype)
+    k, v = k.to(acc), v.to(acc)
+    n = k.shape[2]
+    others = valid[None, :] & ~torch.eye(n, dtype=torch.bool, device=k.device)
+    distance = torch.cdist(k, k).masked_fill(~others, float("inf"))
+    nearest = distance.argmin(dim=-1)
+    error = torch.linalg.vector_norm(v - _take_rows(v, nearest), dim=-1)
+    alone = ~others.any(dim=-1)
+    return torch.where(alone, torch.linalg.vector_norm(v, dim=-1), error)
+
+
 class KeyFeatures:
     """The hedgehog features of a memory's cached keys, kept between evictions so that an eviction
     computes features only for the chunk leaving the window. They serve only the very cache tensor
@@ -377,6 +396,10 @@ def evict(
         if capacity > 0:
             if policy == "sre":
                 score = self_recall_error(phi_k, cand_v, h, s)
+            elif policy == "novelty":
+                score = torch.minimum(
+                    self_recall_error(phi_k, cand_v, h, s), cache_recall_error(cand_k, cand_v, valid)
+                )
             elif policy == "random":
                 score = torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
             elif policy == "recent":

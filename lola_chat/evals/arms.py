@@ -24,13 +24,20 @@ ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)$")
 ARM_KINDS = {
     "g": ("sre", "shared"),
     "sre": ("sre", "shared"),
+    "novelty": ("novelty", "shared"),
     "random": ("random", "shared"),
     "recent": ("recent", "shared"),
     "window": ("sre", "window"),
+    "window-novelty": ("novelty", "window"),
     "window-random": ("random", "window"),
     "window-recent": ("recent", "window"),
 }
-POLICY_LABELS = {"sre": "self-recall error", "random": "random eviction", "recent": "keep most recent"}
+POLICY_LABELS = {
+    "sre": "self-recall error",
+    "novelty": "self-recall or cache-recall error",
+    "random": "random eviction",
+    "recent": "keep most recent",
+}
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,8 @@ def parse_arms(text: str) -> list[Arm]:
         match = ARM_PATTERN.match(name)
         if not match or match[1] not in ARM_KINDS:
             raise UsageError(
-                f"unknown configuration {name!r}; use softmax, g<G>, random<G>, recent<G>, window<G>, "
-                "window-random<G> or window-recent<G>"
+                f"unknown configuration {name!r}; use softmax, g<G>, novelty<G>, random<G>, recent<G>, "
+                "window<G>, window-novelty<G>, window-random<G> or window-recent<G>"
             )
         policy, normalizer = ARM_KINDS[match[1]]
         arms.append(Arm(name, "lola", int(match[2]), policy, normalizer))
