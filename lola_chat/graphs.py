@@ -98,6 +98,7 @@ class _StaticLayer:
     def __init__(self, memory: LolaMemory, counter: _Counter, window_ids: torch.Tensor):
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
+        self.linear_cap = memory.settings.linear_cap
         self.counter = counter
         self.window_ids = window_ids
         # The window factors, computed on the first step (the uncaptured warm-up where graphs are captured):
@@ -119,7 +120,7 @@ class _StaticLayer:
             self.window_factor = attn.window_factor()
         y, _, _ = attend_triton.attend(
             q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_q, self.window_factor, attn.inv_freq, counter.seen, self.normalizer,
+            attn.fmap_q, self.window_factor, attn.inv_freq, counter.seen, self.normalizer, self.linear_cap,
         )  # fmt: skip
         if counter.evicting:
             *_, keep = evict_triton.evict(

@@ -27,11 +27,15 @@ class LolaSettings:
     # "shared": the paper's normalizer; "window": the linear term is weighed against the window's best
     # score (see reference.attend). A linearization's config names the one it was trained for.
     normalizer: str = "shared"
+    # The hidden state weighs at most what it weighs after this many folded pairs (0: no cap); see
+    # reference.attend. Without it the linear term outgrows the exact memories in a long conversation.
+    linear_cap: int = 0
 
     def __post_init__(self):
-        if self.chunk < 1 or self.capacity < 0:
+        if self.chunk < 1 or self.capacity < 0 or self.linear_cap < 0:
             raise UsageError(
-                f"LoLA chunk must be at least 1 and capacity at least 0, not {self.chunk}/{self.capacity}"
+                "LoLA chunk must be at least 1, capacity and linear cap at least 0, not "
+                f"{self.chunk}/{self.capacity}/{self.linear_cap}"
             )
         if self.policy not in POLICIES:
             raise UsageError(f"unknown eviction policy {self.policy!r}; known: {', '.join(POLICIES)}")
@@ -97,6 +101,7 @@ class LolaMemory:
                 self.tokens_seen,
                 self._rotary,
                 self.settings.normalizer,
+                self.settings.linear_cap,
             )
             outputs.append(y)
             if ids is not None:

@@ -106,9 +106,13 @@ def test_parse_arms_and_lengths():
     assert ablations["window-random128"].settings(16) == LolaSettings(16, 128, "random", "window")
     assert ablations["window-recent64"].settings(16) == LolaSettings(16, 64, "recent", "window")
     assert "keep most recent, window normalizer" in ablations["window-recent64"].label
+    capped = parse_arms("window-novelty128-cap2048")[0]
+    assert capped.settings(16) == LolaSettings(16, 128, "novelty", "window", linear_cap=2048)
+    assert "capped at 2048" in capped.label and "capped" not in arms["window64"].label
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
     for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g", "window-128",
-                "windowg128", "windowrandom128", "window-sre64"):  # fmt: skip
+                "windowg128", "windowrandom128", "window-sre64", "window128-cap",
+                "window128cap64"):  # fmt: skip
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):

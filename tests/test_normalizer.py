@@ -71,3 +71,23 @@ def test_settings_refuse_an_unknown_normalizer_or_policy():
         LolaSettings(normalizer="windows")
     with pytest.raises(UsageError, match="policy"):
         LolaSettings(policy="lru")
+
+
+def attend_capped(memory, attn, query, linear_cap, h_scale=1.0):
+    return lola.attend(
+        query, query[:, :: HQ // memory.win_k.shape[1]], query[:, :: HQ // memory.win_k.shape[1]],
+        memory.win_k, memory.win_v, memory.cache_k, memory.cache_v, memory.h * h_scale, memory.s * h_scale,
+        attn.fmap_q, attn.window_factor(), attn.inv_freq, memory.tokens_seen, None, "window", linear_cap,
+    )[0]  # fmt: skip
+
+
+def test_a_linear_cap_weighs_the_hidden_state_as_if_it_held_that_many_pairs():
+    memory, attn, query = filled_memory(margin=0.5)
+    folded = memory.folded()
+    capped = attend_capped(memory, attn, query, folded // 4)
+    torch.testing.assert_close(capped, attend_capped(memory, attn, query, 0, (folded // 4) / folded))
+    assert not torch.allclose(capped, attend_capped(memory, attn, query, 0))
+    for no_effect in (folded, folded + 1):
+        torch.testing.assert_close(
+            attend_capped(memory, attn, query, no_effect), attend_capped(memory, attn, query, 0)
+        )

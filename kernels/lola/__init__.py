@@ -52,7 +52,7 @@ def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None)
 
 def attend(
     q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen, rotary=None,
-    normalizer="shared",
+    normalizer="shared", linear_cap=0,
 ):  # fmt: skip
     """See ``reference.attend``; dispatched as described in this module's docstring. ``rotary``
     (a ``FrameRotary``) serves the reference only; the Triton path forgets what it kept, as it
@@ -61,8 +61,8 @@ def attend(
     if uses_triton(q, k, v, win_k, cache_k, h, s, fmap_q, window_factor, feature_map=fmap_q):
         if rotary is not None:
             rotary.forget()
-        return _triton_module("attend").attend(*args, normalizer)
-    return reference.attend(*args, rotary, normalizer)
+        return _triton_module("attend").attend(*args, normalizer, linear_cap)
+    return reference.attend(*args, rotary, normalizer, linear_cap)
 
 
 def evict(

@@ -133,7 +133,16 @@ def _current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr
 
 
 @triton.jit
-def _finish(q, m, total, acc, window_top, t, t_ok, q_slot, batch, head,
+def _linear_cap_factor(seen, linear_cap, C: tl.constexpr, G: tl.constexpr):
+    """min(1, linear_cap / folded pairs) after ``seen`` tokens; 1 for a cap of 0 (as
+    ``reference.linear_cap_factor``)."""
+    cached, previous, current = frame_counts(seen, C, G)
+    folded = (seen - cached - previous - current).to(tl.float32)
+    return tl.where((linear_cap > 0) & (folded > linear_cap), linear_cap / tl.maximum(folded, 1.0), 1.0)
+
+
+@triton.jit
+def _finish(q, m, total, acc, window_top, linear_factor, t, t_ok, q_slot, batch, head,
             fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t,
             wk_ptr, wv_ptr, win_row, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
             E: tl.constexpr, ONE_ROW: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
@@ -147,6 +156,7 @@ def _finish(q, m, total, acc, window_top, t, t_ok, q_slot, batch, head,
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
     linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full(m.shape, 1.0, tl.float32)
+    linear_scale = linear_scale * linear_factor
     linear = (matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)) * linear_scale[:, None]
     linear_norm = (tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)) * linear_scale
     gate = tl.load(gate_ptr + head).to(tl.float32)
@@ -174,7 +184,7 @@ def _queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D: t
 @triton.jit(do_not_specialize=["seen"])
 def _attend_kernel(
     q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
-    seen, seen_ptr, T,
+    seen, seen_ptr, linear_cap, T,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -216,7 +226,8 @@ def _attend_kernel(
             start, cached, previous, current, T, q_slot, t_ok, freq, C, D, BLOCK_N, ONE_ROW,
         )  # fmt: skip
     _finish(
-        q, m, total, acc, window_top, t, t_ok, q_slot, batch, head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr,
+        q, m, total, acc, window_top, _linear_cap_factor(seen, linear_cap, C, G), t, t_ok, q_slot, batch,
+        head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr,
         sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
         HQ, HKV, C, D, E, ONE_ROW, WINDOW_NORMALIZER,
     )  # fmt: skip
@@ -274,8 +285,8 @@ def _decode_blocks_kernel(
 @triton.jit(do_not_specialize=["seen"])
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
-    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, linear_cap, sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
     BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
     SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
 ):  # fmt: skip
@@ -304,8 +315,9 @@ def _decode_merge_kernel(
     t_ok = t < 1
     q, _ = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
     _finish(
-        q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, t, t_ok, current + t, batch,
-        head, fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
+        q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0,
+        _linear_cap_factor(seen, linear_cap, C, G), t, t_ok, current + t, batch, head,
+        fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
         batch * sk_b + kv_head * sk_h, 0, wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C,
         HQ, HKV, C, D, E, True, WINDOW_NORMALIZER,
     )  # fmt: skip
@@ -326,6 +338,7 @@ def attend(
     inv_freq: torch.Tensor,
     tokens_seen: int | torch.Tensor,
     normalizer: str = "shared",
+    linear_cap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens inside the current chunk and append them to the window, in place.
 
@@ -335,7 +348,7 @@ def attend(
     inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
     ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
     checked on the host, and a CUDA graph can replay the call at any position). ``normalizer``:
-    "shared" or "window", as in the reference.
+    "shared" or "window", and ``linear_cap``, as in the reference.
 
     Unlike the reference, win_k and win_v are updated in place and returned as the same tensors.
     Returns (y (B, Hq, T, D) in q's dtype, laid out (B, T, Hq, D) in memory, win_k, win_v).
@@ -352,7 +365,7 @@ def attend(
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
-    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q, float(linear_cap))
     if length == 1:
         args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq)
         _decode(*args, seen, on_device, y, normalizer)
@@ -378,7 +391,8 @@ def attend(
 def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, seen,
             on_device, y, normalizer):  # fmt: skip
     """``attend`` for one token: the key blocks in parallel, then one merge per (batch, query head).
-    ``seen``: the kernels' (host count, device count pointer) arguments, as ``attend`` makes them."""
+    ``seen``: the kernels' (host count, device count pointer, linear cap) arguments, as ``attend`` makes
+    them."""
     batch, n_heads, _, dim = q.shape
     n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
     # One block of at most 32 keys per program (4 warps cover it): the parallelism comes from the blocks,
@@ -390,7 +404,7 @@ def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor
     part_total = torch.empty_like(part_m)
     part_acc = torch.empty(batch * n_heads, blocks, dim, dtype=torch.float32, device=q.device)
     _decode_blocks_kernel[(batch * n_heads, blocks)](
-        q, k, v, win_k, win_v, cache_k, cache_v, inv_freq, part_m, part_total, part_acc, *seen,
+        q, k, v, win_k, win_v, cache_k, cache_v, inv_freq, part_m, part_total, part_acc, *seen[:2],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, BLOCK_N=block_n, SEEN_ON_DEVICE=on_device,
         num_warps=4,
@@ -398,7 +412,7 @@ def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor
     _decode_merge_kernel[(batch * n_heads,)](
         q, k, v, win_k, win_v, h, s, fmap_q.contiguous(), window_factor, y, part_m, part_total, part_acc,
         *seen, q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
-        HQ=n_heads, HKV=n_kv_heads, C=chunk, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
         CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
         WINDOW_NORMALIZER=normalizer == "window", num_warps=4,
     )  # fmt: skip

@@ -145,6 +145,13 @@ def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
     return cached, previous, tokens_seen % chunk
 
 
+def linear_cap_factor(tokens_seen: int, chunk: int, capacity: int, linear_cap: int) -> float:
+    """min(1, linear_cap / folded pairs) after ``tokens_seen`` tokens; 1 when ``linear_cap`` is 0."""
+    cached, previous, current = frame(tokens_seen, chunk, capacity)
+    folded = tokens_seen - cached - previous - current
+    return linear_cap / folded if 0 < linear_cap < folded else 1.0
+
+
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.gather(2, index[..., None].expand(..., D))``, as one index_select over flattened rows: on a
     CPU, gather with an expanded index walks every element's index, index_select copies whole rows."""
@@ -235,6 +242,7 @@ def attend(
     tokens_seen: int,
     rotary: FrameRotary | None = None,
     normalizer: str = "shared",
+    linear_cap: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens that all fall inside the current chunk, and append them to the window.
 
@@ -248,6 +256,12 @@ def attend(
     paper's formula (r = 1); "window" measures the linear term against the window's best score,
     r = exp(m_window - m), so a cached key that outscores the whole window is not drowned by the
     folded pairs. Both are the LoLCATs hybrid at G = 0 (then m_window = m).
+
+    ``linear_cap`` > 0 caps the hidden state's weight at what it has after that many folded pairs:
+    r is multiplied by min(1, linear_cap / folded). phi(q)^T s grows with every folded pair while the
+    softmax sums stay bounded by G + 2C, so far past the lengths the feature maps were trained at the
+    linear term would drown the exact memories; the cap keeps the balance of those lengths and leaves
+    what H recalls (H over s) unchanged. 0 leaves r alone.
     """
     batch, n_heads, length, dim = q.shape
     chunk = win_k.shape[2] // 2
@@ -280,6 +294,7 @@ def attend(
         linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
     elif normalizer != "shared":
         raise ValueError(f"unknown normalizer {normalizer!r}")
+    linear_scale = linear_scale * linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
     cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
     win_values = _zero_outside(win_values, *where.window_seen)

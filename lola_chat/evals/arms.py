@@ -19,7 +19,7 @@ DEFAULT_ARMS = (
     "softmax,g0,g64,g128,g256,window128,window256,random128,recent128,window-random128,window-recent128"
 )
 LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
-ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)$")
+ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)(?:-cap(\d+))?$")
 # An arm name's prefix -> (eviction policy, normalizer).
 ARM_KINDS = {
     "g": ("sre", "shared"),
@@ -47,10 +47,15 @@ class Arm:
     capacity: int = 0
     policy: str = "sre"
     normalizer: str = "shared"
+    linear_cap: int = 0
 
     def settings(self, chunk: int) -> LolaSettings:
         return LolaSettings(
-            chunk=chunk, capacity=self.capacity, policy=self.policy, normalizer=self.normalizer
+            chunk=chunk,
+            capacity=self.capacity,
+            policy=self.policy,
+            normalizer=self.normalizer,
+            linear_cap=self.linear_cap,
         )
 
     @property
@@ -60,13 +65,15 @@ class Arm:
         if self.capacity == 0:
             return "linearized, G=0 (window + linear)"
         window = ", window normalizer" if self.normalizer == "window" else ""
-        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window})"
+        cap = f", hidden state capped at {self.linear_cap} pairs" if self.linear_cap else ""
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window}{cap})"
 
 
 def parse_arms(text: str) -> list[Arm]:
     """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>" (the shared normalizer), and the same
     with the window normalizer: "window<G>" (self-recall error), "window-random<G>", "window-recent<G>";
-    comma-separated."""
+    "novelty<G>" and "window-novelty<G>" for the novelty policy; any LoLA arm may end in "-cap<R>" (the
+    hidden state's weight capped at R folded pairs). Comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
@@ -76,10 +83,11 @@ def parse_arms(text: str) -> list[Arm]:
         if not match or match[1] not in ARM_KINDS:
             raise UsageError(
                 f"unknown configuration {name!r}; use softmax, g<G>, novelty<G>, random<G>, recent<G>, "
-                "window<G>, window-novelty<G>, window-random<G> or window-recent<G>"
+                "window<G>, window-novelty<G>, window-random<G> or window-recent<G>, each optionally "
+                "followed by -cap<R>"
             )
         policy, normalizer = ARM_KINDS[match[1]]
-        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer))
+        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer, int(match[3] or 0)))
     if not arms:
         raise UsageError("--configs is empty")
     return arms

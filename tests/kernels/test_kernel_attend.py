@@ -29,7 +29,7 @@ CASES = [
 ]
 
 
-def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared", packed=False):
+def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared", packed=False, linear_cap=0):
     clean, poisoned = states.memory(tokens_seen)
     b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
     if packed:
@@ -48,7 +48,7 @@ def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared"
     def call(fn, memory, seen):
         m = memory
         return fn(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
-                  fmap, gate, inv_freq, seen, normalizer=normalizer)  # fmt: skip
+                  fmap, gate, inv_freq, seen, normalizer=normalizer, linear_cap=linear_cap)  # fmt: skip
 
     expected = call(reference.attend, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
@@ -104,6 +104,23 @@ def test_attend_with_the_window_normalizer_matches_reference(
     check(expected, got, kernel_memory, states, tokens_seen, length, dtype)
     shared, _, _ = run_both(states, tokens_seen, length)[0]
     assert not torch.allclose(shared.float(), expected[0].float(), atol=1e-3), "the normalizer had no effect"
+
+
+@pytest.mark.parametrize("device_seen", [False, True], ids=["host-count", "device-count"])
+@pytest.mark.parametrize("tokens_seen,length,chunk,capacity,heads,kv_heads,dim,batch", WINDOW_CASES)
+def test_attend_with_a_linear_cap_matches_reference(
+    device, lola_states, device_seen, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
+):
+    dtype = torch.float32
+    states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 3)
+    cached, previous, current = reference.frame(tokens_seen, chunk, capacity)
+    cap = (tokens_seen - cached - previous - current) // 3
+    expected, got, kernel_memory = run_both(
+        states, tokens_seen, length, device_seen, "window", linear_cap=cap
+    )
+    check(expected, got, kernel_memory, states, tokens_seen, length, dtype)
+    uncapped, _, _ = run_both(states, tokens_seen, length, normalizer="window")[0]
+    assert not torch.allclose(uncapped, expected[0], atol=1e-3), "the cap had no effect"
 
 
 @pytest.mark.parametrize("tokens_seen,length", [(53, 1), (36, 5)], ids=["decode", "segment"])
