@@ -79,6 +79,14 @@ def save_linearization(
     atomic_write_bytes(directory / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
 
 
+def linearization_settings(directory: Path) -> LolaSettings:
+    """The LoLA settings a linearization's config.json ships with, without loading its tensors."""
+    try:
+        return LolaSettings(**json.loads((directory / "config.json").read_text()).get("lola", {}))
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        raise UsageError(f"{directory} has no readable LoLA settings: {error}") from None
+
+
 def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSettings]:
     """Install a linearization into ``model``: feature maps and gates replaced, LoRA merged into the
     base projections (W += alpha/rank * B @ A, in fp32 or wider). Everything is checked before the

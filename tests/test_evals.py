@@ -37,9 +37,13 @@ def tiny_data(tmp_path):
 
 def parse(argv: list[str], monkeypatch):
     """Arguments and config as `lola-chat ARGV` would get them (sys.argv too: results record it)."""
+    from lola_chat.evals import bench
+
     monkeypatch.setattr(sys, "argv", ["lola-chat", *argv])
     parser = argparse.ArgumentParser()
-    command.register(parser.add_subparsers(), cli.common_options())
+    subparsers = parser.add_subparsers()
+    command.register(subparsers, cli.common_options())
+    bench.register(subparsers, cli.common_options())
     args = parser.parse_args(argv)
     return args, cli.build_config(args)
 
@@ -234,3 +238,20 @@ def test_results_elsewhere_leave_the_shipped_card_alone(tmp_path, lola_home, mon
     (tmp_path / "results").mkdir()
     assert args.func(args, config) == 0
     assert shipped.read_bytes() == before
+
+
+def test_bench_on_random_default_shapes_runs_the_shipped_settings(monkeypatch, lola_home):
+    from lola_chat.config import DEFAULT_LINEARIZATION
+    from lola_chat.evals import bench
+    from lola_chat.linearization import linearization_settings
+
+    class RandomModel:
+        def pack_projections(self):
+            return self
+
+    monkeypatch.setattr(bench, "random_model", lambda *args: RandomModel())
+    shipped = linearization_settings(resolve_linearization(DEFAULT_LINEARIZATION))
+    args, config = parse(["bench", "--random-default-shapes"], monkeypatch)
+    assert bench.load(args, config, torch.device("cpu"), torch.float32).settings == shipped
+    args, config = parse(["bench", "--random-default-shapes", "--capacity", "32"], monkeypatch)
+    assert bench.load(args, config, torch.device("cpu"), torch.float32).settings.capacity == 32

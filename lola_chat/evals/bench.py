@@ -25,6 +25,7 @@ from lola_chat.evals.bench_arms import ARMS, BenchModel, Clock, LolaArm, make_ar
 from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.graphs import capture_graphs
 from lola_chat.kernels.lola.reference import accumulator
+from lola_chat.linearization import linearization_settings, resolve_linearization
 from lola_chat.memory import LolaSettings
 from lola_chat.model import ModelConfig, Transformer
 
@@ -76,22 +77,26 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
-    settings = dataclasses.replace(
-        config.lola,
-        **{k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)},
-    )
-    if args.tiny or args.random_default_shapes:
-        shapes = TINY_SHAPES if args.tiny else DEFAULT_SHAPES
-        settings = LolaSettings(chunk=16, capacity=24) if args.tiny else settings
-        name = "tiny random" if args.tiny else "random weights, default model shapes"
-        return BenchModel(random_model(shapes, device, dtype).pack_projections(), settings, name)
+    overrides = {k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)}
+    if args.tiny:
+        return BenchModel(
+            random_model(TINY_SHAPES, device, dtype).pack_projections(),
+            LolaSettings(chunk=16, capacity=24),
+            "tiny random",
+        )
+    if args.random_default_shapes:
+        # The settings the chat runs: the default linearization's, unless flags say otherwise.
+        shipped = resolve_linearization(config.linearization)
+        settings = linearization_settings(shipped) if shipped is not None else config.lola
+        return BenchModel(
+            random_model(DEFAULT_SHAPES, device, dtype).pack_projections(),
+            dataclasses.replace(settings, **overrides),
+            "random weights, default model shapes",
+        )
     from lola_chat.weights import load_model
 
     loaded = load_model(config, device, dtype)
-    settings = dataclasses.replace(
-        loaded.lola,
-        **{k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)},
-    )
+    settings = dataclasses.replace(loaded.lola, **overrides)
     return BenchModel(loaded.model.eval(), settings, f"{loaded.model_dir.name} ({loaded.linearization})")
 
 

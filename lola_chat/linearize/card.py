@@ -61,7 +61,8 @@ def _how_made(meta: dict) -> str:
         f"during the run. Tokens available: {tokens}; sampling weights: {mixture}",
         f"- Inference settings shipped: chunk {get(lola, 'chunk')}, sparse cache G = "
         f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}, "
-        f"{lola.get('normalizer', 'shared')} normalizer",
+        f"{lola.get('normalizer', 'shared')} normalizer"
+        + (f", hidden state capped at {lola['linear_cap']} folded pairs" if lola.get("linear_cap") else ""),
     ]
     versions = training.get("versions", {})
     if versions:
