@@ -99,6 +99,7 @@ class _StaticLayer:
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
+        self.policy = memory.settings.policy
         self.counter = counter
         self.window_ids = window_ids
         # The window factors, computed on the first step (the uncaptured warm-up where graphs are captured):
@@ -124,8 +125,9 @@ class _StaticLayer:
         )  # fmt: skip
         if counter.evicting:
             *_, keep = evict_triton.evict(
-                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k, counter.after
-            )
+                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k,
+                counter.after, self.policy,
+            )  # fmt: skip
             if keep is not None:
                 leaving = self.window_ids[:, None, : self.chunk].expand(-1, self.cache_ids.shape[1], -1)
                 self.cache_ids.copy_(torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep))

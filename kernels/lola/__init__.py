@@ -69,10 +69,11 @@ def evict(
     win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
 ):
     """See ``reference.evict``; dispatched as described in this module's docstring (Triton runs the
-    "sre" policy only). ``features`` (a ``KeyFeatures``) serves the reference only; the Triton path
-    forgets what it kept, as it writes the cache in place."""
+    "sre" and "novelty" policies; the ablations always run the reference). ``features`` (a
+    ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
+    cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
-    if policy == "sre" and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
+    if policy in ("sre", "novelty") and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
         if features is not None:
             features.forget()
         return _triton_module("evict").evict(*args)

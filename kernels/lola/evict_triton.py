@@ -2,13 +2,14 @@
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
 ``reference.evict``. The kernel scores every valid candidate by self-recall error against the
-current H and s, keeps the top G, compacts them into the cache in time order, and folds the rest into
-H and s. Equal scores go to the earlier candidate (what a stable descending sort selects). Exact ties
-are real: un-rotated layer-0 keys depend on the token alone, so a repeated token ties with itself, and
-the order kept decides the positions at attention time. ``torch.topk`` in the reference leaves ties
-unspecified, so the two agree only where no scores tie. Ranks come from pairwise comparisons, so no
-sort and no host round trip is needed and the step can live inside a CUDA graph; the window shift is a
-second kernel, after every query head has read the leaving chunk.
+current H and s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value
+distance to the valid candidate with the nearest key, ``reference.cache_recall_error``), keeps the
+top G, compacts them into the cache in time order, and folds the rest into H and s. Equal scores go
+to the earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated
+layer-0 keys depend on the token alone, so a repeated token ties with itself (and, under "novelty",
+scores 0 with its twin), and the order kept decides the positions at attention time. Ranks come from
+pairwise comparisons, so no sort and no host round trip is needed and the step can live inside a
+CUDA graph; the window shift is a second kernel, after every query head has read the leaving chunk.
 """
 
 from __future__ import annotations
@@ -22,19 +23,59 @@ from lola_chat.kernels.lola.reference import SRE_EPS
 
 
 @triton.jit
-def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous,
-                C: tl.constexpr, G: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """Keys and values (in storage dtype, zeros where invalid) and validity of candidates ``index``."""
+def _candidate_rows(cache_ptr, win_ptr, cache_row, win_row, index, cached, previous,
+                    G: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """Rows ``index`` (in storage dtype, zeros where invalid) of the candidates' keys or values, and
+    their validity."""
     dims = tl.arange(0, D)[None, :]
     in_cache = (index < G) & (index >= G - cached)
     leaving = (index >= G) & (index < G + previous)  # previous is 0 or C
-    cache_at = (cache_row + index[:, None]) * D + dims
-    win_at = (win_row + index[:, None] - G) * D + dims
-    k = tl.load(ck_ptr + cache_at, mask=in_cache[:, None], other=0.0)
-    k += tl.load(wk_ptr + win_at, mask=leaving[:, None], other=0.0)
-    v = tl.load(cv_ptr + cache_at, mask=in_cache[:, None], other=0.0)
-    v += tl.load(wv_ptr + win_at, mask=leaving[:, None], other=0.0)
-    return k, v, in_cache | leaving
+    rows = tl.load(cache_ptr + (cache_row + index[:, None]) * D + dims, mask=in_cache[:, None], other=0.0)
+    rows += tl.load(win_ptr + (win_row + index[:, None] - G) * D + dims, mask=leaving[:, None], other=0.0)
+    return rows, in_cache | leaving
+
+
+@triton.jit
+def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous,
+                G: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """Keys and values (in storage dtype, zeros where invalid) and validity of candidates ``index``."""
+    k, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, index, cached, previous, G, D)
+    v, _ = _candidate_rows(cv_ptr, wv_ptr, cache_row, win_row, index, cached, previous, G, D)
+    return k, v, valid
+
+
+@triton.jit
+def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v, cached, previous,
+                        N: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                        BLOCK_N: tl.constexpr):  # fmt: skip
+    """|| v_i - v_j || for candidates ``index`` (fp32 keys ``k`` and values ``v``), j the valid other
+    candidate whose key is nearest to k_i; ||v_i|| where there is none (``reference.cache_recall_error``)."""
+    nearest_distance = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    nearest = tl.zeros((BLOCK_N,), tl.int32)
+    k_norm = tl.sum(k * k, axis=1)
+    for start in range(0, N, BLOCK_N):
+        other = start + tl.arange(0, BLOCK_N)
+        k_other, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, other, cached, previous, G, D)
+        k_other = k_other.to(tl.float32)
+        # Squared distances: only their order matters, so no square root.
+        distance = (
+            k_norm[:, None]
+            + tl.sum(k_other * k_other, axis=1)[None, :]
+            - 2.0 * tl.dot(k, tl.trans(k_other), input_precision="ieee")
+        )
+        distance = tl.where(valid[None, :] & (other[None, :] != index[:, None]), distance, float("inf"))
+        block_distance, block_nearest = tl.min(distance, axis=1, return_indices=True)
+        # Strictly closer only: on equal distances the earlier candidate stays, as torch's argmin picks.
+        closer = block_distance < nearest_distance
+        nearest = tl.where(closer, start + block_nearest, nearest)
+        nearest_distance = tl.where(closer, block_distance, nearest_distance)
+    # The neighbour's value is gathered and subtracted rather than its distance expanded like the keys':
+    # twins then score exactly 0 (no |v_i|^2 + |v_j|^2 - 2 v_i.v_j cancellation residue), as in the
+    # reference, and it costs one row load per candidate instead of a second product per column block.
+    # With no valid neighbour ``nearest`` is 0, whose row loads as zeros if invalid; it is not used then.
+    v_near, _ = _candidate_rows(cv_ptr, wv_ptr, cache_row, win_row, nearest, cached, previous, G, D)
+    error = v - tl.where((nearest_distance < float("inf"))[:, None], v_near.to(tl.float32), 0.0)
+    return tl.sqrt(tl.sum(error * error, axis=1))
 
 
 @triton.jit(do_not_specialize=["seen"])
@@ -42,6 +83,7 @@ def _evict_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, keep_ptr, seen, seen_ptr, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    NOVELTY: tl.constexpr,
 ):  # fmt: skip
     N: tl.constexpr = G + C
     pid = tl.program_id(0)
@@ -70,12 +112,18 @@ def _evict_kernel(
         for start in range(0, N, BLOCK_N):
             index = start + n
             k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                                      cached, previous, C, G, D)  # fmt: skip
-            up, down = features(k.to(tl.float32), w, False)
+                                      cached, previous, G, D)  # fmt: skip
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            up, down = features(k, w, False)
             recalled = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
             norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
-            error = v.to(tl.float32) - recalled / tl.maximum(norm, eps)[:, None]
+            error = v - recalled / tl.maximum(norm, eps)[:, None]
             score = tl.sqrt(tl.sum(error * error, axis=1))
+            if NOVELTY:
+                recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
+                                             cached, previous, N, G, D, BLOCK_N)  # fmt: skip
+                score = tl.minimum(score, recall)
             tl.store(scores + index, tl.where(valid, score, float("-inf")), mask=index < N)
         tl.debug_barrier()
         every = tl.arange(0, ALL)
@@ -89,7 +137,7 @@ def _evict_kernel(
     for start in range(0, N, BLOCK_N):
         index = start + n
         k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                                  cached, previous, C, G, D)  # fmt: skip
+                                  cached, previous, G, D)  # fmt: skip
         if G > 0:
             mine = tl.load(scores + index, mask=index < N, other=float("-inf"))
             ahead = (every_score[None, :] > mine[:, None]) | (
@@ -151,11 +199,14 @@ def evict(
 ) -> tuple[torch.Tensor, ...]:
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
-    Same contract as ``reference.evict`` for ``policy="sre"`` (the only policy here; ``generator``
-    is accepted for signature parity and unused): win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v
-    (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E) fp32; fmap_k (Hq, D, E); all state tensors
-    contiguous, D and E powers of two >= 16. ``tokens_seen`` counts the full current chunk; it is
-    an int or a one-element integer tensor on the state's device.
+    Same contract as ``reference.evict`` for ``policy`` "sre" or "novelty" (the policies here; the
+    ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
+    and unused). Under "novelty" the nearest key is chosen by fp32 squared distances, so of two
+    candidates at nearly equal distance the kernel and the reference may pick different ones.
+    win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E)
+    fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E powers of two >= 16.
+    ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the
+    state's device.
 
     Every state tensor is updated in place and returned as the same object:
     (win_k, win_v, cache_k, cache_v, h, s, keep). ``keep`` (B, Hq, G) int64 gives, for each new
@@ -165,8 +216,8 @@ def evict(
     identity when nothing left the window). Slots that are empty after the eviction hold
     unspecified keys and values, as they are never read.
     """
-    if policy != "sre":
-        raise ValueError(f"the Triton eviction implements only the 'sre' policy, not {policy!r}")
+    if policy not in ("sre", "novelty"):
+        raise ValueError(f"the Triton eviction implements the 'sre' and 'novelty' policies, not {policy!r}")
     batch, n_kv_heads, window, dim = win_k.shape
     chunk = window // 2
     n_heads, capacity = cache_k.shape[1], cache_k.shape[2]
@@ -185,7 +236,7 @@ def evict(
             0 if on_device else tokens_seen, tokens_seen if on_device else h, SRE_EPS,
             HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
             BLOCK_N=block_rows(candidates, 32), ALL=triton.next_power_of_2(candidates),
-            SEEN_ON_DEVICE=on_device, num_warps=8,
+            SEEN_ON_DEVICE=on_device, NOVELTY=policy == "novelty", num_warps=8,
         )  # fmt: skip
         if capacity == 0:
             keep = None

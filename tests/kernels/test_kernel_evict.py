@@ -1,4 +1,10 @@
-"""The Triton eviction (self-recall scoring, top-G selection, folding) against ``reference.evict``."""
+"""The Triton eviction (self-recall or novelty scoring, top-G selection, folding) against ``reference.evict``.
+
+Under "novelty" a candidate's score depends on which other candidate has the nearest key; the kernel
+ranks fp32 squared distances, the reference torch.cdist, so near-tied distances could pick different
+neighbours. The keys here are random (besides the deliberate exact twins), which keeps every nearest
+neighbour clearly ahead of the next one: by at least 2e-5 of its distance in these cases, where fp32
+rounding moves a squared distance by about 1e-6 of itself."""
 
 from __future__ import annotations
 
@@ -15,22 +21,36 @@ CASES = [
     pytest.param(32, 16, 24, 3, 1, 16, 2, id="first-eviction-cache-empty"),
     pytest.param(48, 16, 24, 6, 2, 16, 1, id="cache-partly-full"),
     pytest.param(160, 16, 24, 3, 1, 32, 1, id="steady-state"),
+    pytest.param(160, 16, 40, 2, 2, 16, 1, id="G40-two-column-blocks"),
     pytest.param(160, 16, 0, 3, 1, 16, 2, id="G0"),
     pytest.param(192, 64, 24, 3, 1, 16, 1, id="chunk64"),
 ]
 
 
-def run_both(states, tokens_seen, device_seen=False):
-    # The memory just before eviction: the current chunk is full.
+POLICIES = ["sre", "novelty"]
+
+
+def before_eviction(states, tokens_seen):
+    """(clean, poisoned) memory just before eviction: the current chunk is full. Values follow their
+    keys plus noise, so the nearest key's value is close and cache-recall errors beat self-recall
+    errors often enough ("novelty" then keeps other candidates than "sre"), as for repeated text."""
     clean, poisoned = states.memory(tokens_seen - 1)
     c = states.chunk
     for memory in (clean, poisoned):
         for name in ("win_k", "win_v"):
             memory[name][:, :, 2 * c - 1] = clean[name][:, :, 2 * c - 2]
-    fmap = states.feature_map()
+    for memory in (clean, poisoned):
+        for kind in ("win", "cache"):
+            memory[f"{kind}_v"] = memory[f"{kind}_k"] + 0.3 * memory[f"{kind}_v"]
+    return clean, poisoned
+
+
+def run_both(states, tokens_seen, device_seen=False, policy="sre", memories=None, fmap=None):
+    clean, poisoned = memories or before_eviction(states, tokens_seen)
+    fmap = states.feature_map() if fmap is None else fmap
 
     def call(fn, m, seen):
-        return fn(m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"], fmap, seen)
+        return fn(m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"], fmap, seen, policy)
 
     expected = call(reference.evict, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
@@ -64,28 +84,56 @@ def check(expected, got, poisoned, states, tokens_seen, device_seen=False):
         torch.testing.assert_close(keep[:, :, used], ref_keep[:, :, used], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens_seen,chunk,capacity,heads,kv_heads,dim,batch", CASES)
 def test_evict_matches_reference(
-    device, lola_states, dtype, tokens_seen, chunk, capacity, heads, kv_heads, dim, batch
+    device, lola_states, dtype, tokens_seen, chunk, capacity, heads, kv_heads, dim, batch, policy
 ):
     states = lola_states(
         device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + capacity
     )
-    expected, got, poisoned = run_both(states, tokens_seen)
+    expected, got, poisoned = run_both(states, tokens_seen, policy=policy)
     check(expected, got, poisoned, states, tokens_seen)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("tokens_seen", [16, 48, 160])
-def test_evict_reads_position_from_device_tensor(device, lola_states, tokens_seen):
+def test_evict_reads_position_from_device_tensor(device, lola_states, tokens_seen, policy):
     states = lola_states(device, torch.float32, seed=3)
-    expected, got, poisoned = run_both(states, tokens_seen, device_seen=True)
+    expected, got, poisoned = run_both(states, tokens_seen, device_seen=True, policy=policy)
     check(expected, got, poisoned, states, tokens_seen, device_seen=True)
 
 
-def test_evict_rejects_other_policies(device, lola_states):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_novelty_folds_exact_twins(device, lola_states, dtype):
+    """Candidates with an exact copy (key and value) among the others score 0, below every other
+    candidate, so under "novelty" every copy is folded; under "sre" some of them would stay."""
+    tokens_seen, chunk, capacity = 160, 16, 24  # a full cache: candidates 0..23, then window slots 0..15
+    states = lola_states(device, dtype, 1, 2, 1, 16, chunk, capacity, seed=11)
+    clean, poisoned = before_eviction(states, tokens_seen)
+    for memory in (clean, poisoned):
+        for kind in ("k", "v"):
+            cache, window = memory[f"cache_{kind}"], memory[f"win_{kind}"]
+            cache[:, :, 3] = cache[:, :, 5]  # two cache slots
+            cache[:, :, 20] = window[:, :, 14]  # a cache slot and a leaving pair (one KV head)
+            window[:, :, 10] = window[:, :, 11] = window[:, :, 9]  # three leaving pairs
+    twins = torch.tensor([3, 5, 20, capacity + 14, capacity + 9, capacity + 10, capacity + 11])
+    fmap = states.feature_map()
+    expected, got, poisoned = run_both(
+        states, tokens_seen, policy="novelty", memories=(clean, poisoned), fmap=fmap
+    )
+    check(expected, got, poisoned, states, tokens_seen)
+    assert not torch.isin(got[-1], twins.to(device)).any(), "a candidate with an exact twin was kept"
+    memory = [clean[name] for name in ("win_k", "win_v", "cache_k", "cache_v", "h", "s")]
+    sre_keep = reference.evict(*memory, fmap, tokens_seen, "sre")[-1]
+    assert torch.isin(sre_keep, twins.to(device)).any(), "the twins test nothing that sre does not fold"
+
+
+@pytest.mark.parametrize("policy", ["random", "recent"])
+def test_evict_rejects_ablation_policies(device, lola_states, policy):
     states = lola_states(device, torch.float32)
     _, m = states.memory(32)
-    with pytest.raises(ValueError, match="sre"):
+    with pytest.raises(ValueError, match="novelty"):
         evict_triton.evict(m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
-                           states.feature_map(), 32, policy="random")  # fmt: skip
+                           states.feature_map(), 32, policy=policy)  # fmt: skip
