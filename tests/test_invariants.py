@@ -29,8 +29,8 @@ def random_qkv(length, seed=1, batch=2, dtype=torch.float64):
     return q, k, v
 
 
-def new_memory(chunk, capacity, batch=2, dtype=torch.float64, policy="sre"):
-    settings = LolaSettings(chunk=chunk, capacity=capacity, policy=policy)
+def new_memory(chunk, capacity, batch=2, dtype=torch.float64, policy="sre", linear_cap=0):
+    settings = LolaSettings(chunk=chunk, capacity=capacity, policy=policy, linear_cap=linear_cap)
     return LolaMemory(batch, HQ, HKV, D, 2 * D, settings, dtype, torch.device("cpu"))
 
 
@@ -87,15 +87,18 @@ def test_zero_capacity_is_the_lolcats_hybrid(chunk, length):
     torch.testing.assert_close(y, lolcats_hybrid(q, k, v, attn, chunk), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("capacity", [0, 6, 16])
-def test_prefill_equals_split_prefill_then_decode(capacity):
+@pytest.mark.parametrize(
+    "capacity,policy,linear_cap",
+    [(0, "sre", 0), (6, "sre", 0), (16, "sre", 0), (6, "novelty", 0), (16, "novelty", 12), (0, "sre", 12)],
+)
+def test_prefill_equals_split_prefill_then_decode(capacity, policy, linear_cap):
     chunk, length = 8, 61
     attn = random_attn(seed=5)
     q, k, v = random_qkv(length, seed=6)
-    whole = new_memory(chunk, capacity)
+    whole = new_memory(chunk, capacity, policy=policy, linear_cap=linear_cap)
     y_whole = whole.attend(q, k, v, attn)
     for split in [0, 1, 7, 8, 9, 23, 40, 60]:
-        memory = new_memory(chunk, capacity)
+        memory = new_memory(chunk, capacity, policy=policy, linear_cap=linear_cap)
         parts = [memory.attend(q[:, :, :split], k[:, :, :split], v[:, :, :split], attn)]
         for t in range(split, length):
             parts.append(memory.attend(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], attn))
