@@ -62,7 +62,8 @@ def test_captured_decoder_needs_a_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite captures for real")
-def test_captured_step_logic_matches_engine_decoding(monkeypatch):
+@pytest.mark.parametrize("shipped_kind", [False, True], ids=["sre-shared", "novelty-window-capped"])
+def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind):
     pytest.importorskip("triton")
     from lola_chat import graphs
     from lola_chat.config import GenerationSettings
@@ -93,7 +94,12 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch):
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.3)
-    settings = LolaSettings(chunk=16, capacity=24)
+    # The shipped kind of settings: novelty eviction, window normalizer and a cap that is active by 50.
+    settings = (
+        LolaSettings(chunk=16, capacity=24, policy="novelty", normalizer="window", linear_cap=4)
+        if shipped_kind
+        else LolaSettings(chunk=16, capacity=24)
+    )
     sampling = GenerationSettings(temperature=0.0, repetition_penalty=1.5)
     # Two whole chunks and four single steps of prompt; decoding then closes the chunk at 48.
     prompt = torch.arange(36)[None]
