@@ -327,12 +327,13 @@ def cache_recall_error(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) ->
     """
     acc = accumulator(k.dtype)
     k, v = k.to(acc), v.to(acc)
-    n = k.shape[2]
-    others = valid[None, :] & ~torch.eye(n, dtype=torch.bool, device=k.device)
-    distance = torch.cdist(k, k).masked_fill(~others, float("inf"))
+    distance = torch.cdist(k, k)
+    # In place on the fresh distance matrix: a (N, N) mask broadcast over every head costs more.
+    distance.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    distance.masked_fill_(~valid, float("inf"))
     nearest = distance.argmin(dim=-1)
     error = torch.linalg.vector_norm(v - _take_rows(v, nearest), dim=-1)
-    alone = ~others.any(dim=-1)
+    alone = valid.sum() - valid.long() == 0
     return torch.where(alone, torch.linalg.vector_norm(v, dim=-1), error)
 
 
