@@ -171,8 +171,7 @@ class LolaMemory:
         return {"sparse_cache": cached, "window": previous + current, "hidden_state": self.folded()}
 
     def folded(self) -> int:
-        cached, previous, current = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
-        return self.tokens_seen - cached - previous - current
+        return lola.reference.folded(self.tokens_seen, self.settings.chunk, self.settings.capacity)
 
 
 class SoftmaxMemory:

@@ -17,6 +17,7 @@ from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, frame, ro
 
 __all__ = [
     "REFERENCE_ENV",
+    "TRITON_POLICIES",
     "FrameRotary",
     "KeyFeatures",
     "attend",
@@ -28,6 +29,10 @@ __all__ = [
     "self_recall_error",
     "uses_triton",
 ]
+
+
+# The eviction policies the Triton kernel implements; the ablations always run the reference.
+TRITON_POLICIES = ("sre", "novelty")
 
 
 def _triton_module(name: str):
@@ -68,12 +73,12 @@ def attend(
 def evict(
     win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
 ):
-    """See ``reference.evict``; dispatched as described in this module's docstring (Triton runs the
-    "sre" and "novelty" policies; the ablations always run the reference). ``features`` (a
+    """See ``reference.evict``; dispatched as described in this module's docstring (Triton runs
+    ``TRITON_POLICIES`` only). ``features`` (a
     ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
     cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
-    if policy in ("sre", "novelty") and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
+    if policy in TRITON_POLICIES and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
         if features is not None:
             features.forget()
         return _triton_module("evict").evict(*args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.kernels.lola.attend_triton import frame_counts
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map
 from lola_chat.kernels.lola.reference import SRE_EPS
@@ -216,8 +217,8 @@ def evict(
     identity when nothing left the window). Slots that are empty after the eviction hold
     unspecified keys and values, as they are never read.
     """
-    if policy not in ("sre", "novelty"):
-        raise ValueError(f"the Triton eviction implements the 'sre' and 'novelty' policies, not {policy!r}")
+    if policy not in TRITON_POLICIES:
+        raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
     batch, n_kv_heads, window, dim = win_k.shape
     chunk = window // 2
     n_heads, capacity = cache_k.shape[1], cache_k.shape[2]

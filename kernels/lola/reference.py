@@ -145,11 +145,15 @@ def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
     return cached, previous, tokens_seen % chunk
 
 
+def folded(tokens_seen: int, chunk: int, capacity: int) -> int:
+    """Pairs in the hidden state after ``tokens_seen`` tokens: everything outside cache and window."""
+    return tokens_seen - sum(frame(tokens_seen, chunk, capacity))
+
+
 def linear_cap_factor(tokens_seen: int, chunk: int, capacity: int, linear_cap: int) -> float:
     """min(1, linear_cap / folded pairs) after ``tokens_seen`` tokens; 1 when ``linear_cap`` is 0."""
-    cached, previous, current = frame(tokens_seen, chunk, capacity)
-    folded = tokens_seen - cached - previous - current
-    return linear_cap / folded if 0 < linear_cap < folded else 1.0
+    pairs = folded(tokens_seen, chunk, capacity)
+    return linear_cap / pairs if 0 < linear_cap < pairs else 1.0
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,7 @@ def test_attend_with_a_linear_cap_matches_reference(
 ):
     dtype = torch.float32
     states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 3)
-    cached, previous, current = reference.frame(tokens_seen, chunk, capacity)
-    cap = (tokens_seen - cached - previous - current) // 3
+    cap = reference.folded(tokens_seen, chunk, capacity) // 3
     expected, got, kernel_memory = run_both(
         states, tokens_seen, length, device_seen, "window", linear_cap=cap
     )
