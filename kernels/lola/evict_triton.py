@@ -1,15 +1,20 @@
-"""LoLA eviction at a chunk end in one Triton kernel per (batch, query head), state updated in place.
+"""LoLA eviction at a chunk end in Triton kernels, state updated in place.
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
-``reference.evict``. The kernel scores every valid candidate by self-recall error against the
-current H and s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value
-distance to the valid candidate with the nearest key, ``reference.cache_recall_error``), keeps the
-top G, compacts them into the cache in time order, and folds the rest into H and s. Equal scores go
-to the earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated
-layer-0 keys depend on the token alone, so a repeated token ties with itself (and, under "novelty",
-scores 0 with its twin), and the order kept decides the positions at attention time. Ranks come from
-pairwise comparisons, so no sort and no host round trip is needed and the step can live inside a
-CUDA graph; the window shift is a second kernel, after every query head has read the leaving chunk.
+``reference.evict``. Every valid candidate is scored by self-recall error against the current H and
+s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to the
+valid candidate with the nearest key, ``reference.cache_recall_error``); the top G are kept,
+compacted into the cache in time order, and the rest folded into H and s. Equal scores go to the
+earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated layer-0
+keys depend on the token alone, so a repeated token ties with itself (and, under "novelty", scores 0
+with its twin), and the order kept decides the positions at attention time.
+
+Scoring is its own kernel, one program per (batch, query head, block of candidates): the scores are
+independent of each other, and with a handful of query heads one program per head would leave most
+SMs idle while each runs the O(N^2 D) nearest-key search alone. The eviction kernel, one program per
+(batch, query head), then reads the scores, ranks, compacts and folds. Ranks come from pairwise
+comparisons, so no sort and no host round trip is needed and the step can live inside a CUDA graph;
+the window shift is a last kernel, after every query head has read the leaving chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.kernels.lola.attend_triton import frame_counts
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map
 from lola_chat.kernels.lola.reference import SRE_EPS
+
+# Candidates per scoring program: 16, the smallest tl.dot tile, gives the most programs to spread over
+# the SMs (12 per query head for G = 128, C = 64).
+SCORE_ROWS = 16
 
 
 @triton.jit
@@ -47,15 +56,16 @@ def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cache
 
 @triton.jit
 def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v, cached, previous,
-                        N: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr):  # fmt: skip
-    """|| v_i - v_j || for candidates ``index`` (fp32 keys ``k`` and values ``v``), j the valid other
-    candidate whose key is nearest to k_i; ||v_i|| where there is none (``reference.cache_recall_error``)."""
+                        N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_OTHER: tl.constexpr):  # fmt: skip
+    """|| v_i - v_j || for the BLOCK_N candidates ``index`` (fp32 keys ``k`` and values ``v``), j the
+    valid other candidate whose key is nearest to k_i, searched BLOCK_OTHER candidates at a time;
+    ||v_i|| where there is none (``reference.cache_recall_error``)."""
     nearest_distance = tl.full((BLOCK_N,), float("inf"), tl.float32)
     nearest = tl.zeros((BLOCK_N,), tl.int32)
     k_norm = tl.sum(k * k, axis=1)
-    for start in range(0, N, BLOCK_N):
-        other = start + tl.arange(0, BLOCK_N)
+    for start in range(0, N, BLOCK_OTHER):
+        other = start + tl.arange(0, BLOCK_OTHER)
         k_other, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, other, cached, previous, G, D)
         k_other = k_other.to(tl.float32)
         # Squared distances: only their order matters, so no square root.
@@ -79,54 +89,73 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
     return tl.sqrt(tl.sum(error * error, axis=1))
 
 
-@triton.jit(do_not_specialize=["seen"])
-def _evict_kernel(
-    wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, keep_ptr, seen, seen_ptr, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    NOVELTY: tl.constexpr,
-):  # fmt: skip
-    N: tl.constexpr = G + C
-    pid = tl.program_id(0)
-    batch = pid // HQ
-    head = pid % HQ
-    kv_head = head // (HQ // HKV)
+@triton.jit
+def _frame(pid, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+           SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
+    """(cached, previous, cache_row, win_row) of the candidates of ``pid`` = batch * HQ + query head."""
+    kv_head = (pid % HQ) // (HQ // HKV)
     if SEEN_ON_DEVICE:
         seen = tl.load(seen_ptr)
     cached, previous, _ = frame_counts(seen - 1, C, G)
-    cache_row = (batch * HQ + head) * G
-    win_row = (batch * HKV + kv_head) * 2 * C
-    w = load_feature_map(fk_ptr, head, D, E)
+    return cached, previous, pid * G, ((pid // HQ) * HKV + kv_head) * 2 * C
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _score_kernel(
+    wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, seen, seen_ptr, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OTHER: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    NOVELTY: tl.constexpr,
+):  # fmt: skip
+    """Scores of the candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``, -inf
+    for invalid ones."""
+    N: tl.constexpr = G + C
+    pid = tl.program_id(0)
+    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
+    w = load_feature_map(fk_ptr, pid % HQ, D, E)
+    feats = tl.arange(0, E)
+    state_row = pid * 2 * E
+    h_up_at = h_ptr + (state_row + feats[:, None]) * D + tl.arange(0, D)[None, :]
+    h_up = tl.load(h_up_at)
+    h_down = tl.load(h_up_at + E * D)
+    s_up = tl.load(s_ptr + state_row + feats)
+    s_down = tl.load(s_ptr + state_row + E + feats)
+    index = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
+                              cached, previous, G, D)  # fmt: skip
+    k = k.to(tl.float32)
+    v = v.to(tl.float32)
+    up, down = features(k, w, False)
+    recalled = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
+    norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
+    error = v - recalled / tl.maximum(norm, eps)[:, None]
+    score = tl.sqrt(tl.sum(error * error, axis=1))
+    if NOVELTY:
+        recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
+                                     cached, previous, N, G, D, BLOCK_N, BLOCK_OTHER)  # fmt: skip
+        score = tl.minimum(score, recall)
+    tl.store(score_ptr + pid * N + index, tl.where(valid, score, float("-inf")), mask=index < N)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _evict_kernel(
+    wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, keep_ptr, seen, seen_ptr,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+):  # fmt: skip
+    """Keep the G best-scored candidates of ``program_id(0)`` in the cache, fold the rest."""
+    N: tl.constexpr = G + C
+    pid = tl.program_id(0)
+    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
+    w = load_feature_map(fk_ptr, pid % HQ, D, E)
     dims = tl.arange(0, D)
     feats = tl.arange(0, E)
-    state_row = (batch * HQ + head) * 2 * E
+    state_row = pid * 2 * E
     h_up_at = h_ptr + (state_row + feats[:, None]) * D + dims[None, :]
     h_down_at = h_up_at + E * D
     n = tl.arange(0, BLOCK_N)
     scores = score_ptr + pid * N
-
     if G > 0:
-        h_up = tl.load(h_up_at)
-        h_down = tl.load(h_down_at)
-        s_up = tl.load(s_ptr + state_row + feats)
-        s_down = tl.load(s_ptr + state_row + E + feats)
-        for start in range(0, N, BLOCK_N):
-            index = start + n
-            k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                                      cached, previous, G, D)  # fmt: skip
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            up, down = features(k, w, False)
-            recalled = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
-            norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
-            error = v - recalled / tl.maximum(norm, eps)[:, None]
-            score = tl.sqrt(tl.sum(error * error, axis=1))
-            if NOVELTY:
-                recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
-                                             cached, previous, N, G, D, BLOCK_N)  # fmt: skip
-                score = tl.minimum(score, recall)
-            tl.store(scores + index, tl.where(valid, score, float("-inf")), mask=index < N)
-        tl.debug_barrier()
         every = tl.arange(0, ALL)
         every_score = tl.load(scores + every, mask=every < N, other=float("-inf"))
 
@@ -231,13 +260,20 @@ def evict(
         candidates = capacity + chunk
         scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
         keep = torch.empty(batch, n_heads, capacity, dtype=torch.int64, device=h.device)
+        fmap = fmap_k.contiguous()
+        seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
+        shape = dict(HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
+                     SEEN_ON_DEVICE=on_device)  # fmt: skip
         # 8 warps: with 4 the fp32 tiles spill to local memory (ptxas -v for sm_90).
+        if capacity > 0:
+            _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
+                win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
+                BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64), NOVELTY=policy == "novelty",
+                num_warps=8, **shape,
+            )  # fmt: skip
         _evict_kernel[(batch * n_heads,)](
-            win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), scores, keep,
-            0 if on_device else tokens_seen, tokens_seen if on_device else h, SRE_EPS,
-            HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
-            BLOCK_N=block_rows(candidates, 32), ALL=triton.next_power_of_2(candidates),
-            SEEN_ON_DEVICE=on_device, NOVELTY=policy == "novelty", num_warps=8,
+            win_k, win_v, cache_k, cache_v, h, s, fmap, scores, keep, *seen,
+            BLOCK_N=block_rows(candidates, 32), ALL=triton.next_power_of_2(candidates), num_warps=8, **shape,
         )  # fmt: skip
         if capacity == 0:
             keep = None
