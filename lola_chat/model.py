@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from lola_chat.kernels.gemv import fused_linear
 from lola_chat.kernels.rmsnorm import rms_norm
 from lola_chat.kernels.swiglu import swiglu
 from lola_chat.memory import MEMORY_KINDS, LolaSettings, State
@@ -112,6 +113,22 @@ def stacked_linear(*parts: Linear) -> Linear:
     return stacked
 
 
+def fused(
+    linear: Linear,
+    x: torch.Tensor,
+    norm: RMSNorm | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + linear(norm(x) or swiglu of x = [gate | up]) through ``fused_linear``: one GEMV kernel
+    where it dispatches to one (decoding on a GPU), else the same ops one by one, ``linear`` itself the
+    GEMM (its CPU weight layout, cuBLAS, its hooks)."""
+    norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    return fused_linear(
+        x, linear.weight, norm_weight=norm_weight, eps=eps, gated=gated, residual=residual, matmul=linear
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -139,25 +156,46 @@ class Attention(nn.Module):
         self.window_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._window_factor: tuple | None = None  # (logit, its data_ptr, its version, sigmoid of it)
 
     def window_factor(self) -> torch.Tensor:
-        return torch.sigmoid(self.window_logit)
+        """sigmoid(window_logit) (Hq,). While the logit is trained, computed on every call for autograd;
+        otherwise once per value of the logit (its tensor, storage and version), as inference would
+        otherwise launch one sigmoid per layer per token."""
+        logit = self.window_logit
+        if torch.is_grad_enabled() and logit.requires_grad:
+            return torch.sigmoid(logit)
+        memo = self._window_factor
+        if memo is None or memo[0] is not logit or memo[1:3] != (logit.data_ptr(), logit._version):
+            # A normal tensor even under inference_mode, so that a later autograd graph may save it.
+            with torch.inference_mode(False), torch.no_grad():
+                self._window_factor = memo = (logit, logit.data_ptr(), logit._version, torch.sigmoid(logit))
+        return memo[3]
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (B, T, dim) -> un-rotated q (B, Hq, T, D), k and v (B, Hkv, T, D)."""
+    def project(
+        self, x: torch.Tensor, norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, T, dim), normed by ``norm`` first when given -> un-rotated q (B, Hq, T, D), k and v
+        (B, Hkv, T, D). Packed, the norm is the prologue of the one q/k/v GEMM."""
         b, t, _ = x.shape
         hq, hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split((hq * hd, hkv * hd, hkv * hd), dim=-1)
+            q, k, v = fused(self.qkv_proj, x, norm).split((hq * hd, hkv * hd, hkv * hd), dim=-1)
         else:
+            x = x if norm is None else norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, hq, hd).transpose(1, 2)
         return q, k.view(b, t, hkv, hd).transpose(1, 2), v.view(b, t, hkv, hd).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, memory, ids: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.project(x)
-        y = memory.attend(q, k, v, self, ids)
-        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+    def forward(
+        self, x: torch.Tensor, norm: RMSNorm, memory, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The residual stream x (B, T, dim) -> x + o_proj(attention over ``memory`` of norm(x))."""
+        q, k, v = self.project(x, norm)
+        y = memory.attend(q, k, v, self, ids).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        if self.qkv_proj is None:  # the separate projections, which training wraps (LoRA) and hooks
+            return x + self.o_proj(y)
+        return fused(self.o_proj, y, residual=x)
 
 
 class MLP(nn.Module):
@@ -168,12 +206,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate, cfg.dim, bias=False)
         self.gate_up_proj: Linear | None = None  # gate and up in one GEMM, once packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """The residual stream x (B, T, dim) -> x + down(swiglu(gate(norm(x)), up(norm(x)))). Packed, the
+        norm is the prologue of the gate/up GEMM, the gating and the residual add those of down's."""
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up))
+            return fused(self.down_proj, fused(self.gate_up_proj, x, norm), gated=True, residual=x)
+        h = norm(x)
+        return x + self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h)))
 
 
 class Block(nn.Module):
@@ -185,8 +224,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, memory, ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), memory, ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """The residual stream x (B, T, dim) through attention, then the MLP, each adding its output to x;
+        each norm is applied by the projection after it."""
+        x = self.self_attn(x, self.input_layernorm, memory, ids)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class Transformer(nn.Module):
@@ -199,10 +240,13 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.packed = False  # whether pack_projections ran: the final norm is then lm_head's prologue
 
     def pack_projections(self) -> Transformer:
         """Compute each layer's q, k and v in one GEMM and its gate and up in another (see
-        ``stacked_linear``): fewer, larger kernels per token. For inference (it freezes those weights),
+        ``stacked_linear``): fewer, larger kernels per token, and with the norms, the SwiGLU gating and
+        the residual adds fused into the projections (``fused_linear``), four GEMVs per layer when
+        decoding on a GPU. For inference (it freezes those weights),
         once the weights are final (loaded, linearization merged) and on their device and dtype:
         ``Module.to`` afterwards converts the stacked weights and their views one by one (equal, but
         stored twice, and a later load into a view would miss the GEMM); packing again shares them
@@ -211,6 +255,7 @@ class Transformer(nn.Module):
             attn, mlp = block.self_attn, block.mlp
             attn.qkv_proj = stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up_proj = stacked_linear(mlp.gate_proj, mlp.up_proj)
+        self.packed = True
         return self
 
     def new_state(self, kind: str = "lola", settings: LolaSettings | None = None, batch: int = 1) -> State:
@@ -242,4 +287,5 @@ class Transformer(nn.Module):
             x = block(x, memory, tokens)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        logits = fused(self.lm_head, x, self.norm) if self.packed else self.lm_head(self.norm(x))
+        return logits.float()

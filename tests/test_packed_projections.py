@@ -1,15 +1,22 @@
-"""Transformer.pack_projections: q/k/v and gate/up each in one GEMM, computing what the separate
-projections compute, with the separate weights kept as views into the packed ones."""
+"""Transformer.pack_projections: q/k/v and gate/up each in one GEMM, with the norms, the gating and the
+residual adds fused into the projections (``fused_linear``), computing what the separate projections
+compute, with the separate weights kept as views into the packed ones."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from lola_chat.linearization import load_linearization, save_linearization
-from lola_chat.linearize import lora
-from lola_chat.memory import LolaSettings
-from lola_chat.model import ModelConfig, Transformer
+if not torch.cuda.is_available():  # the fused GEMV test runs its kernel in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lola_chat.linearization import load_linearization, save_linearization  # noqa: E402
+from lola_chat.linearize import lora  # noqa: E402
+from lola_chat.linearize.teacher import capture_attention  # noqa: E402
+from lola_chat.memory import LolaSettings  # noqa: E402
+from lola_chat.model import ModelConfig, Transformer  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate=48)
 # Small chunks, so that a few tokens already evict into the sparse cache and the hidden state.
@@ -157,3 +164,61 @@ def test_lora_adapters_bypass_the_packed_weight():
         lora.detach(model)
         lora.detach(plain)
         assert_same_run(run(model), run(plain), **TIGHT)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors stand in for CUDA ones in the interpreter")
+def test_decoding_through_the_triton_gemv_computes_what_the_separate_projections_do(monkeypatch):
+    triton = pytest.importorskip("triton")
+    from lola_chat.kernels import gemv
+    from lola_chat.kernels.gemv import gemv_triton
+
+    launched = []
+    kernel = gemv_triton.fused_linear
+
+    def one_tiling(*args, **kwargs):  # the interpreter cannot autotune; tiles smaller than the shapes
+        launched.append(args[1].shape)
+        return kernel(*args, **kwargs, config=triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}))
+
+    monkeypatch.setattr(gemv_triton, "fused_linear", one_tiling)
+    monkeypatch.setattr(gemv, "fast_path", lambda *tensors: True)
+    model = random_model(0)
+    expected = run(twin(model), decode=3)
+    got = run(model.pack_projections(), decode=3)
+    # Each decoded token (two rows): four GEMVs per layer and the head's; the prefill has too many rows.
+    assert len(launched) == 3 * (4 * CFG.n_layers + 1)
+    assert_same_run(got, expected, **TIGHT)
+
+
+def test_the_window_factor_is_computed_once_per_value_of_its_logit():
+    model = random_model(0).pack_projections()
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        attn.window_logit.normal_()
+        first = attn.window_factor()
+        assert attn.window_factor() is first
+        torch.testing.assert_close(first, torch.sigmoid(attn.window_logit), atol=0, rtol=0)
+        attn.window_logit.add_(1.0)  # in place, as a linearization loaded after packing writes it
+        second = attn.window_factor()
+    assert second is not first
+    torch.testing.assert_close(second, torch.sigmoid(attn.window_logit), atol=0, rtol=0)
+    assert model.double().layers[0].self_attn.window_factor().dtype == torch.float64
+    attn.window_logit = torch.nn.Parameter(torch.ones_like(attn.window_logit), requires_grad=False)
+    torch.testing.assert_close(attn.window_factor(), torch.sigmoid(attn.window_logit), atol=0, rtol=0)
+    attn.window_logit.requires_grad_(True)  # trained (linearize): computed on every call, for autograd
+    attn.window_factor().sum().backward()
+    assert attn.window_logit.grad is not None and attn.window_factor() is not attn.window_factor()
+
+
+def test_the_teacher_captures_the_same_attention_from_a_packed_model():
+    # lola-chat linearize trains on a loaded (packed) model, whose norms run inside the q/k/v GEMM.
+    model = random_model(0)
+    plain = twin(model)
+    model.pack_projections()
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    captured, expected = capture_attention(model, tokens), capture_attention(plain, tokens)
+    assert [len(part) for part in captured] == [CFG.n_layers, CFG.n_layers]
+    for got, want in zip([*captured[0], *captured[1]], [*expected[0], *expected[1]], strict=True):
+        torch.testing.assert_close(got, want, **TIGHT)
+    with torch.no_grad():
+        first = model.layers[0].input_layernorm(model.embed_tokens(tokens))
+    torch.testing.assert_close(captured[0][0], first, atol=0, rtol=0)

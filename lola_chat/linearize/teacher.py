@@ -20,9 +20,14 @@ def capture_attention(model, tokens: torch.Tensor) -> tuple[list[torch.Tensor], 
     outputs: list[torch.Tensor] = []
     hooks = []
     for block in model.layers:
-        attn = block.self_attn
-        hooks.append(attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])))
-        hooks.append(attn.o_proj.register_forward_pre_hook(lambda _m, args: outputs.append(args[0])))
+        # The attention takes the block's input and its norm (a packed model applies the norm in the q/k/v
+        # GEMM, never storing the normed state), so the normed state is computed here.
+        hooks.append(
+            block.register_forward_pre_hook(lambda m, args: inputs.append(m.input_layernorm(args[0])))
+        )
+        hooks.append(
+            block.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: outputs.append(args[0]))
+        )
     try:
         model(tokens, model.new_state("softmax", batch=tokens.shape[0]), last_only=True)
     finally:
