@@ -1,7 +1,7 @@
 """A linear layer for a few rows (decoding) in one Triton kernel, with the ops around it fused in: an
 RMSNorm or the SwiGLU gating of x as the prologue, a residual add as the epilogue. Each program computes
-BLOCK_N outputs of one row: with the norm, a first pass over x for its sum of squares; then one pass over
-K dotting (BLOCK_N, BLOCK_K) weight tiles with the transformed x tile in fp32. Every weight is read once
+BLOCK_N outputs of one row in one pass over K, dotting (BLOCK_N, BLOCK_K) weight tiles with the
+transformed x tile in fp32. Every weight is read once
 per row, and the normed or gated x never goes to memory. The output is a new tensor: nothing is written in
 place, so the autotuner may run the kernel as often as it likes."""
 
@@ -14,17 +14,18 @@ import triton.testing
 
 # Nobody tunes this on the GPU here, so the list is short and each entry has a reason. The projections of
 # the default model have N = 576 (o, down), 960 (qkv), 3072 (gate_up) and 49152 (lm_head) and K = 576 or
-# 1536; an H200 has 132 SMs, and a memory-bound GEMV wants at least one program per SM: BLOCK_N 4 gives
-# N = 576 144 programs, 8 gives N = 960 120 and 16 gives N = 3072 192; lm_head has programs to spare and
-# wants longer tiles per program (64 or 128 rows of the weight). BLOCK_K 256 lets each thread of a small
-# tile load 16-byte vectors of bf16; the large tiles take 128 to keep the fp32 accumulator in registers.
+# 1536; an H200 has 132 SMs, and a GEMV wants at least one program per SM: BLOCK_N 4 gives N = 576 144
+# programs, 8 gives N = 960 120 and 16 gives N = 3072 192; lm_head has programs to spare and wants longer
+# tiles per program. A BLOCK_K of at least K reads the whole weight tile in one go (one memory round trip
+# per program, the fastest at a few rows); the shorter ones bound the registers of the larger tiles.
 CONFIGS = [
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 256}, num_warps=2),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=4),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 1024}, num_warps=8),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 2048}, num_warps=8),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4),
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8),
 ]
 
 
@@ -42,35 +43,34 @@ def _fused_linear_kernel(
     col_ok = cols < N
     x_row = x_ptr + row * stride_x
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
-    if NORM:
-        squares = tl.zeros((BLOCK_K,), tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            squares += xk * xk
-        inverse = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    if RESIDUAL:
+        residual = tl.load(res_ptr + row * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # One pass over K, with no load waiting on another: a decode GEMV is bound by memory latency, not
+    # bandwidth. The RMSNorm's 1/rms is a per-row scalar, so it multiplies the finished dot product
+    # (sum w x g / rms) instead of x, and its sum of squares accumulates in the same pass; the normalized
+    # x is then not rounded to the dtype before the norm weight multiplies it, as the reference does.
+    squares = tl.zeros((BLOCK_K,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         # Masked lanes load 0, and every prologue maps 0 to 0, so they add nothing.
+        xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
         if GATED:
-            gate = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
             up = tl.load(x_row + K + k, mask=k_ok, other=0.0).to(tl.float32)
             # torch's silu formula and roundings: silu to the dtype, then the product.
-            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            silu = (xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32)
             xk = (silu * up).to(dtype).to(tl.float32)
-        else:
-            xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:
-                # The reference's roundings: the normalized x to the dtype, then its product with the weight.
-                scale = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                xk = ((xk * inverse).to(dtype).to(tl.float32) * scale).to(dtype).to(tl.float32)
-        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            squares += xk * xk
+            xk = xk * tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * xk[None, :]
-    y = tl.sum(acc, axis=1).to(dtype)
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    y = y.to(dtype)
     if RESIDUAL:
-        residual = tl.load(res_ptr + row * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = (residual + y.to(tl.float32)).to(dtype)
     tl.store(out_ptr + row * N + cols, y, mask=col_ok)
 
