@@ -84,6 +84,13 @@ def _benchmark(call, quantiles):
 _tuned_kernel = triton.autotune(configs=CONFIGS, key=["N", "K"], do_bench=_benchmark)(_fused_linear_kernel)
 
 
+def tuned_configs() -> dict[str, str]:
+    """The configuration the autotuner chose for each shape tuned so far in this process (its key, which
+    starts with N and K, to the config), for benchmarks to record: the choice rests on a timing and can
+    differ between processes."""
+    return {str(key): str(config) for key, config in _tuned_kernel.cache.items()}
+
+
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -8,9 +8,8 @@ accumulation, adds the Hedgehog linear term phi(q)^T H over phi(q)^T s with the 
 Unused slots (empty cache slots, window slots past the newest token) are never loaded.
 
 A single token (a decode step) runs split over the keys instead: one program per (batch, query head,
-block of keys) writes a partial online-softmax result, and the program that finishes a (batch, query
-head) last, as an atomic count tells it, merges them, adds the linear term and appends the pair: one
-kernel per step, where a second merging kernel would cost a launch of its own. Fused, a decode step would be one program per
+block of keys) writes a partial online-softmax result, and a second kernel per (batch, query head)
+merges them, adds the linear term and appends the pair. Fused, a decode step would be one program per
 (batch, query head), nine for the default model at batch 1, leaving most of a GPU's SMs idle while each
 walks its key blocks one after another; the split runs the blocks at once.
 
@@ -234,56 +233,14 @@ def _attend_kernel(
     )  # fmt: skip
 
 
-@triton.jit
-def _merge_partials(q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
-                    part_m_ptr, part_total_ptr, part_acc_ptr, pid, seen, linear_cap, sq_b, sq_h, sk_b, sk_h,
-                    sy_b, sy_h, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-                    D: tl.constexpr, E: tl.constexpr, BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr,
-                    ALL_BLOCKS: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
-    """One token of (batch, query head) ``pid``: merge the partials of every key block, then as the fused
-    kernel ends. The partials were written by other programs: loaded past L1 (".cg"), which is not
-    coherent across SMs and may hold the buffer's lines from an earlier call."""
-    batch, head = pid // HQ, pid % HQ
-    kv_head = head // (HQ // HKV)
-    current = seen % C
-    blocks = tl.arange(0, ALL_BLOCKS)
-    ok = blocks < BLOCKS
-    part_m = tl.load(part_m_ptr + pid * BLOCKS + blocks, mask=ok, other=-1.0e30, cache_modifier=".cg")
-    part_total = tl.load(part_total_ptr + pid * BLOCKS + blocks, mask=ok, other=0.0, cache_modifier=".cg")
-    part_acc = tl.load(
-        part_acc_ptr + (pid * BLOCKS + blocks[:, None]) * D + tl.arange(0, D)[None, :],
-        mask=ok[:, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    m = tl.max(part_m, axis=0)
-    scale = tl.exp(part_m - m)
-    total = tl.sum(part_total * scale, axis=0)
-    acc = tl.sum(part_acc * scale[:, None], axis=0)
-    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
-    t = tl.arange(0, 1)
-    t_ok = t < 1
-    q, _ = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
-    _finish(
-        q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0,
-        _linear_cap_factor(seen, linear_cap, C, G), t, t_ok, current + t, batch, head,
-        fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
-        batch * sk_b + kv_head * sk_h, 0, wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C,
-        HQ, HKV, C, D, E, True, WINDOW_NORMALIZER,
-    )  # fmt: skip
-
-
 @triton.jit(do_not_specialize=["seen"])
-def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
-    part_m_ptr, part_total_ptr, part_acc_ptr, arrived_ptr, seen, seen_ptr, linear_cap,
-    sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    WINDOW_NORMALIZER: tl.constexpr,
+def _decode_blocks_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, freq_ptr, part_m_ptr, part_total_ptr, part_acc_ptr,
+    seen, seen_ptr, sq_b, sq_h, sk_b, sk_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """One token, one block of keys: the block's softmax max, sum and weighted values (a partial). The
-    program that finishes its (batch, query head) last merges all of its partials."""
+    """One token, one block of keys: the block's softmax max, sum and weighted values (a partial)."""
     CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
     WINDOW_BLOCKS: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
     pid, block = tl.program_id(0), tl.program_id(1)
@@ -319,21 +276,51 @@ def _decode_kernel(
             (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached, previous, current, 1, current + t, t_ok,
             freq, C, D, BLOCK_N, True,
         )  # fmt: skip
-    part = pid * BLOCKS + block
+    part = pid * tl.num_programs(1) + block
     tl.store(part_m_ptr + part + t, m)
     tl.store(part_total_ptr + part + t, total)
     tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], acc)
-    # Every thread's stores before the count (a barrier, then the count's release at GPU scope); the
-    # program that completes the count sees every other block's partials (its acquire). It resets the
-    # count, so the next call (the next layer, a graph replay) starts from zero again.
-    tl.debug_barrier()
-    if tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel") == BLOCKS - 1:
-        tl.store(arrived_ptr + pid, 0)
-        _merge_partials(
-            q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
-            part_m_ptr, part_total_ptr, part_acc_ptr, pid, seen, linear_cap, sq_b, sq_h, sk_b, sk_h,
-            sy_b, sy_h, HQ, HKV, C, G, D, E, BLOCKS, CACHE_BLOCKS, ALL_BLOCKS, WINDOW_NORMALIZER,
-        )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _decode_merge_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, y_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, linear_cap, sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
+):  # fmt: skip
+    """One token: merge the partials of every key block, then as the fused kernel ends."""
+    pid = tl.program_id(0)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    current = seen % C
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    part_m = tl.load(part_m_ptr + pid * BLOCKS + blocks, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + pid * BLOCKS + blocks, mask=ok, other=0.0)
+    part_acc = tl.load(
+        part_acc_ptr + (pid * BLOCKS + blocks[:, None]) * D + tl.arange(0, D)[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    )
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    q, _ = _load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
+    _finish(
+        q, m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0,
+        _linear_cap_factor(seen, linear_cap, C, G), t, t_ok, current + t, batch, head,
+        fq_ptr, h_ptr, s_ptr, gate_ptr, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr,
+        batch * sk_b + kv_head * sk_h, 0, wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C,
+        HQ, HKV, C, D, E, True, WINDOW_NORMALIZER,
+    )  # fmt: skip
 
 
 def attend(
@@ -401,39 +388,32 @@ def attend(
     return y, win_k, win_v
 
 
-_arrival_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (batch, query head), that the decode kernel leaves zeroed: kept per
-    device and shared by every layer and call (they run one after another on a stream), so that a decode
-    step launches no memset and a CUDA graph captures none."""
-    counts = _arrival_counts.get(device)
-    if counts is None or counts.numel() < count:
-        counts = _arrival_counts[device] = torch.zeros(count, dtype=torch.int32, device=device)
-    return counts
-
-
 def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, seen,
             on_device, y, normalizer):  # fmt: skip
-    """``attend`` for one token: the key blocks in parallel, the last block of each (batch, query head)
-    merging them. ``seen``: the kernel's (host count, device count pointer, linear cap) arguments, as
-    ``attend`` makes them."""
+    """``attend`` for one token: the key blocks in parallel, then one merge per (batch, query head).
+    ``seen``: the kernels' (host count, device count pointer, linear cap) arguments, as ``attend`` makes
+    them."""
     batch, n_heads, _, dim = q.shape
     n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
     # Blocks of 16 keys with 8 warps each: a one-row block's products are reduced across threads, so more
     # threads over fewer keys finish sooner (the fastest of 16, 32 and 64 keys by 1 to 8 warps on an H200),
     # and more blocks spread over more SMs.
     block_n = 16
-    blocks = triton.cdiv(capacity, block_n) + 2 * triton.cdiv(chunk, block_n)
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
     part_m = torch.empty(batch * n_heads, blocks, dtype=torch.float32, device=q.device)
     part_total = torch.empty_like(part_m)
     part_acc = torch.empty(batch * n_heads, blocks, dim, dtype=torch.float32, device=q.device)
-    _decode_kernel[(batch * n_heads, blocks)](
-        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
-        part_m, part_total, part_acc, _arrivals(q.device, batch * n_heads), *seen,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
-        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCK_N=block_n,
-        BLOCKS=blocks, ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
-        WINDOW_NORMALIZER=normalizer == "window", num_warps=8,
+    _decode_blocks_kernel[(batch * n_heads, blocks)](
+        q, k, v, win_k, win_v, cache_k, cache_v, inv_freq, part_m, part_total, part_acc, *seen[:2],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, BLOCK_N=block_n, SEEN_ON_DEVICE=on_device,
+        num_warps=8,
+    )  # fmt: skip
+    _decode_merge_kernel[(batch * n_heads,)](
+        q, k, v, win_k, win_v, h, s, fmap_q.contiguous(), window_factor, y, part_m, part_total, part_acc,
+        *seen, q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
+        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCKS=blocks,
+        CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
+        WINDOW_NORMALIZER=normalizer == "window", num_warps=4,
     )  # fmt: skip

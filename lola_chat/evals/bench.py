@@ -176,10 +176,13 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     for event in kernels:
         by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time / 1000.0
     top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+    from lola_chat.kernels.gemv import gemv_triton
+
     return {
         "kernels_per_token": len(kernels),
         "kernel_time_ms": sum(by_name.values()),
         "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top},
+        "gemv_configs": gemv_triton.tuned_configs(),
     }
 
 

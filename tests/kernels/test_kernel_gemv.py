@@ -82,6 +82,9 @@ def test_the_autotuned_launch_matches_reference(device, monkeypatch):
         monkeypatch.setitem(gemv_triton._tuned_kernel.__dict__, "do_bench", fake_bench)
     args = operands(device, torch.float32, (1, 1), 40, 24, "gated", residual=True)
     check(gemv_triton.fused_linear(**args), reference.fused_linear(**args))
+    # The choice is recorded for benchmarks, keyed by N and K first.
+    chosen = [config for key, config in gemv_triton.tuned_configs().items() if key.startswith("(40, 24")]
+    assert chosen and all("BLOCK_N" in config for config in chosen)
 
 
 def test_cpu_runs_the_reference_and_backpropagates():
