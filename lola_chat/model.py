@@ -78,16 +78,26 @@ class Linear(nn.Linear):
 
     def packed_weight(self) -> torch.Tensor:
         weight = self.weight
-        if self._packed is None or self._packed[:3] != (id(weight), weight.data_ptr(), weight._version):
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            self._packed = (id(weight), weight.data_ptr(), weight._version, packed)
-        return self._packed[3]
+        memo = self._packed
+        if memo is not None and memo[0] is weight and memo[1] == value_stamp(weight):
+            return memo[2]
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        stamp = value_stamp(weight)
+        self._packed = None if stamp is None else (weight, stamp, packed)
+        return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packs(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
         return super().forward(x)
+
+
+def value_stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(storage address, version counter): changes whenever the tensor's value may have changed, so that
+    something computed from it can be kept until then. None for an inference tensor, which has no version
+    counter: nothing computed from it is kept."""
+    return None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
 
 
 @functools.cache
@@ -156,7 +166,7 @@ class Attention(nn.Module):
         self.window_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._window_factor: tuple | None = None  # (logit, its data_ptr, its version, sigmoid of it)
+        self._window_factor: tuple | None = None  # (logit, its value_stamp, sigmoid of it)
 
     def window_factor(self) -> torch.Tensor:
         """sigmoid(window_logit) (Hq,). While the logit is trained, computed on every call for autograd;
@@ -166,11 +176,14 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and logit.requires_grad:
             return torch.sigmoid(logit)
         memo = self._window_factor
-        if memo is None or memo[0] is not logit or memo[1:3] != (logit.data_ptr(), logit._version):
-            # A normal tensor even under inference_mode, so that a later autograd graph may save it.
-            with torch.inference_mode(False), torch.no_grad():
-                self._window_factor = memo = (logit, logit.data_ptr(), logit._version, torch.sigmoid(logit))
-        return memo[3]
+        if memo is not None and memo[0] is logit and memo[1] == value_stamp(logit):
+            return memo[2]
+        # A normal tensor even under inference_mode, so that a later autograd graph may save it.
+        with torch.inference_mode(False), torch.no_grad():
+            factor = torch.sigmoid(logit)
+        stamp = value_stamp(logit)
+        self._window_factor = None if stamp is None else (logit, stamp, factor)
+        return factor
 
     def project(
         self, x: torch.Tensor, norm: RMSNorm | None = None

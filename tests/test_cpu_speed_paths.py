@@ -176,3 +176,25 @@ def test_layouts_are_cached_per_frame_not_per_position():
     for seen in range(1000, 1000 + 64 * 20):
         reference.layout(64, 128, seen, 1, torch.device("cpu"))
     assert reference._layout.cache_info().currsize <= 64
+
+
+def test_a_model_built_in_inference_mode_runs_and_follows_weight_changes():
+    # Inference tensors have no version counter: nothing computed from them is kept, so a later in-place
+    # change of a weight (a load under inference_mode) still takes effect.
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate=48)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(torch.bfloat16).pack_projections()
+        tokens = torch.randint(0, 64, (1, 9))
+        first = model(tokens, model.new_state("lola", LolaSettings(chunk=4, capacity=4)))
+        for block in model.layers:
+            block.self_attn.window_logit.add_(1.0)
+            block.mlp.down_proj.weight.mul_(2.0)
+        second = model(tokens, model.new_state("lola", LolaSettings(chunk=4, capacity=4)))
+    assert torch.isfinite(first).all() and not torch.equal(first, second)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        fresh = Transformer(cfg).to(torch.bfloat16)
+        fresh.load_state_dict(model.state_dict())
+        expected = fresh(tokens, fresh.new_state("lola", LolaSettings(chunk=4, capacity=4)))
+    torch.testing.assert_close(second, expected, atol=5e-2, rtol=5e-2)
