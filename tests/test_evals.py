@@ -179,6 +179,7 @@ def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, 
     assert [r["error"] for r in skipped] == ["not run", "not run"]
     run = [r for r in niah_rows if r not in skipped]
     assert all(r["prompts"] == 2 and 0 <= r["correct"] <= 2 and r["state_bytes"] > 0 for r in run)
+    assert all(len(r["correct_by_depth"]) == 2 and sum(r["correct_by_depth"]) == r["correct"] for r in run)
     assert all(r["perplexity"] > 1 and r["windows"] == 2 for r in results["ppl"]["rows"])
     assert len(results["memory"]["rows"]) == 4 * 2
 

@@ -212,8 +212,9 @@ def _rows(
         if error:
             row.update(correct=None, accuracy=None, error=error)
         else:
-            hits = sum(correct[index * count : (index + 1) * count])
-            row.update(correct=hits, accuracy=hits / count)
+            answers = correct[index * count : (index + 1) * count]
+            # In prompt order, so by needle depth (``prompt_set``: prompt i at depth i / (count - 1)).
+            row.update(correct=sum(answers), accuracy=sum(answers) / count, correct_by_depth=answers)
         rows.append(row)
     return rows
 
