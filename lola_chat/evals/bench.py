@@ -21,10 +21,9 @@ import torch
 from lola_chat.config import Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
-from lola_chat.evals.bench_arms import ARMS, BenchModel, Clock, LolaArm, make_arms
+from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
 from lola_chat.evals.provenance import REPO_ROOT, run_info
-from lola_chat.graphs import capture_graphs
-from lola_chat.kernels.gemv import fused_linear
+from lola_chat.evals.weights_pass import gemv_sweep, weight_read_floor
 from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.linearization import linearization_settings, resolve_linearization
 from lola_chat.memory import LolaSettings
@@ -186,61 +185,6 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     }
 
 
-# Large enough that a copy streams from memory on any GPU (an H200's L2 holds 50 MB) or CPU cache.
-BANDWIDTH_PROBE_BYTES = 512 * 2**20
-
-
-def _median_ms(run, device: torch.device, repeats: int = 10) -> float:
-    for _ in range(2):
-        run()
-    clock = Clock(device)
-    for _ in range(repeats):
-        clock.mark()
-        run()
-    clock.mark()
-    return float(torch.tensor(clock.intervals()).median())
-
-
-def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
-    """The bandwidth floor at batch 1: every weight matrix of the model (packed ones where packed; the
-    tied output projection once) read once at the memory bandwidth this device reaches in a large copy
-    (read plus write bytes over its time). No decode step can beat it. Beside it, the time of one token
-    through every matrix as decoding computes it (``fused_linear``: the Triton GEMV on a GPU, the Linear
-    module elsewhere), timed as a whole pass so that the weights stream from memory as in a decode step
-    (one GEMV repeated over one matrix can sit in a cache); on CUDA one graph replay, so launches do not
-    count."""
-    linears = [
-        module
-        for module in model.modules()
-        if isinstance(module, torch.nn.Linear)
-        and module.weight.nbytes == module.weight.untyped_storage().nbytes()
-    ]
-    inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=device) for m in linears]
-
-    def read_all() -> torch.Tensor:
-        return [fused_linear(x, m.weight, matmul=m) for m, x in zip(linears, inputs, strict=True)][-1]
-
-    run = read_all
-    if device.type == "cuda":
-        graphs, _ = capture_graphs({"read": read_all})
-        run = graphs["read"].replay
-    gemv_ms = _median_ms(run, device)
-    source = torch.empty(BANDWIDTH_PROBE_BYTES, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    copy_ms = _median_ms(lambda: target.copy_(source), device)
-    bandwidth = 2 * BANDWIDTH_PROBE_BYTES / (copy_ms / 1000.0)
-    weight_bytes = sum(module.weight.nbytes for module in linears)
-    floor_ms = weight_bytes / bandwidth * 1000.0
-    return {
-        "weight_matrices": len(linears),
-        "weight_bytes": weight_bytes,
-        "copy_bandwidth_gb_per_s": bandwidth / 1e9,
-        "floor_ms": floor_ms,
-        "tokens_per_s": 1000.0 / floor_ms,
-        "gemv_pass_ms": gemv_ms,
-    }
-
-
 def summarize(runs: list[dict]) -> dict:
     """Per-token milliseconds of each repeat -> medians of repeats, pooled p99, eviction steps apart."""
     ordinary = [torch.tensor(r["ordinary_ms"]) for r in runs if r["ordinary_ms"]]
@@ -307,6 +251,8 @@ def run(args, config: Config) -> int:
             write(results, args.out, args.name or f"bench-{device.type}")
         # Last, so that the arms' results are written whatever happens here.
         results["floor"] = weight_read_floor(bench.model, device)
+        if device.type == "cuda":
+            results["floor"]["gemv_sweep_us"] = gemv_sweep(bench.model, device)
         write(results, args.out, args.name or f"bench-{device.type}")
     return 0
 
@@ -370,6 +316,15 @@ def markdown(results: dict) -> str:
             f"{fastest / floor['tokens_per_s']:.1%} of it. One token through every matrix as decoding "
             f"computes it takes {floor['gemv_pass_ms']:.3f} ms.",
         ]
+        if floor.get("gemv_sweep_us"):
+            fastest_config = {
+                shape: min(times, key=times.get) for shape, times in floor["gemv_sweep_us"].items()
+            }
+            best = "; ".join(
+                f"{shape}: {config} ({floor['gemv_sweep_us'][shape][config]:.2f} us)"
+                for shape, config in fastest_config.items()
+            )
+            lines += ["", f"Fastest GEMV configuration per weight shape, per matrix (JSON: all): {best}."]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
     lines += ["", f"Versions: {versions}. Clocks: {run.get('clocks') or 'not available'}.", ""]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch
 from lola_chat.cli import main
 from lola_chat.config import default_dtype
 from lola_chat.errors import LolaError
-from lola_chat.evals.bench import TINY_SHAPES, random_model
+from lola_chat.evals.bench import TINY_SHAPES, markdown, random_model
 
 
 def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
@@ -44,6 +44,9 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert floor["tokens_per_s"] == pytest.approx(1000.0 / floor["floor_ms"])
     assert "| lola-reference | 40 |" in (out / "tiny.md").read_text()
     assert "Bandwidth floor" in (out / "tiny.md").read_text()
+    # A GPU run adds the GEMV sweep; the table names each shape's fastest configuration.
+    floor["gemv_sweep_us"] = {"8x4": {"4x1024, 4 warps": 2.5, "8x256, 4 warps": 1.25}}
+    assert "8x4: 8x256, 4 warps (1.25 us)" in markdown(results)
     assert (out / "tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -127,3 +130,24 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind):
         assert torch.equal(layer.win_ids, reference.win_ids) and torch.equal(
             layer.cache_ids, reference.cache_ids
         )
+
+
+def test_the_gemv_sweep_times_each_configuration_per_weight_shape():
+    pytest.importorskip("triton")
+    from lola_chat.kernels.gemv import gemv_triton
+
+    from lola_chat.evals.weights_pass import config_label, gemv_sweep
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(TINY_SHAPES, device, default_dtype(device)).pack_projections()
+    configs = gemv_triton.CONFIGS if device.type == "cuda" else gemv_triton.CONFIGS[:1]
+    sweep = gemv_sweep(model, device, configs=configs, repeats=1 if device.type == "cpu" else 10)
+    c = TINY_SHAPES
+    # The packed projections, o, down and the tied output projection: never the packed parts' views.
+    expected = [
+        ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim),
+        (2 * c.intermediate, c.dim), (c.dim, c.intermediate), (c.vocab_size, c.dim),
+    ]  # fmt: skip
+    assert set(sweep) == {f"{n}x{k}" for n, k in expected}
+    for times in sweep.values():
+        assert set(times) == {config_label(c) for c in configs} and all(t > 0 for t in times.values())
