@@ -102,10 +102,6 @@ class _StaticLayer:
         self.policy = memory.settings.policy
         self.counter = counter
         self.window_ids = window_ids
-        # The window factors, computed on the first step (the uncaptured warm-up where graphs are captured):
-        # the weights do not change while a decoder runs, and a sigmoid per layer would be one more kernel
-        # in every replay.
-        self.window_factor: torch.Tensor | None = None
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
 
@@ -117,11 +113,11 @@ class _StaticLayer:
         from lola_chat.kernels.lola import attend_triton, evict_triton
 
         counter = self.counter
-        if self.window_factor is None:
-            self.window_factor = attn.window_factor()
+        # window_factor() keeps its sigmoid between calls, so the warm-up computes it and a capture records
+        # no kernel for it.
         y, _, _ = attend_triton.attend(
             q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_q, self.window_factor, attn.inv_freq, counter.seen, self.normalizer, self.linear_cap,
+            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen, self.normalizer, self.linear_cap,
         )  # fmt: skip
         if counter.evicting:
             *_, keep = evict_triton.evict(

@@ -5,6 +5,7 @@ Llama checkpoints (without the ``model.`` prefix) so weights load by name."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -64,7 +65,7 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
-        self._packed: tuple | None = None
+        self._packed = Derived()
 
     def _packs(self, x: torch.Tensor) -> bool:
         weight = self.weight
@@ -77,15 +78,7 @@ class Linear(nn.Linear):
         )
 
     def packed_weight(self) -> torch.Tensor:
-        weight = self.weight
-        memo = self._packed
-        if memo is not None and memo[0] is weight and memo[1] == value_stamp(weight):
-            return memo[2]
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-        stamp = value_stamp(weight)
-        self._packed = None if stamp is None else (weight, stamp, packed)
-        return packed
+        return self._packed.get(self.weight, _reorder_for_onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packs(x):
@@ -93,11 +86,27 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-def value_stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """(storage address, version counter): changes whenever the tensor's value may have changed, so that
-    something computed from it can be kept until then. None for an inference tensor, which has no version
-    counter: nothing computed from it is kept."""
-    return None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
+class Derived:
+    """A value computed from one tensor, kept until that tensor may have changed: it is replaced, or its
+    storage or version counter moves (an in-place write, a load). An inference tensor has no version
+    counter, so nothing computed from it is kept."""
+
+    def __init__(self):
+        self._kept: tuple | None = None  # (tensor, its storage and version, the value)
+
+    def get(self, tensor: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        stamp = None if tensor.is_inference() else (tensor.data_ptr(), tensor._version)
+        kept = self._kept
+        if stamp is not None and kept is not None and kept[0] is tensor and kept[1] == stamp:
+            return kept[2]
+        value = compute(tensor)
+        self._kept = None if stamp is None else (tensor, stamp, value)
+        return value
+
+
+@torch.no_grad()
+def _reorder_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
 @functools.cache
@@ -149,6 +158,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def _kept_sigmoid(logit: torch.Tensor) -> torch.Tensor:
+    # A normal tensor even under inference_mode, so that a later autograd graph may save it.
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.sigmoid(logit)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -166,7 +181,7 @@ class Attention(nn.Module):
         self.window_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._window_factor: tuple | None = None  # (logit, its value_stamp, sigmoid of it)
+        self._window_factor = Derived()
 
     def window_factor(self) -> torch.Tensor:
         """sigmoid(window_logit) (Hq,). While the logit is trained, computed on every call for autograd;
@@ -175,15 +190,7 @@ class Attention(nn.Module):
         logit = self.window_logit
         if torch.is_grad_enabled() and logit.requires_grad:
             return torch.sigmoid(logit)
-        memo = self._window_factor
-        if memo is not None and memo[0] is logit and memo[1] == value_stamp(logit):
-            return memo[2]
-        # A normal tensor even under inference_mode, so that a later autograd graph may save it.
-        with torch.inference_mode(False), torch.no_grad():
-            factor = torch.sigmoid(logit)
-        stamp = value_stamp(logit)
-        self._window_factor = None if stamp is None else (logit, stamp, factor)
-        return factor
+        return self._window_factor.get(logit, _kept_sigmoid)
 
     def project(
         self, x: torch.Tensor, norm: RMSNorm | None = None
@@ -253,7 +260,6 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.packed = False  # whether pack_projections ran: the final norm is then lm_head's prologue
 
     def pack_projections(self) -> Transformer:
         """Compute each layer's q, k and v in one GEMM and its gate and up in another (see
@@ -268,7 +274,6 @@ class Transformer(nn.Module):
             attn, mlp = block.self_attn, block.mlp
             attn.qkv_proj = stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up_proj = stacked_linear(mlp.gate_proj, mlp.up_proj)
-        self.packed = True
         return self
 
     def new_state(self, kind: str = "lola", settings: LolaSettings | None = None, batch: int = 1) -> State:
@@ -300,5 +305,4 @@ class Transformer(nn.Module):
             x = block(x, memory, tokens)
         if last_only:
             x = x[:, -1:]
-        logits = fused(self.lm_head, x, self.norm) if self.packed else self.lm_head(self.norm(x))
-        return logits.float()
+        return fused(self.lm_head, x, self.norm).float()

@@ -183,6 +183,9 @@ def test_decoding_through_the_triton_gemv_computes_what_the_separate_projections
     monkeypatch.setattr(gemv, "fast_path", lambda *tensors: True)
     model = random_model(0)
     expected = run(twin(model), decode=3)
+    # Unpacked, only the head (one module with its norm either way) runs the GEMV: once per decoded token.
+    assert len(launched) == 3
+    launched.clear()
     got = run(model.pack_projections(), decode=3)
     # Each decoded token (two rows): four GEMVs per layer and the head's; the prefill has too many rows.
     assert len(launched) == 3 * (4 * CFG.n_layers + 1)

@@ -17,7 +17,7 @@ import triton.testing
 # 1536; an H200 has 132 SMs, and a GEMV wants at least one program per SM: BLOCK_N 4 gives N = 576 144
 # programs, 8 gives N = 960 120 and 16 gives N = 3072 192; lm_head has programs to spare and wants longer
 # tiles per program. A BLOCK_K of at least K reads the whole weight tile in one go (one memory round trip
-# per program, the fastest at a few rows); the shorter ones bound the registers of the larger tiles.
+# per program); the shorter ones bound the registers of the larger tiles.
 CONFIGS = [
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=4),

@@ -396,8 +396,7 @@ def _decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor
     batch, n_heads, _, dim = q.shape
     n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
     # Blocks of 16 keys with 8 warps each: a one-row block's products are reduced across threads, so more
-    # threads over fewer keys finish sooner (the fastest of 16, 32 and 64 keys by 1 to 8 warps on an H200),
-    # and more blocks spread over more SMs.
+    # threads over fewer keys finish sooner, and more blocks spread over more SMs.
     block_n = 16
     cache_blocks = triton.cdiv(capacity, block_n)
     blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)

@@ -163,6 +163,8 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     step replays the same kernels, so this says where its time goes."""
     from torch.profiler import ProfilerActivity, profile
 
+    from lola_chat.kernels.gemv import gemv_triton
+
     state = bench.model.new_state("lola", bench.settings)
     token = torch.zeros(1, 1, dtype=torch.int64, device=device)
     bench.model(token, state)
@@ -175,8 +177,6 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     for event in kernels:
         by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time / 1000.0
     top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
-    from lola_chat.kernels.gemv import gemv_triton
-
     return {
         "kernels_per_token": len(kernels),
         "kernel_time_ms": sum(by_name.values()),
