@@ -1,6 +1,7 @@
 """When an op in ``lola_chat.kernels`` runs its Triton kernel instead of its PyTorch reference: one rule
 for every op. ``LOLA_CHAT_REFERENCE=1`` in the environment, or ``force_reference()``, forces the
-reference everywhere."""
+reference everywhere. ``dependent_launch()`` chooses whether the Triton kernels of the decode step
+are launched as programmatic dependent launches (see ``launch_options``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 REFERENCE_ENV = "LOLA_CHAT_REFERENCE"
 _forced = contextvars.ContextVar("lola_force_reference", default=False)
+_dependent = contextvars.ContextVar("lola_dependent_launch", default=True)
 
 
 @contextlib.contextmanager
@@ -24,6 +26,36 @@ def force_reference(enabled: bool = True):
         yield
     finally:
         _forced.reset(token)
+
+
+@contextlib.contextmanager
+def dependent_launch(enabled: bool = True):
+    """Within the block, launch the decode step's Triton kernels as programmatic dependent launches where
+    the GPU has them (``enabled``, the default) or one strictly after another (for comparison)."""
+    token = _dependent.set(enabled)
+    try:
+        yield
+    finally:
+        _dependent.reset(token)
+
+
+@functools.cache
+def _has_dependent_launch(device_index: int) -> bool:
+    # Hopper (compute capability 9) and later; Triton's interpreter has no inline assembly.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return not interpreted and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launch_options(tensor: torch.Tensor) -> dict:
+    """Launch options for a Triton kernel that works on ``tensor``'s device and takes a ``PDL``
+    constexpr. With programmatic dependent launch a kernel may start while the kernel before it in the
+    stream is still running (inside a CUDA graph too): it signals its own dependents at once, reads
+    what no kernel writes (weights) first, and waits (``gdc_wait``) for its predecessor to finish
+    before it reads anything else or writes. Between the many small kernels of a decode step this hides
+    the launch gap and the first memory round trip. ``{"PDL": False}`` off CUDA, before Hopper, under
+    Triton's interpreter or outside ``dependent_launch()``."""
+    enabled = tensor.is_cuda and _dependent.get() and _has_dependent_launch(tensor.device.index or 0)
+    return {"PDL": True, "launch_pdl": True} if enabled else {"PDL": False}
 
 
 @functools.cache

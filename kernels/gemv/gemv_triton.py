@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from lola_chat.kernels.dispatch import launch_options
 
 # Nobody tunes this on the GPU here, so the list is short and each entry has a reason. The projections of
 # the default model have N = 576 (o, down), 960 (qkv), 3072 (gate_up) and 49152 (lm_head) and K = 576 or
@@ -33,16 +34,25 @@ CONFIGS = [
 def _fused_linear_kernel(
     x_ptr, w_ptr, norm_ptr, res_ptr, out_ptr, stride_x, stride_w, stride_res, N, eps, K: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # K is a compile-time constant: a layer's K never changes, the loops over it get a static trip count
     # (and Triton's interpreter cannot loop to a runtime bound).
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(1).to(tl.int64)
     dtype = out_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     x_row = x_ptr + row * stride_x
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    # The weight tile of the next K block is loaded one iteration ahead, and the first before waiting on
+    # the kernel that writes x: weights never change during decoding, so their memory round trip
+    # overlaps that kernel's end.
+    k_next = tl.arange(0, BLOCK_K)
+    w_next = tl.load(w_rows + k_next[None, :], mask=col_ok[:, None] & (k_next < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     if RESIDUAL:
         residual = tl.load(res_ptr + row * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
     # One pass over K, with no load waiting on another: a decode GEMV is bound by memory latency, not
@@ -54,7 +64,9 @@ def _fused_linear_kernel(
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = w_next
+        k_next = k + BLOCK_K
+        w_next = tl.load(w_rows + k_next[None, :], mask=col_ok[:, None] & (k_next < K)[None, :], other=0.0)
         # Masked lanes load 0, and every prologue maps 0 to 0, so they add nothing.
         xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
         if GATED:
@@ -122,6 +134,7 @@ def fused_linear(
         rows.stride(0), weight.stride(0), residual_rows.stride(0), n, eps, k,
     )  # fmt: skip
     flags = dict(NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None)
+    flags |= launch_options(x)
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows.shape[0])  # noqa: E731
         _tuned_kernel[grid](*args, **flags)

@@ -158,16 +158,17 @@ def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: in
     return out
 
 
-def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
-    """Kernels launched by one eager Triton-path decode step and their summed device time: a captured
-    step replays the same kernels, so this says where its time goes."""
+def _profile_step(bench: BenchModel, device: torch.device, before: int) -> dict:
+    """Kernels launched by one eager Triton-path step after ``before`` tokens, and their device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lola_chat.kernels.gemv import gemv_triton
-
     state = bench.model.new_state("lola", bench.settings)
+    if before:
+        bench.model(torch.zeros(1, before, dtype=torch.int64, device=device), state, last_only=True)
     token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    warm = state.checkpoint()
     bench.model(token, state)
+    state.restore(warm)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         bench.model(token, state)
@@ -181,8 +182,19 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
         "kernels_per_token": len(kernels),
         "kernel_time_ms": sum(by_name.values()),
         "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top},
-        "gemv_configs": gemv_triton.tuned_configs(),
     }
+
+
+def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
+    """Kernels launched by one eager Triton-path decode step and their summed device time (a captured
+    step replays the same kernels, so this says where its time goes); under ``eviction``, the same for a
+    step that closes a chunk (two chunks in, so that a chunk leaves the window)."""
+    from lola_chat.kernels.gemv import gemv_triton
+
+    profile = _profile_step(bench, device, 0)
+    profile["eviction"] = _profile_step(bench, device, 2 * bench.settings.chunk - 1)
+    profile["gemv_configs"] = gemv_triton.tuned_configs()
+    return profile
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -301,6 +313,15 @@ def markdown(results: dict) -> str:
             "",
             f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all (Triton path, eager).",
         ]
+        if "eviction" in profile:
+            eviction = profile["eviction"]
+            top = list(eviction["top_kernels_ms"].items())[:4]
+            slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
+            lines += [
+                "",
+                f"A step that closes a chunk launches {eviction['kernels_per_token']} kernels, "
+                f"{eviction['kernel_time_ms']:.3f} ms of device time (slowest: {slowest}).",
+            ]
     if "floor" in results:
         floor = results["floor"]
         fastest = max(

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from lola_chat.kernels import lola
+from lola_chat.kernels.dispatch import dependent_launch
 from lola_chat.memory import LolaSettings, State
 
-ARMS = ("lola-reference", "lola-triton", "lola-captured", "softmax-hf", "softmax-captured")
+# Arms that run the Triton kernels on a GPU.
+TRITON_ARMS = ("lola-triton", "lola-captured", "lola-captured-serial")
+ARMS = ("lola-reference", *TRITON_ARMS, "softmax-hf", "softmax-captured")
 # Longest prefill timed per eager LoLA arm on a GPU: beyond it the state comes from a faster arm
 # (a Python loop over 64-token chunks costs seconds per 8K tokens in the reference).
 MAX_PREFILL = {"lola-reference": 8192, "lola-triton": 32768}
@@ -76,23 +79,32 @@ class Arm:
 
 
 class LolaArm(Arm):
-    """LoLA memory through the reference, the Triton kernels (eager) or the captured decoder."""
+    """LoLA memory through the reference, the Triton kernels (eager) or the captured decoder, the latter
+    with its kernels launched as programmatic dependent launches (where the GPU has them) or, "serial",
+    strictly one after another."""
 
     def __init__(self, name: str, bench: BenchModel, device: torch.device):
         super().__init__(bench, device)
         self.name = name
         self.kind = name.removeprefix("lola-")
-        self.label = {"reference": "LoLA, PyTorch reference", "triton": "LoLA, Triton kernels",
-                      "captured": "LoLA, Triton + CUDA graph"}[self.kind]  # fmt: skip
-        self.speed_rank = {"reference": 1, "triton": 2, "captured": 3}[self.kind]
+        self.label = {
+            "reference": "LoLA, PyTorch reference",
+            "triton": "LoLA, Triton kernels",
+            "captured": "LoLA, Triton + CUDA graph",
+            "captured-serial": "LoLA, Triton + CUDA graph, no dependent launch",
+        }[self.kind]
+        self.speed_rank = {"reference": 1, "triton": 2, "captured": 4, "captured-serial": 3}[self.kind]
+        self.captured = self.kind.startswith("captured")
         self.max_prefill = MAX_PREFILL.get(name, float("inf")) if device.type == "cuda" else float("inf")
         self._decoder = None
 
     def new_state(self) -> State:
         return self.model.new_state("lola", self.bench.settings)
 
+    @contextlib.contextmanager
     def _dispatch(self):
-        return lola.force_reference(self.kind == "reference")
+        with lola.force_reference(self.kind == "reference"), dependent_launch(self.kind != "captured-serial"):
+            yield
 
     def prefill(self, tokens: torch.Tensor) -> tuple[float, State]:
         from lola_chat.graphs import CapturedDecoder
@@ -100,7 +112,7 @@ class LolaArm(Arm):
         state = self.new_state()
         clock = Clock(self.device)
         with self.tracked(), self._dispatch():
-            if self.kind == "captured":
+            if self.captured:
                 decoder = CapturedDecoder(self.model, state)
                 clock.mark()
                 decoder.prefill(tokens)
@@ -128,7 +140,7 @@ class LolaArm(Arm):
         clock = Clock(self.device)
         token = tokens[:, -1]
         with self.tracked(), self._dispatch():
-            if self.kind == "captured":
+            if self.captured:
                 decoder = self._captured(base)
                 for _ in range(count):
                     clock.mark()
@@ -255,10 +267,10 @@ def make_arms(wanted: list[str], bench: BenchModel, device: torch.device, max_po
     except ImportError:
         has_triton = False
     for name in wanted:
-        needs_gpu = name in ("lola-triton", "lola-captured", "softmax-captured")
+        needs_gpu = name in TRITON_ARMS + ("softmax-captured",)
         if needs_gpu and device.type != "cuda":
             skipped[name] = "needs a CUDA GPU"
-        elif name in ("lola-triton", "lola-captured") and not has_triton:
+        elif name in TRITON_ARMS and not has_triton:
             skipped[name] = "Triton is not installed"
         elif name.startswith("lola-"):
             arms.append(LolaArm(name, bench, device))

@@ -166,3 +166,26 @@ def test_engine_replies_the_same_through_graph_replay(tiny_loaded, tmp_path):
     assert engines["auto"]._feeder.decoding == "captured" and engines["auto"]._feeder.decoder
     each(lambda engine: engine.undo())
     each(lambda engine: engine.regenerate().new_tokens)
+
+
+@torch.no_grad()
+def test_dependent_launch_changes_no_result():
+    """Programmatic dependent launch only lets a kernel start early; every kernel waits for its inputs, so
+    the captured decoder gives bit-identical logits with and without it."""
+    from lola_chat.graphs import CapturedDecoder
+    from lola_chat.kernels.dispatch import dependent_launch, launch_options
+
+    m = model(torch.bfloat16)
+    tokens = distinct_tokens(1024, 200, 3)
+    runs = []
+    for enabled in (True, False):
+        with dependent_launch(enabled):
+            assert launch_options(tokens)["PDL"] == (enabled and torch.cuda.get_device_capability()[0] >= 9)
+            decoder = CapturedDecoder(m, m.new_state("lola", SETTINGS))
+            decoder.prefill(tokens[:, :37])
+            logits = [decoder.logits.clone()]
+            for t in range(37, 200):
+                decoder.step(tokens[:, t])
+                logits.append(decoder.logits.clone())
+        runs.append(torch.stack(logits))
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)

@@ -26,3 +26,11 @@ def test_dispatched_hedgehog_equals_reference_on_cpu():
 
 def test_float64_stays_on_the_reference():
     assert not lola.uses_triton(torch.zeros(2, dtype=torch.float64))
+
+
+def test_no_dependent_launch_off_the_gpu():
+    from lola_chat.kernels.dispatch import dependent_launch, launch_options
+
+    assert launch_options(torch.zeros(2)) == {"PDL": False}
+    with dependent_launch(False):
+        assert launch_options(torch.zeros(2)) == {"PDL": False}
