@@ -3,24 +3,25 @@ RMSNorm or the SwiGLU gating of x as the prologue, a residual add as the epilogu
 BLOCK_N outputs of one row in one pass over K, dotting (BLOCK_N, BLOCK_K) weight tiles with the
 transformed x tile in fp32. Every weight is read once
 per row, and the normed or gated x never goes to memory. The output is a new tensor: nothing is written in
-place, so the autotuner may run the kernel as often as it likes."""
+place."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 from lola_chat.kernels.dispatch import launch_options
 
-# Nobody tunes this on the GPU here, so the list is short and each entry has a reason. The projections of
-# the default model have N = 576 (o, down), 960 (qkv), 3072 (gate_up) and 49152 (lm_head) and K = 576 or
-# 1536; an H200 has 132 SMs, and a GEMV wants at least one program per SM: BLOCK_N 4 gives N = 576 144
-# programs, 8 gives N = 960 120 and 16 gives N = 3072 192; lm_head has programs to spare and wants longer
-# tiles per program. A BLOCK_K of at least K reads the whole weight tile in one go (one memory round trip
-# per program); the shorter ones bound the registers of the larger tiles.
+# The configurations ``lola-chat bench`` times side by side per weight shape (``floor.gemv_sweep_us``), from
+# which ``config_for`` is read. The default model's projections have N = 576 (o, down), 960 (qkv), 3072
+# (gate_up) and 49152 (lm_head), K = 576 or 1536; an H200 has 132 SMs. A BLOCK_K of at least K reads a
+# whole weight tile in one go (one memory round trip per program); short BLOCK_K bounds the registers of
+# tall tiles.
 CONFIGS = [
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 2048}, num_warps=8),
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=4),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=2),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=4),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 1024}, num_warps=8),
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 2048}, num_warps=8),
@@ -28,6 +29,20 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8),
 ]
+# Outputs past which a matrix has programs to spare even with taller tiles (an output projection).
+WIDE_N = 16384
+
+
+def config_for(n: int, k: int) -> triton.Config:
+    """The tiling for an (n, k) weight, a fixed rule rather than an autotuner (whose choice rests on one
+    timing and changed between processes, and which stalls the first decoded token). On the H200 sweep
+    (docs/results) two rows per program with the whole K in one tile was fastest or within a few percent
+    for every shape but the output projection's, which wants 8 rows and 1024-wide tiles; 8 warps for the
+    2048-wide tiles (K = 1536). Two rows per program also gives the most programs for the SMs."""
+    if n >= WIDE_N:
+        return triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=4)
+    block_k = min(max(triton.next_power_of_2(k), 16), 2048)
+    return triton.Config({"BLOCK_N": 2, "BLOCK_K": block_k}, num_warps=4 if block_k <= 1024 else 8)
 
 
 @triton.jit
@@ -87,22 +102,6 @@ def _fused_linear_kernel(
     tl.store(out_ptr + row * N + cols, y, mask=col_ok)
 
 
-def _benchmark(call, quantiles):
-    """Times a configuration with fewer repetitions than Triton's default (25 ms warm-up, 100 ms runs): a
-    GEMV takes microseconds, and each projection shape is tuned on the first decoded token."""
-    return triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles)
-
-
-_tuned_kernel = triton.autotune(configs=CONFIGS, key=["N", "K"], do_bench=_benchmark)(_fused_linear_kernel)
-
-
-def tuned_configs() -> dict[str, str]:
-    """The configuration the autotuner chose for each shape tuned so far in this process (its key, which
-    starts with N and K, to the config), for benchmarks to record: the choice rests on a timing and can
-    differ between processes."""
-    return {str(key): str(config) for key, config in _tuned_kernel.cache.items()}
-
-
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -116,7 +115,7 @@ def fused_linear(
     """Same contract as ``reference.fused_linear``: x (..., K), or (..., 2K) = [gate | up] with ``gated``;
     weight (N, K); norm_weight (K,) (not with ``gated``); residual (..., N); all of one dtype with a unit
     stride in the last dim. Returns a new contiguous (..., N) tensor of that dtype. ``config`` (one of
-    ``CONFIGS``, say) launches with that tiling instead of the autotuned one."""
+    ``CONFIGS``, say) launches with that tiling instead of ``config_for``'s."""
     n, k = weight.shape
     assert norm_weight is None or not gated, "an RMSNorm and a SwiGLU prologue at once are not supported"
     assert x.shape[-1] == (2 * k if gated else k), "x (..., K), or (..., 2K) when gated"
@@ -135,10 +134,7 @@ def fused_linear(
     )  # fmt: skip
     flags = dict(NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None)
     flags |= launch_options(x)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), rows.shape[0])  # noqa: E731
-        _tuned_kernel[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), rows.shape[0])
-        _fused_linear_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps)
+    config = config or config_for(n, k)
+    grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), rows.shape[0])
+    _fused_linear_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps)
     return out

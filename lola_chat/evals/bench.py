@@ -189,11 +189,8 @@ def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     """Kernels launched by one eager Triton-path decode step and their summed device time (a captured
     step replays the same kernels, so this says where its time goes); under ``eviction``, the same for a
     step that closes a chunk (two chunks in, so that a chunk leaves the window)."""
-    from lola_chat.kernels.gemv import gemv_triton
-
     profile = _profile_step(bench, device, 0)
     profile["eviction"] = _profile_step(bench, device, 2 * bench.settings.chunk - 1)
-    profile["gemv_configs"] = gemv_triton.tuned_configs()
     return profile
 
 

@@ -76,9 +76,8 @@ def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
 def gemv_sweep(model: torch.nn.Module, device: torch.device, configs=None, repeats: int = 10) -> dict:
     """Microseconds per matrix of the Triton GEMV (no prologue or epilogue) with each configuration forced,
     for each weight shape "NxK" of the model: a pass over every matrix of that shape, as ``time_pass``.
-    The autotuner picks one configuration per shape from a timing of its own; this records them all, side
-    by side in one run, so that a fixed choice can be read off. ``configs``: default
-    ``gemv_triton.CONFIGS``. Empty where Triton cannot be imported."""
+    Side by side in one run, so that ``gemv_triton.config_for``'s fixed choice can be checked against
+    them. ``configs``: default ``gemv_triton.CONFIGS``. Empty where Triton cannot be imported."""
     kernel = triton_module("lola_chat.kernels.gemv.gemv_triton")
     if kernel is None:
         return {}

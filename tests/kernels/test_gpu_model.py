@@ -172,8 +172,9 @@ def test_engine_replies_the_same_through_graph_replay(tiny_loaded, tmp_path):
 def test_dependent_launch_changes_no_result():
     """Programmatic dependent launch only lets a kernel start early; every kernel waits for its inputs, so
     the captured decoder gives bit-identical logits with and without it."""
-    from lola_chat.graphs import CapturedDecoder
     from lola_chat.kernels.dispatch import dependent_launch, launch_options
+
+    from lola_chat.graphs import CapturedDecoder
 
     m = model(torch.bfloat16)
     tokens = distinct_tokens(1024, 200, 3)
