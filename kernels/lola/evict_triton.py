@@ -11,10 +11,13 @@ with its twin), and the order kept decides the positions at attention time.
 
 Scoring is its own kernel, one program per (batch, query head, block of candidates): the scores are
 independent of each other, and with a handful of query heads one program per head would leave most
-SMs idle while each runs the O(N^2 D) nearest-key search alone. The eviction kernel, one program per
-(batch, query head), then reads the scores, ranks, compacts and folds. Ranks come from pairwise
-comparisons, so no sort and no host round trip is needed and the step can live inside a CUDA graph;
-the window shift is a last kernel, after every query head has read the leaving chunk.
+SMs idle while each runs the O(N^2 D) nearest-key search alone. Selection is split the same way: one
+program per (batch, query head, block of candidates) ranks its candidates, writes the kept ones to
+their new slots in a fresh buffer and its folded ones' sums to a partial; a commit kernel then adds the
+partials to H and s in a fixed order (the same sums on every run) and moves the new slots into the
+cache. Ranks come from pairwise comparisons, so no sort and no host round trip is needed and the step
+can live inside a CUDA graph; the window shift is a last kernel, after every query head has read the
+leaving chunk.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.kernels.lola.attend_triton import frame_counts
-from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map
+from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
 from lola_chat.kernels.lola.reference import SRE_EPS
 
 # Candidates per scoring program: 16, the smallest tl.dot tile, gives the most programs to spread over
-# the SMs (12 per query head for G = 128, C = 64).
+# the SMs (20 per query head for G = 256, C = 64).
 SCORE_ROWS = 16
+# Candidates per selection program, and the parts each head's state is committed in: enough programs
+# that no SM walks a head's candidates or state alone.
+SELECT_ROWS = 32
+COMMIT_SPLIT = 4
 
 
 @triton.jit
@@ -68,12 +75,9 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
         other = start + tl.arange(0, BLOCK_OTHER)
         k_other, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, other, cached, previous, G, D)
         k_other = k_other.to(tl.float32)
+        cross = matmul(k, tl.trans(k_other), False)
         # Squared distances: only their order matters, so no square root.
-        distance = (
-            k_norm[:, None]
-            + tl.sum(k_other * k_other, axis=1)[None, :]
-            - 2.0 * tl.dot(k, tl.trans(k_other), input_precision="ieee")
-        )
+        distance = k_norm[:, None] + tl.sum(k_other * k_other, axis=1)[None, :] - 2.0 * cross
         distance = tl.where(valid[None, :] & (other[None, :] != index[:, None]), distance, float("inf"))
         block_distance, block_nearest = tl.min(distance, axis=1, return_indices=True)
         # Strictly closer only: on equal distances the earlier candidate stays, as torch's argmin picks.
@@ -126,7 +130,7 @@ def _score_kernel(
     k = k.to(tl.float32)
     v = v.to(tl.float32)
     up, down = features(k, w, False)
-    recalled = tl.dot(up, h_up, input_precision="ieee") + tl.dot(down, h_down, input_precision="ieee")
+    recalled = matmul(up, h_up, False) + matmul(down, h_down, False)
     norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     error = v - recalled / tl.maximum(norm, eps)[:, None]
     score = tl.sqrt(tl.sum(error * error, axis=1))
@@ -137,69 +141,93 @@ def _score_kernel(
     tl.store(score_ptr + pid * N + index, tl.where(valid, score, float("-inf")), mask=index < N)
 
 
+@triton.jit
+def _kept(score_ptr, index, every_score, every, N: tl.constexpr, G: tl.constexpr):
+    """Whether candidates ``index`` are among the G best: fewer than G candidates are ahead of them (a
+    higher score, or an equal one and an earlier index)."""
+    mine = tl.load(score_ptr + index, mask=index < N, other=float("-inf"))
+    ahead = (every_score[None, :] > mine[:, None]) | (
+        (every_score[None, :] == mine[:, None]) & (every[None, :] < index[:, None])
+    )
+    return (tl.sum(ahead.to(tl.int32), axis=1) < G) & (index < N)
+
+
 @triton.jit(do_not_specialize=["seen"])
-def _evict_kernel(
-    wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, keep_ptr, seen, seen_ptr,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+def _select_kernel(
+    wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, keep_ptr, new_k_ptr, new_v_ptr, fold_ptr,
+    fold_norm_ptr, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Keep the G best-scored candidates of ``program_id(0)`` in the cache, fold the rest."""
+    """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``: the kept ones go to
+    their new cache slots in ``new_k``/``new_v`` and ``keep``, the others' sum phi(k) v^T and phi(k) to
+    this block's partial fold. Nothing is written in place: other programs still read the candidates."""
     N: tl.constexpr = G + C
-    pid = tl.program_id(0)
+    pid, block = tl.program_id(0), tl.program_id(1)
     cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
-    w = load_feature_map(fk_ptr, pid % HQ, D, E)
-    dims = tl.arange(0, D)
-    feats = tl.arange(0, E)
-    state_row = pid * 2 * E
-    h_up_at = h_ptr + (state_row + feats[:, None]) * D + dims[None, :]
-    h_down_at = h_up_at + E * D
     n = tl.arange(0, BLOCK_N)
-    scores = score_ptr + pid * N
+    index = block * BLOCK_N + n
+    k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
+                              cached, previous, G, D)  # fmt: skip
     if G > 0:
+        scores = score_ptr + pid * N
         every = tl.arange(0, ALL)
         every_score = tl.load(scores + every, mask=every < N, other=float("-inf"))
+        kept = _kept(scores, index, every_score, every, N, G)
+        # A kept candidate's slot counts the kept ones before it, in earlier blocks too: their ranks are
+        # recomputed here rather than waited for.
+        kept_before = 0
+        for start in range(0, N, BLOCK_N):
+            earlier = start + n
+            kept_earlier = _kept(scores, earlier, every_score, every, N, G) & (earlier < block * BLOCK_N)
+            kept_before += tl.sum(kept_earlier.to(tl.int32), axis=0)
+        slot = kept_before + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+        to = (pid * G + slot[:, None]) * D + tl.arange(0, D)[None, :]
+        tl.store(new_k_ptr + to, k, mask=(kept & valid)[:, None])
+        tl.store(new_v_ptr + to, v, mask=(kept & valid)[:, None])
+        tl.store(keep_ptr + pid * G + slot, index.to(tl.int64), mask=kept)
+    else:
+        kept = index < 0
+    up, down = features(k.to(tl.float32), load_feature_map(fk_ptr, pid % HQ, D, E), False)
+    folded = (valid & ~kept)[:, None]
+    up = tl.where(folded, up, 0.0)
+    down = tl.where(folded, down, 0.0)
+    vf = v.to(tl.float32)
+    feats = tl.arange(0, E)
+    part = (pid * tl.num_programs(1) + block) * 2 * E
+    fold_at = fold_ptr + (part + feats[:, None]) * D + tl.arange(0, D)[None, :]
+    tl.store(fold_at, matmul(tl.trans(up), vf, False))
+    tl.store(fold_at + E * D, matmul(tl.trans(down), vf, False))
+    tl.store(fold_norm_ptr + part + feats, tl.sum(up, axis=0))
+    tl.store(fold_norm_ptr + part + E + feats, tl.sum(down, axis=0))
 
-    fold_up = tl.zeros((E, D), tl.float32)
-    fold_down = tl.zeros((E, D), tl.float32)
-    norm_up = tl.zeros((E,), tl.float32)
-    norm_down = tl.zeros((E,), tl.float32)
-    kept_before = 0
-    for start in range(0, N, BLOCK_N):
-        index = start + n
-        k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                                  cached, previous, G, D)  # fmt: skip
-        if G > 0:
-            mine = tl.load(scores + index, mask=index < N, other=float("-inf"))
-            ahead = (every_score[None, :] > mine[:, None]) | (
-                (every_score[None, :] == mine[:, None]) & (every[None, :] < index[:, None])
-            )
-            kept = (tl.sum(ahead.to(tl.int32), axis=1) < G) & (index < N)
-        else:
-            kept = index < 0
-        up, down = features(k.to(tl.float32), w, False)
-        folded = (valid & ~kept)[:, None]
-        up = tl.where(folded, up, 0.0)
-        down = tl.where(folded, down, 0.0)
-        vf = v.to(tl.float32)
-        fold_up += tl.dot(tl.trans(up), vf, input_precision="ieee")
-        fold_down += tl.dot(tl.trans(down), vf, input_precision="ieee")
-        norm_up += tl.sum(up, axis=0)
-        norm_down += tl.sum(down, axis=0)
-        if G > 0:
-            slot = kept_before + tl.cumsum(kept.to(tl.int32), axis=0) - 1
-            # A kept candidate moves to a slot at or below its own index: every thread must have
-            # loaded this block before any slot of it is overwritten.
-            tl.debug_barrier()
-            to = (cache_row + slot[:, None]) * D + dims[None, :]
-            tl.store(ck_ptr + to, k, mask=(kept & valid)[:, None])
-            tl.store(cv_ptr + to, v, mask=(kept & valid)[:, None])
-            tl.store(keep_ptr + pid * G + slot, index.to(tl.int64), mask=kept)
-            kept_before += tl.sum(kept.to(tl.int32), axis=0)
 
-    tl.store(h_up_at, tl.load(h_up_at) + fold_up)
-    tl.store(h_down_at, tl.load(h_down_at) + fold_down)
-    tl.store(s_ptr + state_row + feats, tl.load(s_ptr + state_row + feats) + norm_up)
-    tl.store(s_ptr + state_row + E + feats, tl.load(s_ptr + state_row + E + feats) + norm_down)
+@triton.jit
+def _commit_kernel(
+    ck_ptr, cv_ptr, h_ptr, s_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr,
+    G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+    SLOTS: tl.constexpr,
+):  # fmt: skip
+    """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
+    partial folds in block order, so the sum does not depend on scheduling; the cache takes the new
+    slots (``SLOTS`` rows per part)."""
+    pid, part = tl.program_id(0), tl.program_id(1)
+    dims = tl.arange(0, D)
+    rows = part * (F // SPLIT) + tl.arange(0, F // SPLIT)
+    h_at = h_ptr + (pid * F + rows[:, None]) * D + dims[None, :]
+    h = tl.load(h_at)
+    s = tl.load(s_ptr + pid * F + rows)
+    for block in range(BLOCKS):
+        first = (pid * BLOCKS + block) * F
+        h += tl.load(fold_ptr + (first + rows[:, None]) * D + dims[None, :])
+        s += tl.load(fold_norm_ptr + first + rows)
+    tl.store(h_at, h)
+    tl.store(s_ptr + pid * F + rows, s)
+    if G > 0:
+        slot = part * SLOTS + tl.arange(0, SLOTS)
+        ok = (slot < G)[:, None]
+        at = (pid * G + slot[:, None]) * D + dims[None, :]
+        tl.store(ck_ptr + at, tl.load(new_k_ptr + at, mask=ok), mask=ok)
+        tl.store(cv_ptr + at, tl.load(new_v_ptr + at, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -264,16 +292,29 @@ def evict(
         seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
         shape = dict(HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
                      SEEN_ON_DEVICE=on_device)  # fmt: skip
-        # 8 warps: with 4 the fp32 tiles spill to local memory (ptxas -v for sm_90).
         if capacity > 0:
+            # 4 warps: with 8 the nearest-key search ran slower on the H200.
             _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
                 win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
                 BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64), NOVELTY=policy == "novelty",
-                num_warps=8, **shape,
+                num_warps=4, **shape,
             )  # fmt: skip
-        _evict_kernel[(batch * n_heads,)](
-            win_k, win_v, cache_k, cache_v, h, s, fmap, scores, keep, *seen,
-            BLOCK_N=block_rows(candidates, 32), ALL=triton.next_power_of_2(candidates), num_warps=8, **shape,
+        features_dim = 2 * fmap_k.shape[-1]
+        blocks = triton.cdiv(candidates, SELECT_ROWS)
+        fold = torch.empty(batch * n_heads, blocks, features_dim, dim, dtype=torch.float32, device=h.device)
+        fold_norm = torch.empty(batch * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
+        new_k = torch.empty_like(cache_k)
+        new_v = torch.empty_like(cache_v)
+        # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
+        _select_kernel[(batch * n_heads, blocks)](
+            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, *seen,
+            BLOCK_N=SELECT_ROWS, ALL=triton.next_power_of_2(candidates), num_warps=8, **shape,
+        )  # fmt: skip
+        split = min(COMMIT_SPLIT, features_dim)
+        _commit_kernel[(batch * n_heads, split)](
+            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, G=capacity, D=dim, F=features_dim,
+            BLOCKS=blocks, SPLIT=split, SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
+            num_warps=4,
         )  # fmt: skip
         if capacity == 0:
             keep = None
