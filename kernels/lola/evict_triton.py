@@ -208,20 +208,21 @@ def _commit_kernel(
     SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
-    partial folds in block order, so the sum does not depend on scheduling; the cache takes the new
-    slots (``SLOTS`` rows per part)."""
+    partial folds, summed in block order first (so the sum does not depend on scheduling, and H, which
+    grows over the conversation, takes one rounding per eviction rather than one per block); the cache
+    takes the new slots (``SLOTS`` rows per part)."""
     pid, part = tl.program_id(0), tl.program_id(1)
     dims = tl.arange(0, D)
     rows = part * (F // SPLIT) + tl.arange(0, F // SPLIT)
-    h_at = h_ptr + (pid * F + rows[:, None]) * D + dims[None, :]
-    h = tl.load(h_at)
-    s = tl.load(s_ptr + pid * F + rows)
+    fold = tl.zeros((F // SPLIT, D), tl.float32)
+    fold_norm = tl.zeros((F // SPLIT,), tl.float32)
     for block in range(BLOCKS):
         first = (pid * BLOCKS + block) * F
-        h += tl.load(fold_ptr + (first + rows[:, None]) * D + dims[None, :])
-        s += tl.load(fold_norm_ptr + first + rows)
-    tl.store(h_at, h)
-    tl.store(s_ptr + pid * F + rows, s)
+        fold += tl.load(fold_ptr + (first + rows[:, None]) * D + dims[None, :])
+        fold_norm += tl.load(fold_norm_ptr + first + rows)
+    h_at = h_ptr + (pid * F + rows[:, None]) * D + dims[None, :]
+    tl.store(h_at, tl.load(h_at) + fold)
+    tl.store(s_ptr + pid * F + rows, tl.load(s_ptr + pid * F + rows) + fold_norm)
     if G > 0:
         slot = part * SLOTS + tl.arange(0, SLOTS)
         ok = (slot < G)[:, None]
