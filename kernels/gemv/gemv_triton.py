@@ -35,14 +35,14 @@ WIDE_N = 16384
 
 def config_for(n: int, k: int) -> triton.Config:
     """The tiling for an (n, k) weight, a fixed rule rather than an autotuner (whose choice rests on one
-    timing and changed between processes, and which stalls the first decoded token). On the H200 sweep
-    (docs/results) two rows per program with the whole K in one tile was fastest or within a few percent
-    for every shape but the output projection's, which wants 8 rows and 1024-wide tiles; 8 warps for the
-    2048-wide tiles (K = 1536). Two rows per program also gives the most programs for the SMs."""
+    timing and changed between processes, and which stalls the first decoded token). In the H200 sweep
+    of the default model's decode shapes (docs/results/bench-h200-pdl.json) four rows per program with
+    the whole K in one tile was fastest for every shape but the output projection's, which wants 8 rows
+    and 1024-wide tiles; 8 warps for the 2048-wide tiles (K = 1536)."""
     if n >= WIDE_N:
         return triton.Config({"BLOCK_N": 8, "BLOCK_K": 1024}, num_warps=4)
     block_k = min(max(triton.next_power_of_2(k), 16), 2048)
-    return triton.Config({"BLOCK_N": 2, "BLOCK_K": block_k}, num_warps=4 if block_k <= 1024 else 8)
+    return triton.Config({"BLOCK_N": 4, "BLOCK_K": block_k}, num_warps=4 if block_k <= 1024 else 8)
 
 
 @triton.jit
