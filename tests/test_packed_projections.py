@@ -175,7 +175,7 @@ def test_decoding_through_the_triton_gemv_computes_what_the_separate_projections
     launched = []
     kernel = gemv_triton.fused_linear
 
-    def one_tiling(*args, **kwargs):  # the interpreter cannot autotune; tiles smaller than the shapes
+    def one_tiling(*args, **kwargs):  # tiles smaller than the shapes, so masked edges are exercised
         launched.append(args[1].shape)
         return kernel(*args, **kwargs, config=triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}))
 

@@ -80,7 +80,7 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
         distance = k_norm[:, None] + tl.sum(k_other * k_other, axis=1)[None, :] - 2.0 * cross
         distance = tl.where(valid[None, :] & (other[None, :] != index[:, None]), distance, float("inf"))
         block_distance, block_nearest = tl.min(distance, axis=1, return_indices=True)
-        # Strictly closer only: on equal distances the earlier candidate stays, as torch's argmin picks.
+        # Strictly closer only: on equal distances the earlier candidate stays, as the reference picks.
         closer = block_distance < nearest_distance
         nearest = tl.where(closer, start + block_nearest, nearest)
         nearest_distance = tl.where(closer, block_distance, nearest_distance)
@@ -182,8 +182,10 @@ def _select_kernel(
             kept_before += tl.sum(kept_earlier.to(tl.int32), axis=0)
         slot = kept_before + tl.cumsum(kept.to(tl.int32), axis=0) - 1
         to = (pid * G + slot[:, None]) * D + tl.arange(0, D)[None, :]
-        tl.store(new_k_ptr + to, k, mask=(kept & valid)[:, None])
-        tl.store(new_v_ptr + to, v, mask=(kept & valid)[:, None])
+        # Kept but invalid candidates (the slots a filling cache has not reached) load as zeros and are
+        # stored too: every slot of the new cache is written, so empty ones hold zeros, not scratch.
+        tl.store(new_k_ptr + to, k, mask=kept[:, None])
+        tl.store(new_v_ptr + to, v, mask=kept[:, None])
         tl.store(keep_ptr + pid * G + slot, index.to(tl.int64), mask=kept)
     else:
         kept = index < 0
@@ -260,8 +262,9 @@ def evict(
 
     Same contract as ``reference.evict`` for ``policy`` "sre" or "novelty" (the policies here; the
     ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
-    and unused). Under "novelty" the nearest key is chosen by fp32 squared distances, so of two
-    candidates at nearly equal distance the kernel and the reference may pick different ones.
+    and unused). Under "novelty" the nearest key is chosen by squared distances whose key products
+    run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal distance the
+    kernel and the reference may pick different ones.
     win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E)
     fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E powers of two >= 16.
     ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the
@@ -272,8 +275,8 @@ def evict(
     cache slot, its index among the candidates (old cache slots 0..G-1, then the leaving chunk).
     With an int ``tokens_seen`` it is None where the reference returns None (nothing left the
     window, or G = 0); with a tensor it is None only for G = 0 and otherwise always filled (the
-    identity when nothing left the window). Slots that are empty after the eviction hold
-    unspecified keys and values, as they are never read.
+    identity when nothing left the window). Slots that are empty after an eviction hold zeros (they
+    are never read; zeros keep snapshots deterministic).
     """
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")

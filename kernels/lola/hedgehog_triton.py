@@ -1,4 +1,5 @@
-"""Hedgehog feature map in Triton: phi(x) = [softmax(x W), softmax(-x W)] per head, fp32 throughout.
+"""Hedgehog feature map in Triton: phi(x) = [softmax(x W), softmax(-x W)] per head, on fp32 data (tile
+products to fp32 accuracy, see ``matmul``).
 
 ``features`` is the building block the attention and eviction kernels call on tiles they already
 hold; ``hedgehog`` is the standalone op with the reference's signature.

@@ -1,10 +1,14 @@
 """The Triton eviction (self-recall or novelty scoring, top-G selection, folding) against ``reference.evict``.
 
-Under "novelty" a candidate's score depends on which other candidate has the nearest key; the kernel
-ranks fp32 squared distances, the reference torch.cdist, so near-tied distances could pick different
-neighbours. The keys here are random (besides the deliberate exact twins), which keeps every nearest
-neighbour clearly ahead of the next one: by at least 2e-5 of its distance in these cases, where fp32
-rounding moves a squared distance by about 1e-6 of itself."""
+Under "novelty" a candidate's score depends on which other candidate has the nearest key; kernel and
+reference rank fp32 squared distances computed in different orders, so near-tied distances could pick
+different neighbours. The keys here are random (besides the deliberate exact twins), which keeps every
+nearest neighbour clearly ahead of the next one: by at least 2e-5 of its distance in these cases, where
+fp32 rounding (and on a GPU the three-TF32 key products, about 2^-22 of the product of the key norms)
+moves a squared distance far less.
+
+Scratch buffers (torch.empty) are filled with NaN here (``torch.use_deterministic_algorithms``), so a
+result that picked up unwritten scratch memory shows."""
 
 from __future__ import annotations
 
@@ -24,10 +28,19 @@ CASES = [
     pytest.param(160, 16, 40, 2, 2, 16, 1, id="G40-two-column-blocks"),
     pytest.param(160, 16, 0, 3, 1, 16, 2, id="G0"),
     pytest.param(192, 64, 24, 3, 1, 16, 1, id="chunk64"),
+    pytest.param(80, 16, 48, 6, 2, 16, 2, id="N-a-multiple-of-32-batch2"),
+    pytest.param(160, 16, 2, 3, 1, 16, 1, id="G2-fewer-slots-than-commit-parts"),
 ]
 
 
 POLICIES = ["sre", "novelty"]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_scratch():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def before_eviction(states, tokens_seen):
@@ -68,9 +81,13 @@ def check(expected, got, poisoned, states, tokens_seen, device_seen=False):
     cached, previous, current = reference.frame(tokens_seen, states.chunk, g)
     assert current == 0
     used = torch.arange(g, device=states.device) >= g - cached
+    # Once the kernel has selected (keep is set), every slot is written: empty ones hold zeros, as the
+    # reference's do, never the scratch buffers' contents.
+    everything = torch.ones_like(used)
     for name, value, ref in zip(names, memory, ref_memory, strict=True):
         if name.startswith("cache"):
-            value, ref = value[:, :, used], ref[:, :, used]
+            slots = used if keep is None else everything
+            value, ref = value[:, :, slots], ref[:, :, slots]
         elif name.startswith("win"):
             value, ref = value[:, :, : states.chunk], ref[:, :, : states.chunk]
         exact = name in ("win_k", "win_v", "cache_k", "cache_v")
