@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
-from lola_chat.kernels.lola.attend_triton import frame_counts
+from lola_chat.kernels.lola.frame_triton import frame_counts
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
 from lola_chat.kernels.lola.reference import SRE_EPS
 

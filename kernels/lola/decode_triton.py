@@ -1,0 +1,174 @@
+"""LoLA attention for a single new token (a decode step) in Triton, split over the keys: one program per
+(batch, query head, block of keys) writes a partial online-softmax result, one more per (batch, query
+head) the linear term, and a second kernel per (batch, query head) merges them and appends the pair.
+Fused, a decode step would be one program per (batch, query head), nine for the default model at batch
+1, leaving most of a GPU's SMs idle while each walks its key blocks one after another; the split runs
+the blocks at once. Both kernels are programmatic dependent launches where the GPU has them
+(``dispatch.launch_options``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lola_chat.kernels.dispatch import launch_options
+from lola_chat.kernels.lola.frame_triton import (
+    cache_keys,
+    current_keys,
+    finish,
+    frame_counts,
+    linear_cap_factor,
+    linear_term,
+    load_rows,
+    previous_keys,
+    queries,
+)
+from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _decode_blocks_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, sq_b, sq_h, sk_b, sk_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One token, one block of keys: the block's softmax max, sum and weighted values (a partial). The
+    program after the last block computes the linear term instead: phi(q)^T H as its values and
+    phi(q)^T s as its sum (it needs neither the softmax's maximum nor its sum, so it runs beside the
+    blocks rather than after them)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
+    WINDOW_BLOCKS: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
+    LINEAR_BLOCK: tl.constexpr = CACHE_BLOCKS + 2 * WINDOW_BLOCKS
+    pid, block = tl.program_id(0), tl.program_id(1)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    part = pid * (LINEAR_BLOCK + 1) + block
+    if block == LINEAR_BLOCK:
+        # The feature map is a weight: loaded before waiting on the kernel that writes q.
+        w = load_feature_map(fq_ptr, head, D, E)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        q, _ = load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
+        linear, linear_norm = linear_term(q, w, batch, head, h_ptr, s_ptr, HQ, D, E, True)
+        tl.store(part_total_ptr + part + t, linear_norm)
+        tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], linear)
+    else:
+        freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
+        if SEEN_ON_DEVICE:
+            count = tl.load(seen_ptr)
+        else:
+            count = seen.to(tl.int64)
+        cached, previous, current = frame_counts(count, C, G)
+        q, q_rot = queries(
+            q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, cached + previous + current + t, freq, D
+        )
+        m = tl.full((1,), -1.0e30, tl.float32)
+        total = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((1, D), tl.float32)
+        win_row = (batch * HKV + kv_head) * 2 * C
+        # q and window_top go unused (a block's best score is its m). Named, not ``_``: Triton's compiler,
+        # unlike its interpreter, refuses a name that a branch rebinds with another type.
+        if block < CACHE_BLOCKS:
+            cache_row = (batch * HQ + head) * G
+            m, total, acc = cache_keys(
+                m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, t_ok, freq,
+                G, D, BLOCK_N, True,
+            )  # fmt: skip
+        elif block < CACHE_BLOCKS + WINDOW_BLOCKS:
+            m, total, acc, window_top = previous_keys(
+                m, total, acc, m, q_rot, wk_ptr, wv_ptr, win_row, (block - CACHE_BLOCKS) * BLOCK_N, cached,
+                previous, t_ok, freq, D, BLOCK_N, True,
+            )  # fmt: skip
+        else:
+            m, total, acc, window_top = current_keys(
+                m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row,
+                batch * sk_b + kv_head * sk_h, 0, (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached,
+                previous, current, 1, current + t, t_ok, freq, C, D, BLOCK_N, True,
+            )  # fmt: skip
+        tl.store(part_m_ptr + part + t, m)
+        tl.store(part_total_ptr + part + t, total)
+        tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _decode_merge_kernel(
+    k_ptr, v_ptr, wk_ptr, wv_ptr, gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr,
+    seen, seen_ptr, linear_cap, sk_b, sk_h, sy_b, sy_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One token: merge the partials of every key block with the linear term (the partial after them),
+    then as the fused kernel ends."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    current = seen % C
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    first = pid * (BLOCKS + 1)
+    dims = tl.arange(0, D)
+    part_m = tl.load(part_m_ptr + first + blocks, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + first + blocks, mask=ok, other=0.0)
+    part_acc_at = part_acc_ptr + (first + blocks[:, None]) * D + dims[None, :]
+    part_acc = tl.load(part_acc_at, mask=ok[:, None], other=0.0)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    linear_norm = tl.load(part_total_ptr + first + BLOCKS + t)
+    linear = tl.load(part_acc_ptr + (first + BLOCKS + t[:, None]) * D + dims[None, :])
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
+    finish(
+        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm,
+        linear_cap_factor(seen, linear_cap, C, G), tl.load(gate_ptr + head).to(tl.float32), t, t_ok,
+        current + t, batch, head, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0,
+        wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C, HQ, HKV, C, D, WINDOW_NORMALIZER,
+    )  # fmt: skip
+
+
+def decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, seen,
+            on_device, y, normalizer):  # fmt: skip
+    """``attend`` for one token: the key blocks and the linear term in parallel, then one merge per
+    (batch, query head). ``seen``: the kernels' (host count, device count pointer, linear cap)
+    arguments, as ``attend`` makes them."""
+    batch, n_heads, _, dim = q.shape
+    n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
+    # Blocks of 16 keys with 8 warps each: a one-row block's products are reduced across threads, so more
+    # threads over fewer keys finish sooner, and more blocks spread over more SMs.
+    block_n = 16
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
+    # One partial per key block, then the linear term's.
+    part_m = torch.empty(batch * n_heads, blocks + 1, dtype=torch.float32, device=q.device)
+    part_total = torch.empty_like(part_m)
+    part_acc = torch.empty(batch * n_heads, blocks + 1, dim, dtype=torch.float32, device=q.device)
+    shape = dict(HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
+    launch = launch_options(q)
+    _decode_blocks_kernel[(batch * n_heads, blocks + 1)](
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
+        part_acc, *seen[:2], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        E=fmap_q.shape[-1], BLOCK_N=block_n, num_warps=8, **shape, **launch,
+    )  # fmt: skip
+    _decode_merge_kernel[(batch * n_heads,)](
+        k, v, win_k, win_v, window_factor, y, part_m, part_total, part_acc, *seen,
+        k.stride(0), k.stride(1), y.stride(0), y.stride(1),
+        BLOCKS=blocks, CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks),
+        WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **shape, **launch,
+    )  # fmt: skip

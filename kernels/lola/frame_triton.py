@@ -1,0 +1,176 @@
+"""The building blocks of the LoLA attention kernels (``attend_triton``, ``decode_triton``) in Triton:
+the compact frame's counts, rotary embedding at attention time, one online-softmax step over each key
+range (cache, previous chunk, current chunk), the Hedgehog linear term, and the finish that adds it,
+stores y and appends the new pairs to the window. Queries and keys are rotated at attention time in the
+frame of ``reference.attend``; sums accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from lola_chat.kernels.lola.hedgehog_triton import features, matmul
+
+
+@triton.jit
+def frame_counts(seen, C: tl.constexpr, G: tl.constexpr):
+    """(cached, previous, current) after ``seen`` tokens, as ``reference.frame``."""
+    complete = seen // C
+    cached = tl.minimum(tl.maximum(complete - 1, 0) * C, G)
+    previous = tl.where(complete >= 1, C, 0)
+    return cached, previous, seen - complete * C
+
+
+@triton.jit
+def rotate(x, partner, pos, freq):
+    """Rotary embedding (rotate-half convention) of a (rows, D) tile: x cos + partner sin, where
+    ``partner`` is x with its halves swapped and the first negated; pos: (rows,); freq: (D,) with
+    the inverse frequencies repeated for both halves."""
+    angle = pos.to(tl.float32)[:, None] * freq[None, :]
+    return x * tl.cos(angle) + partner * tl.sin(angle)
+
+
+@triton.jit
+def softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq, ONE_ROW: tl.constexpr):
+    """One online-softmax step over a block of keys; the scale is folded into q."""
+    k = rotate(k, k_partner, key_pos, freq)
+    scores = matmul(q, tl.trans(k), ONE_ROW)
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    weights = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    total = total * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + matmul(weights, v, ONE_ROW)
+    return m_new, total, acc, tl.max(scores, axis=1)
+
+
+@triton.jit
+def load_rows(base, rows, row_stride, ok, D: tl.constexpr):
+    """Rows of a (.., D) tensor as fp32, and their rotary partner (halves swapped, first negated);
+    masked rows read as zeros."""
+    dims = tl.arange(0, D)
+    swapped = (dims + D // 2) % D
+    sign = tl.where(dims < D // 2, -1.0, 1.0)
+    at = base + rows[:, None] * row_stride
+    x = tl.load(at + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    partner = tl.load(at + swapped[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return x, partner * sign[None, :]
+
+
+@triton.jit
+def cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the cache slots start.. start + BLOCK_N (the filled ones are the last
+    ``cached``, at frame positions 0..cached-1)."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = (slot < G) & (slot >= G - cached)
+    k, k_partner = load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
+    v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    visible = ok[None, :] & t_ok[:, None]
+    m, total, acc, _ = softmax_block(
+        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
+    )
+    return m, total, acc
+
+
+@triton.jit
+def previous_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok,
+                   freq, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C),
+    tracking the window's best score."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = slot < previous
+    k, k_partner = load_rows(wk_ptr + win_row * D, slot, D, ok, D)
+    v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    visible = ok[None, :] & t_ok[:, None]
+    m, total, acc, block_top = softmax_block(
+        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
+    )
+    return m, total, acc, tl.maximum(window_top, block_top)
+
+
+@triton.jit
+def current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base,
+                  sk_t, start, cached, previous, current, T, q_slot, t_ok, freq, C: tl.constexpr,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the current chunk's slots start.. start + BLOCK_N: the first ``current``
+    from the window, the next T from the new k, v; causal."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    in_window = slot < current
+    is_new = (slot >= current) & (slot < current + T)
+    new_row = slot - current
+    k, k_partner = load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, D)
+    k_new, k_new_partner = load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
+    v_old = tl.load(
+        wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
+    )
+    v_new = tl.load(
+        v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
+    )
+    v = v_old.to(tl.float32) + v_new.to(tl.float32)
+    visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+    m, total, acc, block_top = softmax_block(
+        m, total, acc, q_rot, k + k_new, k_partner + k_new_partner, v, cached + previous + slot, visible,
+        freq, ONE_ROW,
+    )  # fmt: skip
+    return m, total, acc, tl.maximum(window_top, block_top)
+
+
+@triton.jit
+def linear_cap_factor(seen, linear_cap, C: tl.constexpr, G: tl.constexpr):
+    """min(1, linear_cap / folded pairs) after ``seen`` tokens; 1 for a cap of 0 (as
+    ``reference.linear_cap_factor``)."""
+    cached, previous, current = frame_counts(seen, C, G)
+    folded = (seen - cached - previous - current).to(tl.float32)
+    return tl.where((linear_cap > 0) & (folded > linear_cap), linear_cap / tl.maximum(folded, 1.0), 1.0)
+
+
+@triton.jit
+def linear_term(q, w, batch, head, h_ptr, s_ptr, HQ: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                 ONE_ROW: tl.constexpr):  # fmt: skip
+    """phi(q)^T H (rows, D) and phi(q)^T s (rows,) of one head, ``w`` its (D, E) feature map."""
+    up, down = features(q, w, ONE_ROW)
+    dims = tl.arange(0, D)
+    feats = tl.arange(0, E)
+    state_row = (batch * HQ + head) * 2 * E
+    h_up = tl.load(h_ptr + (state_row + feats[:, None]) * D + dims[None, :])
+    h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
+    s_up = tl.load(s_ptr + state_row + feats)
+    s_down = tl.load(s_ptr + state_row + E + feats)
+    linear = matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)
+    linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
+    return linear, linear_norm
+
+
+@triton.jit
+def finish(m, total, acc, window_top, linear, linear_norm, linear_factor, gate, t, t_ok, q_slot, batch,
+            head, y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
+            HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+            WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
+    """Add the linear term (``linear_term``'s) to the softmax sums, store y, and append the new pairs
+    to the window."""
+    dims = tl.arange(0, D)
+    linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full(m.shape, 1.0, tl.float32)
+    linear_scale = linear_scale * linear_factor
+    # Rows past the segment have no keys and an empty normalizer; they are not stored.
+    norm = tl.where(t_ok, gate * total + linear_norm * linear_scale, 1.0)
+    y = (gate * acc + linear * linear_scale[:, None]) / norm[:, None]
+    tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + dims[None, :], y, mask=t_ok[:, None])
+
+    # One query head per key/value head appends the new pairs; every program reads them from k, v.
+    writes = t_ok & (t * 0 + head % (HQ // HKV) == 0)  # a tensor compare: scalar masks are not portable
+    k_new = tl.load(k_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
+    v_new = tl.load(v_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
+    win_new = (win_row + C + q_slot[:, None]) * D + dims[None, :]
+    tl.store(wk_ptr + win_new, k_new, mask=writes[:, None])
+    tl.store(wv_ptr + win_new, v_new, mask=writes[:, None])
+
+
+@triton.jit
+def queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D: tl.constexpr):
+    """The queries (fp32) and their rotation at ``position`` with the 1/sqrt(D) scale folded in."""
+    q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
+    return q, rotate(q, q_partner, position, freq) / tl.sqrt(D * 1.0)
