@@ -190,3 +190,20 @@ def test_dependent_launch_changes_no_result():
                 logits.append(decoder.logits.clone())
         runs.append(torch.stack(logits))
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_dependent_launch_changes_no_result_outside_a_graph():
+    """The same for the eager Triton path, where each kernel is launched from the host as it comes."""
+    from lola_chat.kernels.dispatch import dependent_launch
+
+    m = model(torch.bfloat16)
+    tokens = distinct_tokens(1024, 120, 4)
+    runs = []
+    for enabled in (True, False):
+        with dependent_launch(enabled):
+            state = m.new_state("lola", SETTINGS)
+            logits = [m(tokens[:, :37], state, last_only=True)]
+            logits += [m(tokens[:, t : t + 1], state) for t in range(37, 120)]
+        runs.append(torch.cat(logits, dim=1))
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
