@@ -1,11 +1,12 @@
 """A linear layer for a few rows (decoding) in one Triton kernel, with the ops around it fused in: an
 RMSNorm or the SwiGLU gating of x as the prologue, a residual add as the epilogue. Each program computes
 BLOCK_N outputs of one row in one pass over K, dotting (BLOCK_N, BLOCK_K) weight tiles with the
-transformed x tile in fp32. Every weight is read once
-per row, and the normed or gated x never goes to memory. The output is a new tensor: nothing is written in
-place."""
+transformed x tile in fp32. Every weight is read once per row, and the normed or gated x never goes to
+memory. The output is a new tensor: nothing is written in place."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -33,6 +34,7 @@ CONFIGS = [
 WIDE_N = 16384
 
 
+@functools.cache
 def config_for(n: int, k: int) -> triton.Config:
     """The tiling for an (n, k) weight, a fixed rule rather than an autotuner (whose choice rests on one
     timing and changed between processes, and which stalls the first decoded token). In the H200 sweep
