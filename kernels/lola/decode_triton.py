@@ -1,11 +1,10 @@
-"""LoLA attention for a single new token (a decode step) in Triton, split over the keys in one kernel:
-one program per (batch, query head, block of keys) writes a partial online-softmax result, one more
-per (batch, query head) the linear term, and whichever of a head's programs finishes last merges the
-partials and appends the pair ("last block reduces", as split-K fix-ups do). Fused, a decode step would
-be one program per (batch, query head), nine for the default model at batch 1, leaving most of a GPU's
-SMs idle while each walks its key blocks one after another; the split runs the blocks at once, and the
-merge in the same kernel saves a launch per layer (a decode step's time is mostly its kernel count).
-The kernel is a programmatic dependent launch where the GPU has it (``dispatch.launch_options``).
+"""LoLA attention for a single new token (a decode step) in Triton, split over the keys: one program per
+(batch, query head, block of keys) writes a partial online-softmax result, one more per (batch, query
+head) the linear term, and a second kernel per (batch, query head) merges them and appends the pair.
+Fused, a decode step would be one program per (batch, query head), nine for the default model at batch
+1, leaving most of a GPU's SMs idle while each walks its key blocks one after another; the split runs
+the blocks at once. Both kernels are programmatic dependent launches where the GPU has them
+(``dispatch.launch_options``).
 """
 
 from __future__ import annotations
@@ -28,56 +27,17 @@ from lola_chat.kernels.lola.frame_triton import (
 from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
 
 
-@triton.jit
-def _merge(part_m_ptr, part_total_ptr, part_acc_ptr, count, linear_cap, gate_ptr, y_ptr, sy_b, sy_h,
-           k_ptr, v_ptr, sk_b, sk_h, wk_ptr, wv_ptr,
-           HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-           BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
-           WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
-    """Merge the partials of this program's (batch, query head), BLOCKS key blocks then the linear term,
-    in block order whichever program runs it; then as the fused kernel ends: store y, append the pair.
-    Its indices come from the program id again rather than live through the key block's work."""
-    pid = tl.program_id(0)
-    batch, head = pid // HQ, pid % HQ
-    kv_head = head // (HQ // HKV)
-    part = pid * (BLOCKS + 1)
-    blocks = tl.arange(0, ALL_BLOCKS)
-    ok = blocks < BLOCKS
-    dims = tl.arange(0, D)
-    part_m = tl.load(part_m_ptr + part + blocks, mask=ok, other=-1.0e30)
-    part_total = tl.load(part_total_ptr + part + blocks, mask=ok, other=0.0)
-    part_acc = tl.load(
-        part_acc_ptr + (part + blocks[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0
-    )
-    t = tl.arange(0, 1)
-    linear_norm = tl.load(part_total_ptr + part + BLOCKS + t)
-    linear = tl.load(part_acc_ptr + (part + BLOCKS + t[:, None]) * D + dims[None, :])
-    m = tl.max(part_m, axis=0)
-    scale = tl.exp(part_m - m)
-    total = tl.sum(part_total * scale, axis=0)
-    acc = tl.sum(part_acc * scale[:, None], axis=0)
-    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
-    finish(
-        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm,
-        linear_cap_factor(count, linear_cap, C, G), tl.load(gate_ptr + head).to(tl.float32), t, t < 1,
-        count % C + t, batch, head, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0,
-        wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C, HQ, HKV, C, D, WINDOW_NORMALIZER,
-    )  # fmt: skip
-
-
 @triton.jit(do_not_specialize=["seen"])
-def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
-    part_m_ptr, part_total_ptr, part_acc_ptr, arrived_ptr, seen, seen_ptr, linear_cap,
-    sq_b, sq_h, sk_b, sk_h, sy_b, sy_h,
+def _decode_blocks_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, sq_b, sq_h, sk_b, sk_h,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_N: tl.constexpr, ALL_BLOCKS: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token, one block of keys: the block's softmax max, sum and weighted values (a partial). The
     program after the last block computes the linear term instead: phi(q)^T H as its values and
     phi(q)^T s as its sum (it needs neither the softmax's maximum nor its sum, so it runs beside the
-    blocks rather than after them). The last of a head's programs to arrive merges (``_merge``)."""
+    blocks rather than after them)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
@@ -89,8 +49,6 @@ def _decode_kernel(
     t = tl.arange(0, 1)
     t_ok = t < 1
     part = pid * (LINEAR_BLOCK + 1) + block
-    win_row = (batch * HKV + kv_head) * 2 * C
-    new_base = batch * sk_b + kv_head * sk_h
     if block == LINEAR_BLOCK:
         # The feature map is a weight: loaded before waiting on the kernel that writes q.
         w = load_feature_map(fq_ptr, head, D, E)
@@ -116,6 +74,7 @@ def _decode_kernel(
         m = tl.full((1,), -1.0e30, tl.float32)
         total = tl.zeros((1,), tl.float32)
         acc = tl.zeros((1, D), tl.float32)
+        win_row = (batch * HKV + kv_head) * 2 * C
         # q and window_top go unused (a block's best score is its m). Named, not ``_``: Triton's compiler,
         # unlike its interpreter, refuses a name that a branch rebinds with another type.
         if block < CACHE_BLOCKS:
@@ -131,73 +90,85 @@ def _decode_kernel(
             )  # fmt: skip
         else:
             m, total, acc, window_top = current_keys(
-                m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base, 0,
-                (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached, previous, current, 1, current + t,
-                t_ok, freq, C, D, BLOCK_N, True,
+                m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row,
+                batch * sk_b + kv_head * sk_h, 0, (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached,
+                previous, current, 1, current + t, t_ok, freq, C, D, BLOCK_N, True,
             )  # fmt: skip
         tl.store(part_m_ptr + part + t, m)
         tl.store(part_total_ptr + part + t, total)
         tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], acc)
-    # Every thread's stores precede the arrival (the barrier), and the arrival releases them to, and the
-    # last arrival acquires them for, the program that merges. It resets the count for the next call (a
-    # kernel boundary, or gdc_wait under PDL, orders it before that call's arrivals).
-    tl.debug_barrier()
-    if tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel") == LINEAR_BLOCK:
-        tl.store(arrived_ptr + pid, 0)
-        if SEEN_ON_DEVICE:
-            merged_count = tl.load(seen_ptr)
-        else:
-            merged_count = seen.to(tl.int64)
-        _merge(
-            part_m_ptr, part_total_ptr, part_acc_ptr, merged_count, linear_cap, gate_ptr, y_ptr, sy_b, sy_h,
-            k_ptr, v_ptr, sk_b, sk_h, wk_ptr, wv_ptr, HQ, HKV, C, G, D, LINEAR_BLOCK, CACHE_BLOCKS,
-            ALL_BLOCKS, WINDOW_NORMALIZER,
-        )  # fmt: skip
 
 
-# The arrival counts of ``_decode_kernel``: one int32 per (batch, query head), zero between calls (the
-# merging program resets its head's count), kept for the life of the process per device and number of
-# heads so that a CUDA graph captured with one keeps a valid pointer and no call zeroes one (a memset
-# kernel per layer). Kept here rather than with the caller's state: every decode call shares them,
-# which is safe because calls on one device that share a buffer run one after another in stream order
-# (as every decode step in lola-chat does: the layers in turn, a captured graph replayed on one stream);
-# two decodes run concurrently on different streams of one device would have to bring their own.
-_arrivals: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device, heads: int) -> torch.Tensor:
-    """The zeroed (heads,) int32 arrival counts for ``device``, made on the first call with ``heads``."""
-    key = (device, heads)
-    if key not in _arrivals:
-        # Inside a capture the zeroing would only be recorded, to run at the first replay.
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode's arrival counts are made outside capture: run the step once first")
-        _arrivals[key] = torch.zeros(heads, dtype=torch.int32, device=device)
-    return _arrivals[key]
+@triton.jit(do_not_specialize=["seen"])
+def _decode_merge_kernel(
+    k_ptr, v_ptr, wk_ptr, wv_ptr, gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr,
+    seen, seen_ptr, linear_cap, sk_b, sk_h, sy_b, sy_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One token: merge the partials of every key block with the linear term (the partial after them),
+    then as the fused kernel ends."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    current = seen % C
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    first = pid * (BLOCKS + 1)
+    dims = tl.arange(0, D)
+    part_m = tl.load(part_m_ptr + first + blocks, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + first + blocks, mask=ok, other=0.0)
+    part_acc_at = part_acc_ptr + (first + blocks[:, None]) * D + dims[None, :]
+    part_acc = tl.load(part_acc_at, mask=ok[:, None], other=0.0)
+    t = tl.arange(0, 1)
+    t_ok = t < 1
+    linear_norm = tl.load(part_total_ptr + first + BLOCKS + t)
+    linear = tl.load(part_acc_ptr + (first + BLOCKS + t[:, None]) * D + dims[None, :])
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
+    finish(
+        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm,
+        linear_cap_factor(seen, linear_cap, C, G), tl.load(gate_ptr + head).to(tl.float32), t, t_ok,
+        current + t, batch, head, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0,
+        wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C, HQ, HKV, C, D, WINDOW_NORMALIZER,
+    )  # fmt: skip
 
 
 def decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, seen,
             on_device, y, normalizer):  # fmt: skip
-    """``attend`` for one token, with its shapes (q (B, Hq, 1, D), k and v (B, Hkv, 1, D), win_k and
-    win_v (B, Hkv, 2C, D), cache_k and cache_v (B, Hq, G, D), h (B, Hq, 2E, D), s (B, Hq, 2E), fmap_q
-    (Hq, D, E), window_factor (Hq,), inv_freq (D/2,), y (B, Hq, 1, D)): one kernel, the key blocks and
-    the linear term in parallel and the last of each (batch, query head) merging. ``seen``: the kernel's
-    (host count, device count pointer, linear cap) arguments, as ``attend`` makes them."""
+    """``attend`` for one token: the key blocks and the linear term in parallel, then one merge per
+    (batch, query head). ``seen``: the kernels' (host count, device count pointer, linear cap)
+    arguments, as ``attend`` makes them."""
     batch, n_heads, _, dim = q.shape
     n_kv_heads, chunk, capacity = k.shape[1], win_k.shape[2] // 2, cache_k.shape[2]
     # Blocks of 16 keys with 8 warps each: a one-row block's products are reduced across threads, so more
     # threads over fewer keys finish sooner, and more blocks spread over more SMs.
     block_n = 16
-    blocks = triton.cdiv(capacity, block_n) + 2 * triton.cdiv(chunk, block_n)
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
     # One partial per key block, then the linear term's.
     part_m = torch.empty(batch * n_heads, blocks + 1, dtype=torch.float32, device=q.device)
     part_total = torch.empty_like(part_m)
     part_acc = torch.empty(batch * n_heads, blocks + 1, dim, dtype=torch.float32, device=q.device)
-    _decode_kernel[(batch * n_heads, blocks + 1)](
-        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
-        part_m, part_total, part_acc, _arrival_counts(q.device, batch * n_heads), *seen,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), y.stride(0), y.stride(1),
-        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCK_N=block_n,
-        ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
-        WINDOW_NORMALIZER=normalizer == "window", num_warps=8, **launch_options(q),
+    shape = dict(HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
+    launch = launch_options(q)
+    _decode_blocks_kernel[(batch * n_heads, blocks + 1)](
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
+        part_acc, *seen[:2], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        E=fmap_q.shape[-1], BLOCK_N=block_n, num_warps=8, **shape, **launch,
+    )  # fmt: skip
+    _decode_merge_kernel[(batch * n_heads,)](
+        k, v, win_k, win_v, window_factor, y, part_m, part_total, part_acc, *seen,
+        k.stride(0), k.stride(1), y.stride(0), y.stride(1),
+        BLOCKS=blocks, CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks),
+        WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **shape, **launch,
     )  # fmt: skip
