@@ -1,5 +1,5 @@
-"""The CPU fast paths compute what the plain formulas compute: rotary tables, the keys a memory keeps
-rotated between calls, the cached layouts, the prepacked bf16 linear, the dtype choice."""
+"""The CPU fast paths compute what the plain formulas compute: rotary tables, the keys and values a
+memory keeps prepared between calls, the cached layouts, the bf16 linear paths, the dtype choice."""
 
 from types import SimpleNamespace
 
@@ -109,19 +109,65 @@ def test_default_dtype(monkeypatch):
         default_dtype(torch.device("cpu"), environ={DTYPE_ENV: "int8"})
 
 
-def test_packed_linear_equals_linear_and_follows_weight_changes():
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64, 64), (2, 1, 64), (64,)])
+def test_bf16_cpu_linear_equals_linear_within_bf16_rounding(shape):
+    """One row (the matrix-vector path) and several (the prepacked oneDNN path): fp32 accumulation,
+    one rounding to bf16, as F.linear."""
+    torch.manual_seed(0)
+    layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(shape).to(torch.bfloat16)
+    exact = F.linear(x.float(), layer.weight.float())
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(y.float(), exact, rtol=2**-8, atol=1e-4)
+        torch.testing.assert_close(y, F.linear(x, layer.weight), rtol=2**-7, atol=1e-4)
+
+
+def test_bf16_cpu_linear_follows_weight_changes_and_trains():
     torch.manual_seed(0)
     layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
     for length in (1, 7):
         x = torch.randn(1, length, 64).to(torch.bfloat16)
-        with torch.inference_mode():
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=2e-2, rtol=2e-2)
-    with torch.no_grad():
-        layer.weight.mul_(2.0)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=4e-2, rtol=2e-2)
+        with torch.no_grad():
+            layer(x)
+            layer.weight.mul_(2.0)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=4e-2, rtol=2e-2)
     layer.requires_grad_(True)
     layer(x).float().sum().backward()
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_slots_no_query_sees_may_hold_nan(kept):
+    """Empty cache slots and stale window slots are never read: NaN there changes nothing, whether the
+    memory's keys and values are prepared afresh or kept and extended by a later call."""
+    chunk, capacity, seen = 8, 16, 19  # 8 of 16 cache slots in use, a previous chunk, 3 current tokens
+    g = torch.Generator().manual_seed(0)
+    fmap_q, gate = torch.randn(6, 16, 16, generator=g), torch.rand(6, generator=g)
+    q = torch.randn(2, 6, 2, 16, generator=g)
+    k, v = torch.randn(2, 2, 2, 2, 16, generator=g)
+    state = random_state(torch.float32)
+    clean = [torch.randn(t.shape, generator=g) for t in state[:4]] + state[4:]
+    dirty = [t.clone() for t in clean]
+    for window in dirty[:2]:
+        window[:, :, chunk + seen % chunk :] = float("nan")
+    for cache in dirty[2:4]:
+        cache[:, :, : capacity - 8] = float("nan")
+    outputs = []
+    for memory in (clean, dirty):
+        rotary = reference.FrameRotary(inv_freq(), chunk, capacity)
+        if kept:
+            _, *memory[:2] = reference.attend(
+                q[:, :, :1], k[:, :, :1], v[:, :, :1], *memory, fmap_q, gate, inv_freq(), seen, rotary
+            )
+            step = (q[:, :, 1:], k[:, :, 1:], v[:, :, 1:])
+            outputs.append(reference.attend(*step, *memory, fmap_q, gate, inv_freq(), seen + 1, rotary)[0])
+        else:
+            outputs.append(reference.attend(q, k, v, *memory, fmap_q, gate, inv_freq(), seen, rotary)[0])
+    assert torch.isfinite(outputs[1]).all()
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_fp32_state_loads_into_a_bf16_model_and_continues():
