@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from lola_chat.errors import UsageError
 from lola_chat.kernels import lola
-from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, accumulator
+from lola_chat.kernels.lola.reference import RECALL_POLICIES, FrameRotary, KeyFeatures, accumulator
 
-POLICIES = ("sre", "novelty", "random", "recent")
+POLICIES = (*RECALL_POLICIES, "random", "recent")
 NORMALIZERS = ("shared", "window")
 
 

@@ -35,11 +35,13 @@ def evict_by_definition(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_see
         phi = reference.hedgehog(cand_k, fmap_k)
         kept = torch.zeros(cand_v.shape[:3], dtype=torch.bool)
         if capacity:
-            if policy == "sre":
+            if policy in reference.RECALL_POLICIES:
                 score = reference.self_recall_error(phi, cand_v, h, s)
-            elif policy == "novelty":
-                sre = reference.self_recall_error(phi, cand_v, h, s)
-                score = torch.minimum(sre, cache_recall_by_definition(cand_k, cand_v, valid).to(sre.dtype))
+                if policy.startswith("relative-"):
+                    score = score / cand_v.to(score.dtype).norm(dim=-1)
+                if policy.endswith("novelty"):
+                    recall = cache_recall_by_definition(cand_k, cand_v, valid).to(score.dtype)
+                    score = torch.minimum(score, recall)
             elif policy == "random":
                 score = torch.rand(cand_v.shape[:3], generator=generator)
             else:
@@ -95,7 +97,7 @@ def assert_same_eviction(got, expected, dtype):
         assert torch.equal(keep, ref_keep)
 
 
-@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
+@pytest.mark.parametrize("policy", [*reference.RECALL_POLICIES, "random", "recent"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("tokens_seen", "chunk", "capacity", "heads", "kv_heads", "dim", "batch"), CASES)
 def test_evict_equals_the_masked_definition(tokens_seen, chunk, capacity, heads, kv_heads, dim, batch, dtype,
@@ -129,7 +131,7 @@ def new_chunk(memory, chunk, seed):
     return [torch.cat([x[:, :, :chunk], y], dim=2) for x, y in zip((win_k, win_v), fresh, strict=True)] + rest
 
 
-@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
+@pytest.mark.parametrize("policy", [*reference.RECALL_POLICIES, "random", "recent"])
 @pytest.mark.parametrize(
     ("chunk", "capacity", "heads", "kv_heads", "batch"),
     [(8, 20, 4, 2, 2), (8, 16, 6, 3, 1), (8, 5, 4, 1, 2), (8, 0, 4, 2, 1)],

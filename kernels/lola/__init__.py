@@ -32,7 +32,7 @@ __all__ = [
 
 
 # The eviction policies the Triton kernel implements; the ablations always run the reference.
-TRITON_POLICIES = ("sre", "novelty")
+TRITON_POLICIES = reference.RECALL_POLICIES
 
 
 def _triton_module(name: str):

@@ -3,7 +3,8 @@
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
 ``reference.evict``. Every valid candidate is scored by self-recall error against the current H and
 s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to the
-valid candidate with the nearest key, ``reference.cache_recall_error``); the top G are kept,
+valid candidate with the nearest key, ``reference.cache_recall_error``), the self-recall error divided
+by the value's norm under the "relative-" policies; the top G are kept,
 compacted into the cache in time order, and the rest folded into H and s. Equal scores go to the
 earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated layer-0
 keys depend on the token alone, so a repeated token ties with itself (and, under "novelty", scores 0
@@ -109,7 +110,7 @@ def _score_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, seen, seen_ptr, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OTHER: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    NOVELTY: tl.constexpr,
+    NOVELTY: tl.constexpr, RELATIVE: tl.constexpr,
 ):  # fmt: skip
     """Scores of the candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``, -inf
     for invalid ones."""
@@ -134,6 +135,8 @@ def _score_kernel(
     norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     error = v - recalled / tl.maximum(norm, eps)[:, None]
     score = tl.sqrt(tl.sum(error * error, axis=1))
+    if RELATIVE:
+        score = score / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), eps)
     if NOVELTY:
         recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
                                      cached, previous, N, G, D, BLOCK_N, BLOCK_OTHER)  # fmt: skip
@@ -260,8 +263,8 @@ def evict(
 ) -> tuple[torch.Tensor, ...]:
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
-    Same contract as ``reference.evict`` for ``policy`` "sre" or "novelty" (the policies here; the
-    ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
+    Same contract as ``reference.evict`` for ``policy`` in ``reference.RECALL_POLICIES`` (the policies
+    here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
     and unused). Under "novelty" the nearest key is chosen by squared distances whose key products
     run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal distance the
     kernel and the reference may pick different ones.
@@ -300,8 +303,9 @@ def evict(
             # 4 warps: the faster of 4 and 8 in an ad-hoc timing of the nearest-key search on an H200.
             _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
                 win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
-                BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64), NOVELTY=policy == "novelty",
-                num_warps=4, **shape,
+                BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64),
+                NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"), num_warps=4,
+                **shape,
             )  # fmt: skip
         features_dim = 2 * fmap_k.shape[-1]
         blocks = triton.cdiv(candidates, SELECT_ROWS)

@@ -25,6 +25,11 @@ from dataclasses import dataclass
 import torch
 
 SRE_EPS = 1e-6
+# Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
+# it and the cache-recall error ("novelty", which also folds pairs the cache would hold twice); either with
+# the self-recall error relative to the value's norm ("relative-"), which ranks a pair by the share of it
+# that H fails to recall rather than by its size.
+RECALL_POLICIES = ("sre", "novelty", "relative-sre", "relative-novelty")
 
 
 def accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -445,10 +450,11 @@ def evict(
 
     Its pairs and the cached pairs are scored against the current H and s; the top G stay in the
     cache (kept in time order), the rest are folded into H and s; the current chunk becomes the
-    previous one. ``tokens_seen`` counts the full current chunk. ``policy`` is "sre" (the method),
-    or, for ablations, "random" or "recent". Returns new (win_k, win_v, cache_k, cache_v, h, s) and
-    ``keep`` (B, Hq, G): for each new cache slot, its index among the candidates (old cache slots
-    0..G-1, then the leaving chunk's tokens G..G+C-1), or None when nothing left the window or G = 0.
+    previous one. ``tokens_seen`` counts the full current chunk. ``policy`` is one of
+    ``RECALL_POLICIES`` ("sre" is the method) or, for ablations, "random" or "recent". Returns new
+    (win_k, win_v, cache_k, cache_v, h, s) and ``keep`` (B, Hq, G): for each new cache slot, its index
+    among the candidates (old cache slots 0..G-1, then the leaving chunk's tokens G..G+C-1), or None
+    when nothing left the window or G = 0.
     ``features``: the caller's ``KeyFeatures`` (it reuses the cached keys' features and keeps the new
     cache's), or None to compute every candidate's features afresh.
     """
@@ -470,12 +476,13 @@ def evict(
         else:
             phi_k = torch.cat([cached_features, hedgehog(leaving_k, fmap_k)], dim=2)
         if capacity > 0:
-            if policy == "sre":
+            if policy in RECALL_POLICIES:
                 score = self_recall_error(phi_k, cand_v, h, s)
-            elif policy == "novelty":
-                score = torch.minimum(
-                    self_recall_error(phi_k, cand_v, h, s), cache_recall_error(cand_k, cand_v, valid)
-                )
+                if policy.startswith("relative-"):
+                    size = torch.linalg.vector_norm(cand_v.to(score.dtype), dim=-1)
+                    score = score / size.clamp_min(SRE_EPS)
+                if policy.endswith("novelty"):
+                    score = torch.minimum(score, cache_recall_error(cand_k, cand_v, valid))
             elif policy == "random":
                 score = torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
             elif policy == "recent":

@@ -31,12 +31,16 @@ ARM_KINDS = {
     "window-novelty": ("novelty", "window"),
     "window-random": ("random", "window"),
     "window-recent": ("recent", "window"),
+    "window-relative-sre": ("relative-sre", "window"),
+    "window-relative-novelty": ("relative-novelty", "window"),
 }
 POLICY_LABELS = {
     "sre": "self-recall error",
     "novelty": "self-recall or cache-recall error",
     "random": "random eviction",
     "recent": "keep most recent",
+    "relative-sre": "self-recall error relative to the value",
+    "relative-novelty": "relative self-recall or cache-recall error",
 }
 
 

@@ -33,7 +33,7 @@ CASES = [
 ]
 
 
-POLICIES = ["sre", "novelty"]
+POLICIES = list(reference.RECALL_POLICIES)
 
 
 @pytest.fixture(autouse=True)
