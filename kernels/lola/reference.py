@@ -19,6 +19,7 @@ Every function here is out-of-place (returns new tensors) so the same code can b
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -261,6 +262,15 @@ def _make_layout(
     )
 
 
+def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 0, with 0 where it would be within a factor e of the smallest normal number or
+    below (-inf included). On a CPU, torch.exp takes a path tens of times slower for every element
+    whose result underflows (masked keys, keys far below the best score); such weights are far below
+    the rounding of a sum that holds exp(0) = 1."""
+    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
+    return torch.where(x < floor, 0.0, torch.exp(x.clamp_min(floor)))
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -347,7 +357,7 @@ def attend(
     q_rot = rotary.rotate(q, where.query_start).to(acc).reshape(batch * kv_heads, group * length, dim)
     scores = torch.baddbmm(where.bias, q_rot, keys.flatten(0, 1).mT, alpha=dim**-0.5)
     top = scores.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scores - top)
+    weights = _exp_or_zero(scores - top)
     linear = hedgehog(q, fmap_q) @ hidden
     # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
     # window score; "window" rescales it when a cached key scores above the whole window.
