@@ -81,16 +81,14 @@ class LolaMemory:
         if self._rotary is None or self._rotary.inv_freq is not attn.inv_freq:
             self._rotary = FrameRotary(attn.inv_freq, chunk, self.settings.capacity)
         outputs = []
-        start, total = 0, q.shape[2]
-        while start < total:
-            length = min(total - start, chunk - self.tokens_seen % chunk)
+        start = 0
+        while start < q.shape[2]:
+            length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
             end = start + length
-            # A segment that is the whole input (every decode step) is passed as is, without slicing.
-            whole = length == total
             y, self.win_k, self.win_v = lola.attend(
-                q if whole else q[:, :, start:end],
-                k if whole else k[:, :, start:end],
-                v if whole else v[:, :, start:end],
+                q[:, :, start:end],
+                k[:, :, start:end],
+                v[:, :, start:end],
                 self.win_k,
                 self.win_v,
                 self.cache_k,

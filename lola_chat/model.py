@@ -58,14 +58,12 @@ class ModelConfig:
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the fastest measured CPU path for bf16 inference (no autograd, no bias), each
-    accumulating in fp32 as ``F.linear`` does. One row (decoding) is ``torch.mv``: over every weight
-    matrix of the default model, cold, it was the fastest on two threads (about a quarter faster
-    than ``F.linear``, a third faster than oneDNN's GEMM on a prepacked weight) and equal to the
-    prepacked GEMM on one. Several rows (a prefill segment) multiply with a copy of the weight laid
-    out once for oneDNN: on one thread about a fifth faster than ``F.linear`` at 64 rows, which
-    re-lays the weight out on every call. The copy is made on the first such call and remade
-    whenever the weight tensor changes."""
+    """nn.Linear with the fastest CPU path measured for bf16 inference (no autograd, no bias), each
+    accumulating in fp32 as ``F.linear`` does. One row (decoding) is ``torch.mv``, which reads the
+    weight faster than ``F.linear`` or oneDNN's GEMM on a prepacked weight. Several rows (a prefill
+    segment) multiply with a copy of the weight laid out once for oneDNN, as ``F.linear`` re-lays the
+    weight out on every call. The copy is made on the first such call and remade whenever the weight
+    tensor changes."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)

@@ -19,11 +19,10 @@ Every function here is out-of-place (returns new tensors) so the same code can b
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 SRE_EPS = 1e-6
 # Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
@@ -44,7 +43,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x: (B, H, T, D); weight: (H, D, E). Returns (B, H, T, 2E) in ``accumulator(x.dtype)``.
     """
     acc = accumulator(x.dtype)
-    z = x.to(acc) @ weight.to(acc)
+    z = torch.einsum("bhtd,hde->bhte", x.to(acc), weight.to(acc))
     return torch.stack([z, -z], dim=-2).softmax(dim=-1).flatten(-2)
 
 
@@ -75,15 +74,14 @@ def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.
 
 class FrameRotary:
     """Rotary tables for every position a memory's compact frame can use, from -(G + C) (slots that
-    are masked anyway) to G + 2C, made once per dtype and device; and what ``attend`` prepares from
-    the memory (its keys rotated, its values, [H | s]) as last prepared, so that a decode step
-    prepares only its new key and value.
+    are masked anyway) to G + 2C, made once per dtype and device; and the memory's keys as last
+    rotated, so that a decode step rotates only its new key.
 
     A memory passes one to every attend call of one layer. Within a chunk the frame does not move:
-    what was prepared from the cache and the hidden state is reused while the same tensors come back
-    unchanged, and the prepared window is extended by the new rows while the window passed in is the
-    one the last call returned. Any other tensor (after an eviction, a load, an in-place kernel) is
-    prepared afresh. Nothing is kept while autograd records through it."""
+    the rotated cache keys are reused while the same cache tensor comes back, and the rotated window
+    is extended by the new keys while the window passed in is the one the last call returned. Any
+    other tensor (after an eviction, a load, an in-place kernel) is rotated afresh. Nothing is kept
+    while autograd records through the keys."""
 
     def __init__(self, inv_freq: torch.Tensor, chunk: int, capacity: int):
         self.inv_freq = inv_freq
@@ -112,48 +110,35 @@ class FrameRotary:
         self._kept.clear()
 
     def prepared(
-        self,
-        name: str,
-        sources: tuple[torch.Tensor, ...],
-        start: int,
-        make: Callable[[], torch.Tensor],
-        extend: tuple[tuple[torch.Tensor, ...], int, Callable[[], torch.Tensor]] | None = None,
+        self, name: str, x: torch.Tensor, acc: torch.dtype, start: int | None = None, appended=None
     ) -> torch.Tensor:
-        """``make()``, a new tensor computed from ``sources`` in the frame that starts at ``start``;
-        the one kept under ``name`` when it was made from these very tensors, unchanged since. With
-        ``extend`` = (earlier sources, slot, ``rows``): when the kept tensor was made from the earlier
-        sources, and ``sources`` are those with new rows written in, the kept tensor with ``rows()``
-        (those rows as ``make`` would have made them, up to dtype) written at ``slot`` along its
-        second-to-last dim."""
+        """``x`` rotated from frame position ``start`` (not rotated when None) and cast to ``acc``.
+        ``appended``: (the tensor ``x`` was made from, the new rows, their first slot) when ``x`` is
+        that tensor with the new rows written in along dim 2."""
+
+        def prepare(rows: torch.Tensor, first: int | None) -> torch.Tensor:
+            # A copy even when nothing changes: the kept tensor is extended in place later, and must
+            # never be the caller's (out-of-place contract).
+            return rows.to(acc, copy=True) if first is None else self.rotate(rows, first).to(acc)
+
         kept = self._kept.get(name)
-        if kept is not None and _same(kept[0], sources) and kept[1] == _stamp(start, sources):
+        if kept is not None and appended is not None and kept[0] is appended[0] and kept[1] == start:
+            _, new, slot = appended
+            rows = prepare(new, None if start is None else start + slot)
+            if torch.is_grad_enabled():  # an earlier call's graph may have saved the kept tensor
+                out = torch.slice_scatter(kept[2], rows, dim=2, start=slot, end=slot + new.shape[2])
+            else:
+                out = kept[2]
+                out[:, :, slot : slot + new.shape[2]] = rows
+        elif kept is not None and kept[0] is x and kept[1] == start:
             return kept[2]
-        out = None
-        if kept is not None and extend is not None:
-            earlier, slot, rows = extend
-            if _same(kept[0], earlier) and kept[1] == _stamp(start, earlier):
-                out, new = kept[2], rows()
-                end = slot + new.shape[-2]
-                if torch.is_grad_enabled():  # an earlier call's graph may have saved the kept tensor
-                    out = torch.slice_scatter(out, new.to(out.dtype), dim=out.dim() - 2, start=slot, end=end)
-                else:
-                    out[..., slot:end, :] = new
-        if out is None:
-            out = make()
+        else:
+            out = prepare(x, start)
         if torch.is_grad_enabled() and out.requires_grad:
             self._kept.pop(name, None)
         else:
-            self._kept[name] = (sources, _stamp(start, sources), out)
+            self._kept[name] = (x, start, out)
         return out
-
-
-def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def _stamp(start: int, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """The frame and the tensors' version counters (inference tensors have none: their identity only)."""
-    return (start, *(None if t.is_inference() else t._version for t in tensors))
 
 
 def frame(tokens_seen: int, chunk: int, capacity: int) -> tuple[int, int, int]:
@@ -192,49 +177,32 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Layout:
     """Where the keys and queries of one attend call sit in the compact frame, and what each query
-    sees. Depends only on integers, so it is made once per (fill, length, group, dtype) and reused.
-
-    ``attend`` scores the queries of one KV group, T rows per query head, against that group's
-    memory: each query head's G cache slots, then the 2C window slots the group shares. A query sees
-    only its own head's cache slots."""
+    sees. Depends only on integers, so it is made once per (fill, length) and reused."""
 
     key_start: int  # frame position of cache slot 0; the slots' positions are consecutive from it
     query_start: int
-    bias: torch.Tensor  # (group T, group G + 2C): 0 where a query sees a key row, -inf elsewhere
-    seen: torch.Tensor  # (group G + 2C, 1) bool: the key rows some query sees
+    hidden: torch.Tensor  # (T, G + 2C) bool: key slot j is not visible to query t
+    # The slots some query sees, [first, end): a suffix of the cache and a range of the window.
+    cache_seen: tuple[int, int]
+    window_seen: tuple[int, int]
 
 
-def layout(
-    chunk: int,
-    capacity: int,
-    tokens_seen: int,
-    length: int,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    group: int = 1,
-) -> Layout:
-    """The layout depends on the frame only, so a long conversation reuses a bounded set of them.
-    ``dtype``: the scores' (the bias is added to them); ``group``: query heads per KV head."""
-    return _layout(chunk, capacity, *frame(tokens_seen, chunk, capacity), length, device, dtype, group)
+def layout(chunk: int, capacity: int, tokens_seen: int, length: int, device: torch.device) -> Layout:
+    """The layout depends on the frame only, so a long conversation reuses a bounded set of them."""
+    return _layout(chunk, capacity, *frame(tokens_seen, chunk, capacity), length, device)
 
 
 @functools.lru_cache(maxsize=512)
-def _layout(*args) -> Layout:
+def _layout(
+    chunk: int, capacity: int, cached: int, previous: int, current: int, length: int, device: torch.device
+) -> Layout:
     # Made as ordinary tensors even inside inference mode, so that autograd may use them later.
     with torch.inference_mode(False):
-        return _make_layout(*args)
+        return _make_layout(chunk, capacity, cached, previous, current, length, device)
 
 
 def _make_layout(
-    chunk: int,
-    capacity: int,
-    cached: int,
-    previous: int,
-    current: int,
-    length: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    group: int,
+    chunk: int, capacity: int, cached: int, previous: int, current: int, length: int, device: torch.device
 ) -> Layout:
     slot = torch.arange(capacity + 2 * chunk, device=device)
     in_cache = slot < capacity
@@ -247,28 +215,24 @@ def _make_layout(
         torch.where(in_previous, torch.tensor(previous > 0, device=device), window_slot >= 0),
     )
     visible = visible[None, :] & (~(window_slot[None, :] > query_slot[:, None]))
-    # One head's (T, G + 2C) mask -> the group's: its cache columns block-diagonal over the heads.
-    own = torch.eye(group, dtype=torch.bool, device=device)[:, None, :, None]
-    cache = (own & visible[None, :, None, :capacity]).reshape(group * length, group * capacity)
-    window = visible[:, capacity:].repeat(group, 1)
-    visible = torch.cat([cache, window], dim=1)
     # Visible slots sit at consecutive frame positions (cache, previous chunk, current chunk); while
     # there is no previous chunk the cache is empty too, so both may shift down over masked slots.
     return Layout(
         key_start=cached - capacity - (chunk - previous),
         query_start=cached + previous + current,
-        bias=torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf")),
-        seen=visible.any(dim=0)[:, None],
+        hidden=~visible,
+        cache_seen=(capacity - cached, capacity),
+        window_seen=(0 if previous else chunk, chunk + current + length),
     )
 
 
-def _exp_or_zero(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for x <= 0, with 0 where it would be within a factor e of the smallest normal number or
-    below (-inf included). On a CPU, torch.exp takes a path tens of times slower for every element
-    whose result underflows (masked keys, keys far below the best score); such weights are far below
-    the rounding of a sum that holds exp(0) = 1."""
-    floor = math.log(torch.finfo(x.dtype).tiny) + 1.0
-    return torch.where(x < floor, 0.0, torch.exp(x.clamp_min(floor)))
+def _zero_outside(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """x with rows (dim 2) outside [first, end) set to zero: no weight reaches them, and stale or
+    empty slots must not turn a zero weight into NaN."""
+    rows = x.shape[2]
+    if (first, end) == (0, rows):
+        return x
+    return F.pad(x[:, :, first:end], (0, 0, first, rows - end))
 
 
 def attend(
@@ -307,8 +271,6 @@ def attend(
     softmax sums stay bounded by G + 2C, so far past the lengths the feature maps were trained at the
     linear term would drown the exact memories; the cap keeps the balance of those lengths and leaves
     what H recalls (H over s) unchanged. 0 leaves r alone.
-
-    Both linear terms come out of one product, r phi(q)^T [H | s].
     """
     batch, n_heads, length, dim = q.shape
     chunk = win_k.shape[2] // 2
@@ -318,61 +280,39 @@ def attend(
     keys_before, values_before = win_k, win_v
     win_k = torch.slice_scatter(win_k, k, dim=2, start=chunk + current, end=chunk + current + length)
     win_v = torch.slice_scatter(win_v, v, dim=2, start=chunk + current, end=chunk + current + length)
-    acc = accumulator(q.dtype)
+    where = layout(chunk, capacity, tokens_seen, length, q.device)
     rotary = rotary if rotary is not None else FrameRotary(inv_freq, chunk, capacity)
 
-    # Per KV group, the memory's keys and values in frame order: each query head's cache slots, then
-    # the window's (group G + 2C rows, see ``Layout``). Rows no query sees are zero, so that stale or
-    # empty slots cannot turn a zero weight into NaN. The keys are rotated and stored transposed, as
-    # the product reads them.
-    kv_heads = win_k.shape[1]
-    group = n_heads // kv_heads
-    where = layout(chunk, capacity, tokens_seen, length, q.device, acc, group)
-    slot = group * capacity + chunk + current
-
-    def memory_rows(cache: torch.Tensor, window: torch.Tensor, rotated: bool) -> torch.Tensor:
-        if rotated:
-            cache = rotary.rotate(cache, where.key_start)
-            window = rotary.rotate(window, where.key_start + capacity)
-        rows = torch.cat([cache.reshape(batch, kv_heads, group * capacity, dim), window], dim=2)
-        return torch.where(where.seen, rows, 0).to(acc)
-
-    new_keys_start = where.key_start + capacity + chunk + current
-    keys = rotary.prepared(
-        "keys",
-        (cache_k, win_k),
-        where.key_start,
-        lambda: memory_rows(cache_k, win_k, rotated=True).mT.contiguous().mT,
-        ((cache_k, keys_before), slot, lambda: rotary.rotate(k, new_keys_start)),
-    )
-    values = rotary.prepared(
-        "values",
-        (cache_v, win_v),
-        where.key_start,
-        lambda: memory_rows(cache_v, win_v, rotated=False),
-        ((cache_v, values_before), slot, lambda: v),
-    )
-    hidden = rotary.prepared("hidden", (h, s), 0, lambda: torch.cat([h, s[..., None]], dim=-1))
-
-    q_rot = rotary.rotate(q, where.query_start).to(acc).reshape(batch * kv_heads, group * length, dim)
-    scores = torch.baddbmm(where.bias, q_rot, keys.flatten(0, 1).mT, alpha=dim**-0.5)
+    # The window is shared by the query heads of a KV group, so it is scored per group, never copied.
+    acc = accumulator(q.dtype)
+    group = n_heads // win_k.shape[1]
+    q_rot = rotary.rotate(q, where.query_start).to(acc)
+    cache_rot = rotary.prepared("cache_k", cache_k, acc, where.key_start)
+    win_start = where.key_start + capacity
+    win_rot = rotary.prepared("win_k", win_k, acc, win_start, (keys_before, k, chunk + current))
+    q_grouped = q_rot.reshape(batch, -1, group * length, dim)
+    win_scores = (q_grouped @ win_rot.transpose(-1, -2)).reshape(batch, n_heads, length, 2 * chunk)
+    scores = torch.cat([q_rot @ cache_rot.transpose(-1, -2), win_scores], dim=-1) * dim**-0.5
+    scores = torch.where(where.hidden, float("-inf"), scores)
     top = scores.amax(dim=-1, keepdim=True)
-    weights = _exp_or_zero(scores - top)
-    linear = hedgehog(q, fmap_q) @ hidden
+    weights = torch.exp(scores - top)
     # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
     # window score; "window" rescales it when a cached key scores above the whole window.
+    linear_scale = 1.0
     if normalizer == "window":
-        window_top = scores[..., group * capacity :].amax(dim=-1, keepdim=True)
-        linear = linear * torch.exp(window_top - top).view(batch, n_heads, length, 1)
+        linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
     elif normalizer != "shared":
         raise ValueError(f"unknown normalizer {normalizer!r}")
-    cap = linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
-    if cap != 1.0:
-        linear = linear * cap
-    gate = window_factor.to(acc).view(1, -1, 1, 1)
-    softmax_part = (weights @ values.flatten(0, 1)).view(q.shape)
-    numerator = torch.addcmul(linear[..., :dim], gate, softmax_part)
-    denominator = torch.addcmul(linear[..., dim:], gate, weights.sum(dim=-1).view(*q.shape[:3], 1))
+    linear_scale = linear_scale * linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
+    cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
+    win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
+    win_values = _zero_outside(win_values, *where.window_seen)
+    win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)
+    softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
+    gate = window_factor.to(acc)[None, :, None, None]
+    phi_q = hedgehog(q, fmap_q)
+    numerator = gate * softmax_part + linear_scale * (phi_q @ h)
+    denominator = gate * weights.sum(dim=-1, keepdim=True) + linear_scale * (phi_q @ s[..., None])
     return (numerator / denominator).to(q.dtype), win_k, win_v
 
 
