@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lola_chat.errors import UsageError
 from lola_chat.kernels import lola
-from lola_chat.kernels.lola.reference import RECALL_POLICIES, FrameRotary, KeyFeatures, accumulator
+from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
+from lola_chat.kernels.lola.reference import FrameRotary, accumulator
 
 POLICIES = (*RECALL_POLICIES, "random", "recent")
 NORMALIZERS = ("shared", "window")

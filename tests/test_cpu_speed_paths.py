@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from lola_chat.kernels.lola import reference
+from lola_chat.kernels.lola import evict_reference, reference
 
 from lola_chat.config import DTYPE_ENV, default_dtype
 from lola_chat.errors import UsageError
@@ -76,8 +76,8 @@ def kept_and_fresh_agree(dtype, capacity):
         assert torch.equal(y0, y1) and torch.equal(fresh_state[0], kept_state[0])
         seen += length
         if seen % chunk == 0:
-            *fresh_state, _ = reference.evict(*fresh_state, fmap_k, seen)
-            *kept_state, _ = reference.evict(*kept_state, fmap_k, seen)
+            *fresh_state, _ = evict_reference.evict(*fresh_state, fmap_k, seen)
+            *kept_state, _ = evict_reference.evict(*kept_state, fmap_k, seen)
             kept.forget()
 
 

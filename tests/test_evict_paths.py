@@ -1,11 +1,11 @@
-"""``reference.evict``'s cheaper CPU path (fold only the pairs that leave) computes what the plain
+"""``evict_reference.evict``'s cheaper CPU path (fold only the pairs that leave) computes what the plain
 formula computes: score every candidate, keep the top G, fold every valid candidate not kept, with a
 0/1 mask over all G + C candidates. Selections and moved keys are exact; H and s may differ only by
 the order of the fp32 (or float64) sums."""
 
 import pytest
 import torch
-from lola_chat.kernels.lola import reference
+from lola_chat.kernels.lola import evict_reference, reference
 
 # Tolerance of H and s: the same terms, summed in another order.
 SUM_ORDER_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
@@ -35,8 +35,8 @@ def evict_by_definition(win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_see
         phi = reference.hedgehog(cand_k, fmap_k)
         kept = torch.zeros(cand_v.shape[:3], dtype=torch.bool)
         if capacity:
-            if policy in reference.RECALL_POLICIES:
-                score = reference.self_recall_error(phi, cand_v, h, s)
+            if policy in evict_reference.RECALL_POLICIES:
+                score = evict_reference.self_recall_error(phi, cand_v, h, s)
                 if policy.startswith("relative-"):
                     score = score / cand_v.to(score.dtype).norm(dim=-1)
                 if policy.endswith("novelty"):
@@ -97,20 +97,20 @@ def assert_same_eviction(got, expected, dtype):
         assert torch.equal(keep, ref_keep)
 
 
-@pytest.mark.parametrize("policy", [*reference.RECALL_POLICIES, "random", "recent"])
+@pytest.mark.parametrize("policy", [*evict_reference.RECALL_POLICIES, "random", "recent"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("tokens_seen", "chunk", "capacity", "heads", "kv_heads", "dim", "batch"), CASES)
 def test_evict_equals_the_masked_definition(tokens_seen, chunk, capacity, heads, kv_heads, dim, batch, dtype,
                                             policy):  # fmt: skip
     memory, fmap_k = memory_before_eviction(dtype, batch, heads, kv_heads, dim, chunk, capacity)
-    got = reference.evict(*memory, fmap_k, tokens_seen, policy, torch.Generator().manual_seed(1))
+    got = evict_reference.evict(*memory, fmap_k, tokens_seen, policy, torch.Generator().manual_seed(1))
     expected = evict_by_definition(*memory, fmap_k, tokens_seen, policy, torch.Generator().manual_seed(1))
     assert_same_eviction(got, expected, dtype)
 
 
 def test_evict_folds_nothing_while_the_cache_has_room():
     memory, fmap_k = memory_before_eviction(torch.float32, 2, 4, 2, 8, chunk=8, capacity=20)
-    *_, h, s, keep = reference.evict(*memory, fmap_k, tokens_seen=16)
+    *_, h, s, keep = evict_reference.evict(*memory, fmap_k, tokens_seen=16)
     assert torch.equal(h, memory[4]) and torch.equal(s, memory[5])
     assert keep.shape == (2, 4, 20)
 
@@ -118,7 +118,7 @@ def test_evict_folds_nothing_while_the_cache_has_room():
 def test_evict_at_G0_is_differentiable():
     memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=0)
     fmap_k.requires_grad_(True)
-    *_, h, s, _ = reference.evict(*memory, fmap_k, tokens_seen=32)
+    *_, h, s, _ = evict_reference.evict(*memory, fmap_k, tokens_seen=32)
     (h.sum() + s.sum()).backward()
     assert fmap_k.grad is not None and torch.isfinite(fmap_k.grad).all()
 
@@ -131,7 +131,7 @@ def new_chunk(memory, chunk, seed):
     return [torch.cat([x[:, :, :chunk], y], dim=2) for x, y in zip((win_k, win_v), fresh, strict=True)] + rest
 
 
-@pytest.mark.parametrize("policy", [*reference.RECALL_POLICIES, "random", "recent"])
+@pytest.mark.parametrize("policy", [*evict_reference.RECALL_POLICIES, "random", "recent"])
 @pytest.mark.parametrize(
     ("chunk", "capacity", "heads", "kv_heads", "batch"),
     [(8, 20, 4, 2, 2), (8, 16, 6, 3, 1), (8, 5, 4, 1, 2), (8, 0, 4, 2, 1)],
@@ -141,12 +141,13 @@ def test_kept_key_features_give_the_same_evictions(chunk, capacity, heads, kv_he
     """Evictions from an empty cache through a full one, with and without the kept features."""
     memory, fmap_k = memory_before_eviction(torch.bfloat16, batch, heads, kv_heads, 8, chunk, capacity)
     plain, reused = list(memory), list(memory)
-    features = reference.KeyFeatures()
+    features = evict_reference.KeyFeatures()
     with torch.inference_mode():
         for step in range(1, 8):
             seen = step * chunk
-            expected = reference.evict(*plain, fmap_k, seen, policy, torch.Generator().manual_seed(step))
-            got = reference.evict(
+            generator = torch.Generator().manual_seed(step)
+            expected = evict_reference.evict(*plain, fmap_k, seen, policy, generator)
+            got = evict_reference.evict(
                 *reused, fmap_k, seen, policy, torch.Generator().manual_seed(step), features
             )
             assert_same_eviction(got, expected, torch.bfloat16)
@@ -157,8 +158,8 @@ def test_kept_key_features_give_the_same_evictions(chunk, capacity, heads, kv_he
 
 def test_kept_key_features_serve_only_the_unchanged_cache_and_feature_map():
     memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
-    features = reference.KeyFeatures()
-    cache_k = reference.evict(*memory, fmap_k, 32, features=features)[2]
+    features = evict_reference.KeyFeatures()
+    cache_k = evict_reference.evict(*memory, fmap_k, 32, features=features)[2]
     kept = features.get(cache_k, fmap_k)
     torch.testing.assert_close(kept, reference.hedgehog(cache_k, fmap_k), atol=1e-6, rtol=1e-6)
     assert features.get(cache_k.clone(), fmap_k) is None
@@ -173,8 +174,8 @@ def test_kept_key_features_serve_only_the_unchanged_cache_and_feature_map():
 def test_nothing_is_kept_while_autograd_records():
     memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
     fmap_k.requires_grad_(True)
-    features = reference.KeyFeatures()
-    cache_k = reference.evict(*memory, fmap_k, 32, features=features)[2]
+    features = evict_reference.KeyFeatures()
+    cache_k = evict_reference.evict(*memory, fmap_k, 32, features=features)[2]
     assert features.get(cache_k, fmap_k) is None
 
 
@@ -211,9 +212,9 @@ def test_cache_recall_error_is_zero_for_a_duplicate_and_the_value_norm_for_a_lon
     k, v = torch.randn(1, 1, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
     k[..., 3, :], v[..., 3, :] = k[..., 1, :], v[..., 1, :]
     valid = torch.tensor([False, True, True, True, True])
-    error = reference.cache_recall_error(k, v, valid)
+    error = evict_reference.cache_recall_error(k, v, valid)
     assert error[0, 0, 1] == 0 and error[0, 0, 3] == 0
     assert error[0, 0, 2] > 0
     torch.testing.assert_close(error, cache_recall_by_definition(k, v, valid).float())
     alone = torch.tensor([False, False, True, False, False])
-    torch.testing.assert_close(reference.cache_recall_error(k, v, alone)[0, 0, 2], v[0, 0, 2].norm())
+    torch.testing.assert_close(evict_reference.cache_recall_error(k, v, alone)[0, 0, 2], v[0, 0, 2].norm())

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 from lola_chat.kernels.dispatch import REFERENCE_ENV, fast_path, force_reference, triton_module
-from lola_chat.kernels.lola import reference
-from lola_chat.kernels.lola.reference import FrameRotary, KeyFeatures, frame, rotate, self_recall_error
+from lola_chat.kernels.lola import evict_reference, reference
+from lola_chat.kernels.lola.evict_reference import KeyFeatures, self_recall_error
+from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate
 
 __all__ = [
     "REFERENCE_ENV",
@@ -32,7 +33,7 @@ __all__ = [
 
 
 # The eviction policies the Triton kernel implements; the ablations always run the reference.
-TRITON_POLICIES = reference.RECALL_POLICIES
+TRITON_POLICIES = evict_reference.RECALL_POLICIES
 
 
 def _triton_module(name: str):
@@ -73,7 +74,7 @@ def attend(
 def evict(
     win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
 ):
-    """See ``reference.evict``; dispatched as described in this module's docstring (Triton runs
+    """See ``evict_reference.evict``; dispatched as described in this module's docstring (Triton runs
     ``TRITON_POLICIES`` only). ``features`` (a
     ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
     cache in place."""
@@ -82,7 +83,7 @@ def evict(
         if features is not None:
             features.forget()
         return _triton_module("evict").evict(*args)
-    return reference.evict(*args, features)
+    return evict_reference.evict(*args, features)
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """LoLA eviction at a chunk end in Triton kernels, state updated in place.
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
-``reference.evict``. Every valid candidate is scored by self-recall error against the current H and
+``evict_reference.evict``. Every valid candidate is scored by self-recall error against the current H and
 s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to the
-valid candidate with the nearest key, ``reference.cache_recall_error``), the self-recall error divided
+valid candidate with the nearest key, ``evict_reference.cache_recall_error``), the self-recall error divided
 by the value's norm under the "relative-" policies; the top G are kept,
 compacted into the cache in time order, and the rest folded into H and s. Equal scores go to the
 earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated layer-0
@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
+from lola_chat.kernels.lola.evict_reference import SRE_EPS
 from lola_chat.kernels.lola.frame_triton import frame_counts
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
-from lola_chat.kernels.lola.reference import SRE_EPS
 
 # Candidates per scoring program: 16, the smallest tl.dot tile, gives the most programs to spread over
 # the SMs (20 per query head for G = 256, C = 64).
@@ -68,7 +68,7 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
                         BLOCK_OTHER: tl.constexpr):  # fmt: skip
     """|| v_i - v_j || for the BLOCK_N candidates ``index`` (fp32 keys ``k`` and values ``v``), j the
     valid other candidate whose key is nearest to k_i, searched BLOCK_OTHER candidates at a time;
-    ||v_i|| where there is none (``reference.cache_recall_error``)."""
+    ||v_i|| where there is none (``evict_reference.cache_recall_error``)."""
     nearest_distance = tl.full((BLOCK_N,), float("inf"), tl.float32)
     nearest = tl.zeros((BLOCK_N,), tl.int32)
     k_norm = tl.sum(k * k, axis=1)
@@ -263,7 +263,7 @@ def evict(
 ) -> tuple[torch.Tensor, ...]:
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
-    Same contract as ``reference.evict`` for ``policy`` in ``reference.RECALL_POLICIES`` (the policies
+    Same contract as ``evict_reference.evict`` for ``policy`` in ``RECALL_POLICIES`` (the policies
     here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
     and unused). Under "novelty" the nearest key is chosen by squared distances whose key products
     run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal distance the

@@ -24,13 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SRE_EPS = 1e-6
-# Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
-# it and the cache-recall error ("novelty", which also folds pairs the cache would hold twice); either with
-# the self-recall error relative to the value's norm ("relative-"), which ranks a pair by the share of it
-# that H fails to recall rather than by its size.
-RECALL_POLICIES = ("sre", "novelty", "relative-sre", "relative-novelty")
-
 
 def accumulator(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs; float64 stays float64 (so tests can check exactly)."""
@@ -159,19 +152,6 @@ def linear_cap_factor(tokens_seen: int, chunk: int, capacity: int, linear_cap: i
     """min(1, linear_cap / folded pairs) after ``tokens_seen`` tokens; 1 when ``linear_cap`` is 0."""
     pairs = folded(tokens_seen, chunk, capacity)
     return linear_cap / pairs if 0 < linear_cap < pairs else 1.0
-
-
-def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.gather(2, index[..., None].expand(..., D))``, as one index_select over flattened rows: on a
-    CPU, gather with an expanded index walks every element's index, index_select copies whole rows."""
-    batch, heads, rows, dim = x.shape
-    base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * rows
-    picked = x.reshape(batch * heads * rows, dim).index_select(0, (index + base).flatten())
-    return picked.view(batch, heads, index.shape[-1], dim)
-
-
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
 @dataclass(frozen=True)
@@ -314,144 +294,3 @@ def attend(
     numerator = gate * softmax_part + linear_scale * (phi_q @ h)
     denominator = gate * weights.sum(dim=-1, keepdim=True) + linear_scale * (phi_q @ s[..., None])
     return (numerator / denominator).to(q.dtype), win_k, win_v
-
-
-def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """|| v - H^T phi(k) / (s^T phi(k)) || per pair.
-
-    phi_k: (B, Hq, N, F) fp32; v: (B, Hq, N, D); h: (B, Hq, F, D); s: (B, Hq, F). Returns (B, Hq, N).
-    An empty hidden state (s = 0) recalls nothing, so the error is ||v||.
-    """
-    recalled = (phi_k @ h) / (phi_k @ s[..., None]).clamp_min(SRE_EPS)
-    return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
-
-
-def cache_recall_error(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """|| v_i - v_j || for the valid candidate j != i whose key is nearest to k_i (Euclidean): how badly
-    the other candidates would stand in for pair i. A pair the cache would hold twice (the same token
-    in the same context, as repeated text gives) scores near zero.
-
-    k, v: (B, Hq, N, D) un-rotated; valid: (N,) bool. Returns (B, Hq, N) fp32 (fp64 for fp64 inputs);
-    ||v|| where no other candidate is valid.
-    """
-    acc = accumulator(k.dtype)
-    k, v = k.to(acc), v.to(acc)
-    # ||k_i - k_j||^2 less ||k_i||^2, which is the same for every j of row i: the order of the
-    # Euclidean distances in one matrix product, with invalid candidates' columns at +inf through
-    # their bias (cheaper than cdist's square roots and a masking pass over the (N, N) matrix).
-    squares = (k * k).sum(dim=-1).masked_fill(~valid, float("inf"))
-    batch = k.shape[:-2]
-    n, d = k.shape[-2:]
-    flat = k.reshape(-1, n, d)
-    distance = torch.baddbmm(squares.reshape(-1, 1, n), flat, flat.transpose(1, 2), alpha=-2.0)
-    distance.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    # min's indices, like argmin, take the first of equal values, and run several times faster on a CPU.
-    nearest = distance.min(dim=-1).indices.reshape(*batch, n)
-    error = torch.linalg.vector_norm(v - _take_rows(v, nearest), dim=-1)
-    alone = valid.sum() - valid.long() == 0
-    return torch.where(alone, torch.linalg.vector_norm(v, dim=-1), error)
-
-
-class KeyFeatures:
-    """The hedgehog features of a memory's cached keys, kept between evictions so that an eviction
-    computes features only for the chunk leaving the window. They serve only the very cache tensor
-    and feature map they were made from, unchanged in place since (version counters, where the
-    tensors have them; inference tensors change in place only on the Triton path, which forgets
-    them). Nothing is kept while autograd records through them."""
-
-    def __init__(self):
-        self._kept: tuple | None = None
-
-    @staticmethod
-    def _stamp(cache_k: torch.Tensor, fmap_k: torch.Tensor) -> tuple:
-        versions = tuple(None if t.is_inference() else t._version for t in (cache_k, fmap_k))
-        return (*versions, fmap_k.data_ptr())
-
-    def get(self, cache_k: torch.Tensor, fmap_k: torch.Tensor) -> torch.Tensor | None:
-        kept = self._kept
-        if kept is None or kept[0] is not cache_k or kept[1] is not fmap_k:
-            return None
-        return kept[3] if kept[2] == self._stamp(cache_k, fmap_k) else None
-
-    def keep(self, cache_k: torch.Tensor, fmap_k: torch.Tensor, features: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and features.requires_grad:
-            self._kept = None
-        else:
-            self._kept = (cache_k, fmap_k, self._stamp(cache_k, fmap_k), features)
-
-    def forget(self) -> None:
-        self._kept = None
-
-
-def evict(
-    win_k: torch.Tensor,
-    win_v: torch.Tensor,
-    cache_k: torch.Tensor,
-    cache_v: torch.Tensor,
-    h: torch.Tensor,
-    s: torch.Tensor,
-    fmap_k: torch.Tensor,
-    tokens_seen: int,
-    policy: str = "sre",
-    generator: torch.Generator | None = None,
-    features: KeyFeatures | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Close the current chunk (it must be full): the previous chunk leaves the window.
-
-    Its pairs and the cached pairs are scored against the current H and s; the top G stay in the
-    cache (kept in time order), the rest are folded into H and s; the current chunk becomes the
-    previous one. ``tokens_seen`` counts the full current chunk. ``policy`` is one of
-    ``RECALL_POLICIES`` ("sre" is the method) or, for ablations, "random" or "recent". Returns new
-    (win_k, win_v, cache_k, cache_v, h, s) and ``keep`` (B, Hq, G): for each new cache slot, its index
-    among the candidates (old cache slots 0..G-1, then the leaving chunk's tokens G..G+C-1), or None
-    when nothing left the window or G = 0.
-    ``features``: the caller's ``KeyFeatures`` (it reuses the cached keys' features and keeps the new
-    cache's), or None to compute every candidate's features afresh.
-    """
-    chunk = win_k.shape[2] // 2
-    capacity = cache_k.shape[2]
-    n_heads = cache_k.shape[1]
-    assert tokens_seen % chunk == 0 and tokens_seen > 0, "eviction runs only when a chunk is full"
-    cached, previous, _ = frame(tokens_seen - 1, chunk, capacity)
-    keep = None
-    if previous:
-        leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
-        leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
-        cand_k = torch.cat([cache_k, leaving_k], dim=2)
-        cand_v = torch.cat([cache_v, leaving_v], dim=2)
-        valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached
-        cached_features = features.get(cache_k, fmap_k) if features is not None else None
-        if cached_features is None:
-            phi_k = hedgehog(cand_k, fmap_k)
-        else:
-            phi_k = torch.cat([cached_features, hedgehog(leaving_k, fmap_k)], dim=2)
-        if capacity > 0:
-            if policy in RECALL_POLICIES:
-                score = self_recall_error(phi_k, cand_v, h, s)
-                if policy.startswith("relative-"):
-                    size = torch.linalg.vector_norm(cand_v.to(score.dtype), dim=-1)
-                    score = score / size.clamp_min(SRE_EPS)
-                if policy.endswith("novelty"):
-                    score = torch.minimum(score, cache_recall_error(cand_k, cand_v, valid))
-            elif policy == "random":
-                score = torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
-            elif policy == "recent":
-                score = torch.arange(capacity + chunk, device=cand_k.device, dtype=torch.float32)
-                score = score.expand(cand_v.shape[:3])
-            else:
-                raise ValueError(f"unknown eviction policy {policy!r}")
-            score = score.masked_fill(~valid, float("-inf"))
-            # A stable sort keeps the earlier of two equal scores (repeated tokens give exact ties).
-            order = score.sort(dim=-1, descending=True, stable=True).indices
-            keep = order[..., :capacity].sort(dim=-1).values
-            cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
-            if features is not None:
-                features.keep(cache_k, fmap_k, _take_rows(phi_k, keep))
-            # Invalid slots score -inf and sort last, so the valid candidates not kept are these.
-            folded = order[..., capacity : cached + chunk].sort(dim=-1).values
-            phi_k, cand_v = _take_rows(phi_k, folded), _take_rows(cand_v, folded)
-        h = h + phi_k.transpose(-1, -2) @ cand_v.to(h.dtype)
-        s = s + phi_k.sum(dim=2)
-    win_k = torch.cat([win_k[:, :, chunk:], win_k[:, :, chunk:]], dim=2)
-    win_v = torch.cat([win_v[:, :, chunk:], win_v[:, :, chunk:]], dim=2)
-    return win_k, win_v, cache_k, cache_v, h, s, keep

@@ -1,4 +1,5 @@
-"""The Triton eviction (self-recall or novelty scoring, top-G selection, folding) against ``reference.evict``.
+"""The Triton eviction (self-recall or novelty scoring, top-G selection, folding) against
+``evict_reference.evict``.
 
 Under "novelty" a candidate's score depends on which other candidate has the nearest key; kernel and
 reference rank fp32 squared distances computed in different orders, so near-tied distances could pick
@@ -17,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from lola_chat.kernels.lola import evict_triton, reference  # noqa: E402
+from lola_chat.kernels.lola import evict_reference, evict_triton, reference  # noqa: E402
 
 CASES = [
     # (tokens_seen, chunk, capacity, heads, kv_heads, dim, batch)
@@ -33,7 +34,7 @@ CASES = [
 ]
 
 
-POLICIES = list(reference.RECALL_POLICIES)
+POLICIES = list(evict_reference.RECALL_POLICIES)
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def run_both(states, tokens_seen, device_seen=False, policy="sre", memories=None
     def call(fn, m, seen):
         return fn(m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"], fmap, seen, policy)
 
-    expected = call(reference.evict, clean, tokens_seen)
+    expected = call(evict_reference.evict, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
     got = call(evict_triton.evict, poisoned, seen)
     return expected, got, poisoned
@@ -143,7 +144,7 @@ def test_novelty_folds_exact_twins(device, lola_states, dtype):
     check(expected, got, poisoned, states, tokens_seen)
     assert not torch.isin(got[-1], twins.to(device)).any(), "a candidate with an exact twin was kept"
     memory = [clean[name] for name in ("win_k", "win_v", "cache_k", "cache_v", "h", "s")]
-    sre_keep = reference.evict(*memory, fmap, tokens_seen, "sre")[-1]
+    sre_keep = evict_reference.evict(*memory, fmap, tokens_seen, "sre")[-1]
     assert torch.isin(sre_keep, twins.to(device)).any(), "the twins test nothing that sre does not fold"
 
 
