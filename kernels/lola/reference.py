@@ -36,7 +36,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x: (B, H, T, D); weight: (H, D, E). Returns (B, H, T, 2E) in ``accumulator(x.dtype)``.
     """
     acc = accumulator(x.dtype)
-    z = torch.einsum("bhtd,hde->bhte", x.to(acc), weight.to(acc))
+    z = x.to(acc) @ weight.to(acc)
     return torch.stack([z, -z], dim=-2).softmax(dim=-1).flatten(-2)
 
 
