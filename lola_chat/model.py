@@ -302,12 +302,15 @@ class Transformer(nn.Module):
             ]
         )
 
-    def forward(self, tokens: torch.Tensor, state: State, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, state: State, last_only: bool = False, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
-        Advances ``state`` by T tokens."""
+        Advances ``state`` by T tokens. ``ids`` (B, T): what the memory records for each token (its
+        window and cache ids), the tokens themselves by default."""
         x = self.embed_tokens(tokens)
         for block, memory in zip(self.layers, state.layers, strict=True):
-            x = block(x, memory, tokens)
+            x = block(x, memory, tokens if ids is None else ids)
         if last_only:
             x = x[:, -1:]
         return fused(self.lm_head, x, self.norm).float()

@@ -12,7 +12,7 @@ import torch
 from lola_chat import cli
 from lola_chat.config import Config, Paths
 from lola_chat.errors import UsageError
-from lola_chat.evals import command, footprint, niah, report
+from lola_chat.evals import command, footprint, niah, report, running
 from lola_chat.evals.arms import parse_arms, parse_lengths
 from lola_chat.evals.ppl import heldout_windows
 from lola_chat.linearization import resolve_linearization, save_linearization
@@ -256,3 +256,24 @@ def test_bench_on_random_default_shapes_runs_the_shipped_settings(monkeypatch, l
     assert bench.load(args, config, torch.device("cpu"), torch.float32).settings == shipped
     args, config = parse(["bench", "--random-default-shapes", "--capacity", "32"], monkeypatch)
     assert bench.load(args, config, torch.device("cpu"), torch.float32).settings.capacity == 32
+
+
+@pytest.mark.parametrize("capacity", [0, 16])
+def test_memory_holds_locates_what_the_memory_keeps(tiny_loaded, capacity):
+    """After 96 tokens with an 8-token chunk, the last 8 positions sit in the window and, at G > 0, G
+    earlier ones in each head's cache; the softmax cache has no such measure."""
+    model = tiny_loaded.model
+    tokens = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0))
+    state = model.new_state("lola", LolaSettings(chunk=8, capacity=capacity), batch=2)
+    with torch.inference_mode():
+        running.prefill(model, state, tokens, 32, positions=True)
+    window = torch.tensor([88, 88])
+    assert running.memory_holds(state, window, torch.tensor([8, 8])) == [1.0, 1.0]
+    # Every head's cache holds G of the 88 positions before the window; a shorter span counts only its own.
+    before = running.memory_holds(state, torch.tensor([0, 0]), torch.tensor([88, 88]))
+    assert before == pytest.approx([capacity / 88] * 2)
+    assert running.memory_holds(state, torch.tensor([0, 88]), torch.tensor([88, 4])) == [before[0], 1.0]
+    softmax = model.new_state("softmax", batch=2)
+    with torch.inference_mode():
+        running.prefill(model, softmax, tokens, 32, positions=True)
+    assert running.memory_holds(softmax, window, torch.tensor([8, 8])) is None

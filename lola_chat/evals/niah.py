@@ -113,6 +113,7 @@ class NeedlePrompt:
     value: str
     depth: float
     needle_start: int
+    needle_tokens: int
     haystack_start: int
     haystack_tokens: int
 
@@ -146,7 +147,7 @@ def build_prompt(
     split = boundaries[cut]
     ids = head + filler[:split] + needle + filler[split:] + tail
     assert len(ids) == length
-    return NeedlePrompt(ids, key, value, depth, len(head) + split, len(head), budget)
+    return NeedlePrompt(ids, key, value, depth, len(head) + split, len(needle), len(head), budget)
 
 
 def prompt_set(tokenizer, haystack: Haystack, length: int, count: int, seed: int) -> list[NeedlePrompt]:
@@ -171,9 +172,12 @@ def is_correct(tokenizer, reply_ids: list[int], value: str) -> bool:
     return re.search(rf"(?<!\d){value}(?!\d)", reply) is not None
 
 
-def run_arm(models: Models, arm: Arm, prompts: list[NeedlePrompt], seed: int) -> tuple[list[bool], int]:
+def run_arm(
+    models: Models, arm: Arm, prompts: list[NeedlePrompt], seed: int
+) -> tuple[list[bool], int, list[float] | None]:
     """Answers of one configuration to equal-length prompts. Returns (correct per prompt, state bytes
-    per sequence measured on the state after the prompt)."""
+    per sequence measured on the state after the prompt, the share of each needle's tokens a LoLA
+    memory holds exactly once the prompt is in, or None for the softmax cache)."""
     loaded = models.for_arm(arm)
     model, tokenizer, device = loaded.model, loaded.tokenizer, models.device
     length = len(prompts[0].ids)
@@ -182,23 +186,31 @@ def run_arm(models: Models, arm: Arm, prompts: list[NeedlePrompt], seed: int) ->
         model.cfg, arm, length, models.chunk, element, full_logits=False
     )
     torch.manual_seed(seed)
-    correct, state_bytes = [], 0
+    correct, state_bytes, held = [], 0, []
     for part in running.batches(len(prompts), per_batch):
         batch = prompts[part]
         tokens = torch.tensor([p.ids for p in batch], dtype=torch.long, device=device)
+        first = torch.tensor([p.needle_start for p in batch], device=device)
+        count = torch.tensor([p.needle_tokens for p in batch], device=device)
         state = model.new_state(arm.attention, arm.settings(models.chunk), batch=len(batch))
+
+        def measure_needle(state, first=first, count=count):
+            held.append(running.memory_holds(state, first, count))
+
         with torch.inference_mode():
-            replies = running.greedy(model, state, tokens, NEW_TOKENS, running.segment_length(arm)).tolist()
+            replies = running.greedy(
+                model, state, tokens, NEW_TOKENS, running.segment_length(arm), measure_needle
+            ).tolist()
         state_bytes = state.nbytes() // len(batch)
         correct += [is_correct(tokenizer, reply, p.value) for reply, p in zip(replies, batch, strict=True)]
         del state
-    return correct, state_bytes
+    return correct, state_bytes, None if None in held else [share for shares in held for share in shares]
 
 
 def _rows(
     arm: Arm, haystacks: list[Haystack], length: int, count: int, outcome, error: str | None
 ) -> list[dict]:
-    correct, state_bytes, seconds = outcome
+    correct, state_bytes, held, seconds = outcome
     rows = []
     for index, haystack in enumerate(haystacks):
         row = {
@@ -215,6 +227,9 @@ def _rows(
             answers = correct[index * count : (index + 1) * count]
             # In prompt order, so by needle depth (``prompt_set``: prompt i at depth i / (count - 1)).
             row.update(correct=sum(answers), accuracy=sum(answers) / count, correct_by_depth=answers)
+            if held is not None:
+                # The share of the needle's tokens the memory held exactly when the question came.
+                row.update(needle_held=sum(held[index * count : (index + 1) * count]) / count)
         rows.append(row)
     return rows
 
@@ -239,7 +254,7 @@ def evaluate(
         batch = [p for h in haystacks for p in prompts[h.name]]
         for arm in arms:
             started = time.perf_counter()
-            outcome, error = (None, None), None
+            outcome, error = (None, None, None), None
             if arm.attention == "softmax" and softmax_max_length and length > softmax_max_length:
                 error = "not run"
             else:

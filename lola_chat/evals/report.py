@@ -82,7 +82,10 @@ def niah_table(payload: dict) -> str:
                 elif row.get("accuracy") is None:
                     line.append(row.get("error", "failed"))
                 else:
-                    line.append(f"{100 * row['accuracy']:.0f}% ({row['correct']}/{row['prompts']})")
+                    cell = f"{100 * row['accuracy']:.0f}% ({row['correct']}/{row['prompts']})"
+                    if row.get("needle_held") is not None:
+                        cell += f", holds {100 * row['needle_held']:.0f}%"
+                    line.append(cell)
             body.append(line)
     return _table(["configuration", "haystack", *map(length_label, lengths)], body)
 

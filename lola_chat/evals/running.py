@@ -49,24 +49,57 @@ def batches(count: int, per_batch: int) -> Iterator[slice]:
         yield slice(start, min(count, start + per_batch))
 
 
-def prefill(model, state, tokens: torch.Tensor, segment: int) -> torch.Tensor:
-    """Feed ``tokens`` (B, T) in segments; returns the last position's logits (B, vocab)."""
+def _positions(tokens: torch.Tensor, first: int) -> torch.Tensor:
+    return torch.arange(first, first + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+
+def prefill(model, state, tokens: torch.Tensor, segment: int, positions: bool = False) -> torch.Tensor:
+    """Feed ``tokens`` (B, T) in segments; returns the last position's logits (B, vocab). With
+    ``positions`` a LoLA memory records each token's position in the sequence instead of its id, so
+    that what it holds can be located (``memory_holds``)."""
     logits = None
     for start in range(0, tokens.shape[1], segment):
-        logits = model(tokens[:, start : start + segment], state, last_only=True)
+        piece = tokens[:, start : start + segment]
+        logits = model(piece, state, last_only=True, ids=_positions(piece, start) if positions else None)
     return logits[:, -1]
 
 
-def greedy(model, state, tokens: torch.Tensor, new_tokens: int, segment: int) -> torch.Tensor:
-    """Prefill ``tokens`` then decode ``new_tokens`` greedily, one token at a time. Returns (B, new)."""
-    logits = prefill(model, state, tokens, segment)
+def greedy(
+    model, state, tokens: torch.Tensor, new_tokens: int, segment: int, after_prompt=None
+) -> torch.Tensor:
+    """Prefill ``tokens`` then decode ``new_tokens`` greedily, one token at a time. Returns (B, new).
+    ``after_prompt``, when given, is called with the state once the prompt is in; the memory then
+    records positions (see ``prefill``)."""
+    positions = after_prompt is not None
+    logits = prefill(model, state, tokens, segment, positions)
+    if positions:
+        after_prompt(state)
     out = []
     for step in range(new_tokens):
         token = logits.argmax(dim=-1)
         out.append(token)
         if step + 1 < new_tokens:
-            logits = model(token[:, None], state, last_only=True)[:, -1]
+            ids = _positions(token[:, None], tokens.shape[1] + step) if positions else None
+            logits = model(token[:, None], state, last_only=True, ids=ids)[:, -1]
     return torch.stack(out, dim=1)
+
+
+def memory_holds(state, first: torch.Tensor, count: torch.Tensor) -> list[float] | None:
+    """For each sequence b, the share of positions first[b] .. first[b] + count[b] - 1 that a LoLA memory
+    holds exactly (in its sparse cache or its window), averaged over layers and query heads; the
+    memory must have recorded positions (``prefill``). None for the softmax KV cache, which holds
+    everything."""
+    if state.kind != "lola":
+        return None
+    span = first[:, None] + torch.arange(int(count.max()), device=first.device)
+    in_span = torch.arange(span.shape[1], device=first.device) < count[:, None]
+    shares = []
+    for memory in state.layers:
+        window = memory.win_ids[:, None].expand(-1, memory.cache_ids.shape[1], -1)
+        held = torch.cat([memory.cache_ids, window], dim=2)
+        found = (held[:, :, None, :] == span[:, None, :, None]).any(dim=-1) & in_span[:, None]
+        shares.append(found.sum(dim=-1) / count[:, None])
+    return torch.stack(shares).mean(dim=(0, 2)).tolist()
 
 
 def token_nll(model, state, tokens: torch.Tensor, segment: int) -> torch.Tensor:
