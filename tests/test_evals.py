@@ -113,6 +113,10 @@ def test_parse_arms_and_lengths():
     capped = parse_arms("window-novelty128-cap2048")[0]
     assert capped.settings(16) == LolaSettings(16, 128, "novelty", "window", linear_cap=2048)
     assert "capped at 2048" in capped.label and "capped" not in arms["window64"].label
+    shipped = parse_arms("window-relative-novelty256-cap2048")[0]
+    assert shipped.settings(64) == LolaSettings(64, 256, "relative-novelty", "window", linear_cap=2048)
+    with pytest.raises(UsageError, match="window-relative-sre<G>, window-relative-novelty<G>"):
+        parse_arms("relative-sre64")
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
     for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g", "window-128",
                 "windowg128", "windowrandom128", "window-sre64", "window128-cap",
@@ -180,6 +184,9 @@ def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, 
     run = [r for r in niah_rows if r not in skipped]
     assert all(r["prompts"] == 2 and 0 <= r["correct"] <= 2 and r["state_bytes"] > 0 for r in run)
     assert all(len(r["correct_by_depth"]) == 2 and sum(r["correct_by_depth"]) == r["correct"] for r in run)
+    # The needle measure is a LoLA memory's alone, a share of the needle's tokens.
+    assert all(("needle_held" in r) == (r["config"] != "softmax") for r in run)
+    assert all(0 <= r["needle_held"] <= 1 for r in run if r["config"] != "softmax")
     assert all(r["perplexity"] > 1 and r["windows"] == 2 for r in results["ppl"]["rows"])
     assert len(results["memory"]["rows"]) == 4 * 2
 

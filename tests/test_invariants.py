@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from lola_chat.kernels import lola
 
-from lola_chat.memory import LolaMemory, LolaSettings, State
+from lola_chat.memory import POLICIES, LolaMemory, LolaSettings, State
 
 HQ, HKV, D = 6, 2, 16
 
@@ -89,7 +89,15 @@ def test_zero_capacity_is_the_lolcats_hybrid(chunk, length):
 
 @pytest.mark.parametrize(
     "capacity,policy,linear_cap",
-    [(0, "sre", 0), (6, "sre", 0), (16, "sre", 0), (6, "novelty", 0), (16, "novelty", 12), (0, "sre", 12)],
+    [
+        (0, "sre", 0),
+        (6, "sre", 0),
+        (16, "sre", 0),
+        (6, "novelty", 0),
+        (16, "novelty", 12),
+        (0, "sre", 12),
+        (16, "relative-novelty", 12),
+    ],
 )
 def test_prefill_equals_split_prefill_then_decode(capacity, policy, linear_cap):
     chunk, length = 8, 61
@@ -141,7 +149,7 @@ def test_eviction_keeps_the_pairs_with_highest_self_recall_error():
     torch.testing.assert_close(memory.cache_k, expected)
 
 
-@pytest.mark.parametrize("policy", ["sre", "novelty", "random", "recent"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_policies_fill_the_cache_in_time_order(policy):
     chunk, capacity = 4, 6
     memory = new_memory(chunk, capacity, batch=1, policy=policy)

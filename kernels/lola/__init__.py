@@ -1,8 +1,8 @@
-"""LoLA attention: public functions. The PyTorch reference (``reference.py``) is the specification and
-the CPU path; the Triton kernels (``*_triton.py``) run instead when every tensor is on a CUDA device,
-Triton imports, no autograd graph is being recorded through a tensor that needs it, and the shapes
-suit them. ``LOLA_CHAT_REFERENCE=1`` in the environment, or ``force_reference()``, forces the reference
-(the rule every op shares, in ``lola_chat.kernels.dispatch``).
+"""LoLA attention: public functions. The PyTorch reference (``reference.py``, and ``evict_reference.py``
+for eviction) is the specification and the CPU path; the Triton kernels (``*_triton.py``) run instead
+when every tensor is on a CUDA device, Triton imports, no autograd graph is being recorded through a
+tensor that needs it, and the shapes suit them. ``LOLA_CHAT_REFERENCE=1`` in the environment, or
+``force_reference()``, forces the reference (the rule every op shares, in ``lola_chat.kernels.dispatch``).
 
 The Triton paths update the state tensors in place and return them, so callers that rebind the
 returned tensors (as ``lola_chat.memory`` does) work with either path.

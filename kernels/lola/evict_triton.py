@@ -1,11 +1,11 @@
 """LoLA eviction at a chunk end in Triton kernels, state updated in place.
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
-``evict_reference.evict``. Every valid candidate is scored by self-recall error against the current H and
-s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to the
-valid candidate with the nearest key, ``evict_reference.cache_recall_error``), the self-recall error divided
-by the value's norm under the "relative-" policies; the top G are kept,
-compacted into the cache in time order, and the rest folded into H and s. Equal scores go to the
+``evict_reference.evict``. Every valid candidate is scored by self-recall error against the current H
+and s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to
+the valid candidate with the nearest key, ``evict_reference.cache_recall_error``), the self-recall
+error divided by the value's norm under the "relative-" policies; the top G are kept, compacted into
+the cache in time order, and the rest folded into H and s. Equal scores go to the
 earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated layer-0
 keys depend on the token alone, so a repeated token ties with itself (and, under "novelty", scores 0
 with its twin), and the order kept decides the positions at attention time.
@@ -264,10 +264,10 @@ def evict(
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
     Same contract as ``evict_reference.evict`` for ``policy`` in ``RECALL_POLICIES`` (the policies
-    here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature parity
-    and unused). Under "novelty" the nearest key is chosen by squared distances whose key products
-    run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal distance the
-    kernel and the reference may pick different ones.
+    here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature
+    parity and unused). Under the novelty policies the nearest key is chosen by squared distances whose
+    key products run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal
+    distance the kernel and the reference may pick different ones.
     win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E)
     fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E powers of two >= 16.
     ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the

@@ -76,8 +76,9 @@ class Arm:
 def parse_arms(text: str) -> list[Arm]:
     """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>" (the shared normalizer), and the same
     with the window normalizer: "window<G>" (self-recall error), "window-random<G>", "window-recent<G>";
-    "novelty<G>" and "window-novelty<G>" for the novelty policy; any LoLA arm may end in "-cap<R>" (the
-    hidden state's weight capped at R folded pairs). Comma-separated."""
+    "novelty<G>" and "window-novelty<G>" for the novelty policy; "window-relative-sre<G>" and
+    "window-relative-novelty<G>" for the relative policies (window normalizer only); any LoLA arm may
+    end in "-cap<R>" (the hidden state's weight capped at R folded pairs). Comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
@@ -85,9 +86,9 @@ def parse_arms(text: str) -> list[Arm]:
             continue
         match = ARM_PATTERN.match(name)
         if not match or match[1] not in ARM_KINDS:
+            kinds = ", ".join(f"{kind}<G>" for kind in ARM_KINDS)
             raise UsageError(
-                f"unknown configuration {name!r}; use softmax, g<G>, novelty<G>, random<G>, recent<G>, "
-                "window<G>, window-novelty<G>, window-random<G> or window-recent<G>, each optionally "
+                f"unknown configuration {name!r}; use softmax or one of {kinds}, each optionally "
                 "followed by -cap<R>"
             )
         policy, normalizer = ARM_KINDS[match[1]]

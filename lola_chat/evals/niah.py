@@ -228,7 +228,8 @@ def _rows(
             # In prompt order, so by needle depth (``prompt_set``: prompt i at depth i / (count - 1)).
             row.update(correct=sum(answers), accuracy=sum(answers) / count, correct_by_depth=answers)
             if held is not None:
-                # The share of the needle's tokens the memory held exactly when the question came.
+                # The share of the needle's tokens the memory held exactly once the prompt (the question
+                # and the answer's prefix included) was in.
                 row.update(needle_held=sum(held[index * count : (index + 1) * count]) / count)
         rows.append(row)
     return rows
