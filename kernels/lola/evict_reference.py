@@ -13,7 +13,10 @@ SRE_EPS = 1e-6
 # Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
 # it and the cache-recall error ("novelty", which also folds pairs the cache would hold twice); either with
 # the self-recall error relative to the value's norm ("relative-"), which ranks a pair by the share of it
-# that H fails to recall rather than by its size.
+# that H fails to recall rather than by its size. The cache-recall error stays a distance: under
+# "relative-novelty" it decides only where it falls below that share (near-twins, small values), so
+# digits of one number, alike but not equal, are no longer called redundant. Before anything is folded
+# every relative error is 1, and ties keep the earlier pair.
 RECALL_POLICIES = ("sre", "novelty", "relative-sre", "relative-novelty")
 
 

@@ -87,7 +87,13 @@ def niah_table(payload: dict) -> str:
                         cell += f", holds {100 * row['needle_held']:.0f}%"
                     line.append(cell)
             body.append(line)
-    return _table(["configuration", "haystack", *map(length_label, lengths)], body)
+    table = _table(["configuration", "haystack", *map(length_label, lengths)], body)
+    if any(row.get("needle_held") is not None for row in rows):
+        table += (
+            '\n\n"holds": the share of the needle sentence\'s tokens a LoLA memory holds exactly (sparse'
+            " cache or window) once the prompt is in, averaged over prompts, layers and query heads."
+        )
+    return table
 
 
 def ppl_table(payload: dict) -> str:
