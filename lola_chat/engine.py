@@ -136,12 +136,17 @@ class Engine:
     # Sessions ---------------------------------------------------------------------------------------
 
     def expectations(self) -> dict[str, str]:
-        """Metadata a snapshot must match to be loaded into this engine."""
+        """Metadata a snapshot must match to be loaded into this engine. The LoLA settings must match
+        except the eviction policy: it decides only which pairs later evictions fold, so a state made
+        under one policy is a valid state under another (and a new default policy does not refuse a
+        user's conversations)."""
+        settings = self.loaded.lola.as_dict()
+        del settings["policy"]
         return {
             "model": self.loaded.model_fingerprint,
             "linearization": self.loaded.linearization_fingerprint,
             "attention": self.config.attention,
-            "lola": json.dumps(self.loaded.lola.as_dict(), sort_keys=True),
+            "lola": json.dumps(settings, sort_keys=True),
         }
 
     def new_state(self) -> State:
@@ -209,7 +214,11 @@ class Engine:
         self.session, self.state = None, None
 
     def save(self, note: str = "") -> str:
-        meta = {**self.expectations(), "tokens_seen": str(self.state.tokens_seen)}
+        meta = {
+            **self.expectations(),
+            "lola": json.dumps(self.loaded.lola.as_dict(), sort_keys=True),
+            "tokens_seen": str(self.state.tokens_seen),
+        }
         return self.session.save_snapshot(self.state.tensors(), meta, note=note)
 
     def history(self) -> list[dict]:

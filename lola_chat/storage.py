@@ -265,6 +265,20 @@ def encode_snapshot(tensors: dict[str, torch.Tensor], meta: dict[str, str], note
     return safetensors.torch.save(tensors, metadata)
 
 
+def agrees(theirs: str | None, ours: str) -> bool:
+    """A snapshot's metadata value ``theirs`` meets an expectation ``ours``: equal strings, or, where ours
+    is a JSON object, the same value for every field it names (a snapshot may record more fields)."""
+    if theirs == ours:
+        return True
+    try:
+        old, new = json.loads(theirs or ""), json.loads(ours)
+    except ValueError:
+        return False
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return False
+    return all(k in old and old[k] == v for k, v in new.items())
+
+
 def describe_difference(theirs: str | None, ours: str) -> str:
     """ "theirs != ours", or for JSON objects only the fields that differ ("normalizer: none != shared")."""
     try:
@@ -375,11 +389,12 @@ class SnapshotFolder:
     def load(
         self, snapshot_id: str, expect: dict[str, str]
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A verified snapshot's tensors and metadata, refused unless its metadata agrees with ``expect``."""
+        """A verified snapshot's tensors and metadata, refused unless its metadata agrees with ``expect``
+        (see ``agrees``)."""
         _, tensors, metadata = self.verified(snapshot_id)
         for key, ours in expect.items():
             theirs = metadata.get(key)
-            if theirs != ours:
+            if not agrees(theirs, ours):
                 raise self.refusal(
                     snapshot_id,
                     f"was made with a different {key} ({describe_difference(theirs, ours)})",

@@ -1,5 +1,7 @@
 """The engine on a tiny random model: turns, persistence, undo/regenerate/stop, feed, inspection."""
 
+import dataclasses
+import json
 import threading
 
 import pytest
@@ -131,6 +133,26 @@ def test_cancelled_feed_leaves_the_state_unchanged(tiny_loaded, lola_home):
     cancel.set()
     assert engine.feed("hello " * 3000, cancel=cancel) == 0
     assert torch.equal(probe_logits(engine), before)
+
+
+def test_snapshot_from_another_eviction_policy_loads(tiny_loaded, lola_home):
+    """The policy decides only which pairs later evictions fold: a conversation saved under one policy
+    resumes under another with its state intact, and its snapshots record the policy they ran."""
+    tiny_loaded.lola = dataclasses.replace(tiny_loaded.lola, policy="novelty")
+    engine = make_engine(tiny_loaded, lola_home)
+    engine.open("t")
+    engine.chat("hello world")
+    saved = {k: v.clone() for k, v in engine.state.tensors().items()}
+    tokens = engine.state.tokens_seen
+    engine.close()
+
+    tiny_loaded.lola = dataclasses.replace(tiny_loaded.lola, policy="relative-novelty")
+    other = make_engine(tiny_loaded, lola_home)
+    other.open("t")
+    assert other.state.tokens_seen == tokens
+    assert all(torch.equal(other.state.tensors()[k], v) for k, v in saved.items())
+    _, meta = other.session.load_snapshot(other.expectations())
+    assert json.loads(meta["lola"])["policy"] == "novelty"
 
 
 def test_snapshot_from_other_settings_is_refused_and_rebuild_recovers(tiny_loaded, lola_home):
