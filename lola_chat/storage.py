@@ -280,14 +280,15 @@ def agrees(theirs: str | None, ours: str) -> bool:
 
 
 def describe_difference(theirs: str | None, ours: str) -> str:
-    """ "theirs != ours", or for JSON objects only the fields that differ ("normalizer: none != shared")."""
+    """ "theirs != ours", or for JSON objects only the fields ours names that differ ("normalizer: none !=
+    shared"): fields only the snapshot records play no part in ``agrees``."""
     try:
         old, new = json.loads(theirs or ""), json.loads(ours)
     except ValueError:
         old = new = None
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return f"{one_line(theirs, 60)} != {one_line(ours, 60)}"
-    fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    fields = sorted(k for k in new if old.get(k) != new[k])
     return ", ".join(
         f"{k}: {one_line(json.dumps(old.get(k)), 30)} != {one_line(json.dumps(new.get(k)), 30)}"
         for k in fields

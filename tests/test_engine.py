@@ -164,8 +164,9 @@ def test_snapshot_from_other_settings_is_refused_and_rebuild_recovers(tiny_loade
 
     tiny_loaded.lola = LolaSettings(chunk=8, capacity=4)
     other = make_engine(tiny_loaded, lola_home)
-    with pytest.raises(SnapshotError, match="lola"):
+    with pytest.raises(SnapshotError, match="lola") as refused:
         other.open("t")
+    assert "capacity" in str(refused.value) and "policy" not in str(refused.value)
     other.open("t", rebuild=True)
     template = other.template
     expected = len(template.block("system", other.session.system_prompt))
