@@ -68,11 +68,16 @@ def triton_module(name: str):
         return None
 
 
+def reference_forced() -> bool:
+    """Whether ``force_reference()`` or ``LOLA_CHAT_REFERENCE=1`` forces the reference here."""
+    return _forced.get() or os.environ.get(REFERENCE_ENV) == "1"
+
+
 def fast_path(*tensors: torch.Tensor) -> bool:
     """Whether a call on these tensors may leave the reference: it is not forced, every tensor is on a
     CUDA device, none is float64, and no autograd graph is being recorded through them (the kernels have
     no backward)."""
-    if _forced.get() or os.environ.get(REFERENCE_ENV) == "1":
+    if reference_forced():
         return False
     if not all(t.is_cuda for t in tensors):
         return False

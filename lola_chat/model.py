@@ -5,12 +5,14 @@ Llama checkpoints (without the ``model.`` prefix) so weights load by name."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from lola_chat.kernels import int4
+from lola_chat.kernels.dispatch import reference_forced
 from lola_chat.kernels.gemv import fused_linear
 from lola_chat.kernels.rmsnorm import rms_norm
 from lola_chat.kernels.swiglu import swiglu
@@ -63,11 +65,29 @@ class Linear(nn.Linear):
     weight faster than ``F.linear`` or oneDNN's GEMM on a prepacked weight. Several rows (a prefill
     segment) multiply with a copy of the weight laid out once for oneDNN, as ``F.linear`` re-lays the
     weight out on every call. The copy is made on the first such call and remade whenever the weight
-    tensor changes."""
+    tensor changes. A layer given its weight in four bits (``attach_int4``) multiplies one row by that
+    instead, a quarter of the bytes to read, for as long as the weight is unchanged."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self._packed = Derived()
+        self._int4: tuple | None = None  # (the weight tensor, its version, its Int4Weight)
+
+    def attach_int4(self, weight: int4.Int4Weight) -> bool:
+        """Multiply single bf16 rows on the CPU by ``weight``, the same weight in four bits, until this
+        layer's weight changes (replaced or written in place). Not for an inference tensor, whose changes
+        cannot be seen. Returns whether it was attached."""
+        if self.weight.is_inference() or (weight.out_features, weight.in_features) != self.weight.shape:
+            return False
+        self._int4 = (self.weight, self.weight._version, weight)
+        return True
+
+    def int4_weight(self) -> int4.Int4Weight | None:
+        """The attached four-bit weight while it still matches this layer's weight, else None."""
+        kept = self._int4
+        if kept is not None and (kept[0] is not self.weight or kept[1] != self.weight._version):
+            self._int4 = kept = None
+        return None if kept is None else kept[2]
 
     def _bf16_cpu_inference(self, x: torch.Tensor) -> bool:
         weight = self.weight
@@ -85,6 +105,9 @@ class Linear(nn.Linear):
         if not self._bf16_cpu_inference(x):
             return super().forward(x)
         if x.numel() == x.shape[-1]:
+            weight = self.int4_weight()
+            if weight is not None and not reference_forced():
+                return int4.int4_linear(x, weight)
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
         if packed_linear_available():
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight(), None, "none", [], "")
@@ -280,6 +303,39 @@ class Transformer(nn.Module):
             attn.qkv_proj = stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up_proj = stacked_linear(mlp.gate_proj, mlp.up_proj)
         return self
+
+    def decode_projections(self) -> Iterator[tuple[Linear, list[str]]]:
+        """Each Linear a packed decode step multiplies by, with the parameter names of the weights stacked
+        in it (``pack_projections``), in order."""
+        for i, block in enumerate(self.layers):
+            attn, mlp, at = block.self_attn, block.mlp, f"layers.{i}."
+            if attn.qkv_proj is not None:
+                yield attn.qkv_proj, [f"{at}self_attn.{p}_proj.weight" for p in "qkv"]
+            yield attn.o_proj, [f"{at}self_attn.o_proj.weight"]
+            if mlp.gate_up_proj is not None:
+                yield mlp.gate_up_proj, [f"{at}mlp.gate_proj.weight", f"{at}mlp.up_proj.weight"]
+            yield mlp.down_proj, [f"{at}mlp.down_proj.weight"]
+        yield self.lm_head, ["embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight"]
+
+    def attach_int4(self, recovered: dict[str, tuple[torch.Tensor, ...]]) -> int:
+        """Give the decode projections their weights in four bits where the checkpoint held them so:
+        ``recovered`` maps parameter names to ``int4.recover``'s (codes, scale, low). A projection takes
+        them only if every weight stacked in it was recovered and, dequantized and rounded to its dtype,
+        they equal its weight (a weight the linearization changed, say, keeps its bf16 path). For a
+        bf16 model on the CPU, after ``pack_projections``; elsewhere nothing happens. Returns the number
+        of projections given one."""
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not int4.available():
+            return 0
+        attached = 0
+        for linear, names in self.decode_projections():
+            if not all(name in recovered for name in names) or not int4.packable(*linear.weight.shape):
+                continue
+            parts = zip(*(recovered[name] for name in names), strict=True)
+            codes, scale, low = (torch.cat(part) for part in parts)
+            if torch.equal(int4.exact(codes, scale, low).to(linear.weight.dtype), linear.weight):
+                attached += linear.attach_int4(int4.Int4Weight.pack(codes, scale, low))
+        return attached
 
     def new_state(self, kind: str = "lola", settings: LolaSettings | None = None, batch: int = 1) -> State:
         """Empty memory for a new conversation, on this model's device and dtype."""

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from lola_chat.config import Config
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.fetch import READY_FILE, ensure_default_weights, offline_hub
+from lola_chat.kernels import int4
 from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.linearization import FEATURE_MAP_NAMES, load_linearization, resolve_linearization
 from lola_chat.memory import LolaSettings
@@ -90,8 +91,12 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _read_checkpoint(files: list[Path], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors by Transformer parameter name, each moved to device and dtype as it is read."""
+def _read_checkpoint(
+    files: list[Path], device: torch.device, dtype: torch.dtype, recovered: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors by Transformer parameter name, each moved to device and dtype as it is read. Into
+    ``recovered``, when given, the four-bit form (``int4.recover``) of each projection weight stored
+    as float32 values that have one (the default model's, converted from its GGUF)."""
     state = {}
     for file in files:
         try:
@@ -99,17 +104,25 @@ def _read_checkpoint(files: list[Path], device: torch.device, dtype: torch.dtype
                 for key in reader.keys():
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
-                    state[key.removeprefix("model.")] = reader.get_tensor(key).to(device=device, dtype=dtype)
+                    name, tensor = key.removeprefix("model."), reader.get_tensor(key)
+                    if recovered is not None and name.endswith("_proj.weight"):
+                        form = int4.recover(tensor)
+                        if form is not None:
+                            recovered[name] = form
+                    state[name] = tensor.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as error:
             raise LolaError(f"could not read {file}: {error}") from None
     return state
 
 
-def build_model(hf: dict, files: list[Path], device: torch.device, dtype: torch.dtype) -> Transformer:
+def build_model(
+    hf: dict, files: list[Path], device: torch.device, dtype: torch.dtype, recovered: dict | None = None
+) -> Transformer:
     """A Transformer holding the checkpoint's weights on ``device`` in ``dtype``. The linearization
     parameters, which a base checkpoint lacks, keep Transformer's initial values (identity feature
-    maps); they and the buffers are kept in fp32 or wider, as the kernels compute with them in fp32."""
-    state = _read_checkpoint(files, device, dtype)
+    maps); they and the buffers are kept in fp32 or wider, as the kernels compute with them in fp32.
+    ``recovered``: see ``_read_checkpoint``."""
+    state = _read_checkpoint(files, device, dtype, recovered)
     if "tie_word_embeddings" not in hf:
         hf = {**hf, "tie_word_embeddings": "lm_head.weight" not in state}
     cfg = ModelConfig.from_hf(hf)
@@ -197,7 +210,10 @@ def load_model(
     )
     hf = read_hf_config(model_dir)
     files = checkpoint_files(model_dir)
-    model = build_model(hf, files, device, dtype)
+    # A CPU decode step reads the weights the GGUF held in four bits as four bits (Transformer.attach_int4).
+    four_bit = device.type == "cpu" and dtype == torch.bfloat16 and int4.available()
+    recovered = {} if four_bit else None
+    model = build_model(hf, files, device, dtype, recovered)
     loaded = LoadedModel(
         model=model, tokenizer=load_tokenizer(model_dir), model_dir=model_dir,
         model_fingerprint=model_fingerprint(model_dir, files),
@@ -211,4 +227,6 @@ def load_model(
             loaded.linearization_fingerprint, loaded.lola = load_linearization(model, directory)
             loaded.linearization = config.linearization
     model.pack_projections()
+    if recovered:
+        model.attach_int4(recovered)
     return loaded

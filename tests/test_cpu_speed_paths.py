@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from lola_chat.kernels import int4
+from lola_chat.kernels.dispatch import force_reference
 from lola_chat.kernels.lola import evict_reference, reference
 
 from lola_chat.config import DTYPE_ENV, default_dtype
@@ -244,3 +246,63 @@ def test_a_model_built_in_inference_mode_runs_and_follows_weight_changes():
         fresh.load_state_dict(model.state_dict())
         expected = fresh(tokens, fresh.new_state("lola", LolaSettings(chunk=4, capacity=4)))
     torch.testing.assert_close(second, expected, atol=5e-2, rtol=5e-2)
+
+
+needs_int4 = pytest.mark.skipif(not int4.available(), reason="this PyTorch lacks the packed int4 CPU product")
+
+
+def four_bit_model(seed: int = 0) -> Transformer:
+    from lola_chat.evals.bench import TINY_SHAPES, random_model
+
+    torch.manual_seed(seed)
+    return random_model(TINY_SHAPES, torch.device("cpu"), torch.bfloat16, four_bit=True)
+
+
+def one_token_logits(model: Transformer, forced: bool) -> torch.Tensor:
+    state = model.new_state("lola", LolaSettings(chunk=8, capacity=16))
+    with torch.no_grad(), force_reference(forced):
+        model(torch.arange(11)[None] * 7, state)
+        return model(torch.tensor([[5]]), state)
+
+
+@needs_int4
+def test_four_bit_weights_decode_one_row_close_to_bf16_and_leave_prefill_alone():
+    model = four_bit_model()
+    attached = [linear for linear, _ in model.decode_projections() if linear.int4_weight() is not None]
+    assert len(attached) == 4 * model.cfg.n_layers, "every projection; not the lm_head (no Q4_1 form)"
+    four_bit, bf16 = one_token_logits(model, forced=False), one_token_logits(model, forced=True)
+    assert not torch.equal(four_bit, bf16), "the one-row products ran in four bits"
+    torch.testing.assert_close(four_bit, bf16, rtol=0.05, atol=0.05 * bf16.abs().max().item())
+    rows = torch.randn(1, 5, model.cfg.dim).bfloat16()
+    down = model.layers[0].self_attn.o_proj
+    with torch.no_grad(), force_reference():
+        expected = down(rows)
+    assert torch.equal(down(rows), expected), "several rows keep the bf16 GEMM"
+
+
+@needs_int4
+def test_a_changed_weight_drops_its_four_bit_copy():
+    model = four_bit_model()
+    down = model.layers[1].mlp.down_proj
+    x = torch.randn(1, down.in_features).bfloat16()
+    with torch.no_grad():
+        down.weight.mul_(2.0)
+        assert down.int4_weight() is None
+        assert torch.equal(down(x), torch.mv(down.weight, x[0])[None])
+        down.weight.data = down.weight.data / 2.0
+    assert down.int4_weight() is None
+
+
+@needs_int4
+def test_four_bit_forms_that_do_not_match_the_weights_are_not_attached():
+    from lola_chat.evals.bench import _four_bit_weight
+
+    model = four_bit_model(0)
+    torch.manual_seed(1)
+    recovered = {
+        name: int4.recover(_four_bit_weight(*weight.shape))
+        for name, weight in model.named_parameters()
+        if name.endswith("_proj.weight")
+    }
+    assert model.attach_int4(recovered) == 0
+    assert model.double().attach_int4({}) == 0

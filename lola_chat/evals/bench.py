@@ -24,6 +24,7 @@ from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
 from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.evals.weights_pass import gemv_sweep, weight_read_floor
+from lola_chat.kernels import int4
 from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.linearization import linearization_settings, resolve_linearization
 from lola_chat.memory import LolaSettings
@@ -59,12 +60,24 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+def random_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, four_bit: bool = False
+) -> Transformer:
+    """Random weights of ``cfg``'s shapes. ``four_bit``: each projection's weight drawn as the default
+    model's checkpoint holds it (GGUF Q4_1, groups of 32 sharing a float16 scale and low, values of
+    about the spread of the other arms' normal(0, 0.02)), and the model returned packed
+    (``pack_projections``) with those weights attached for decoding in four bits (``attach_int4``)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
+    recovered = {}
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
+        for name, param in model.named_parameters():
+            if param.dim() != 2:
+                continue
+            if four_bit and name.endswith("_proj.weight"):
+                param.copy_(_four_bit_weight(*param.shape))
+                recovered[name] = int4.recover(param.data)
+            else:
                 param.normal_(0.0, 0.02)
     model = model.to(device=device, dtype=dtype).eval()
     # As weights.build_model: the linearization and the rotary frequencies stay in fp32 or wider.
@@ -73,14 +86,26 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
         for name in ("fmap_q", "fmap_k", "window_logit"):
             getattr(attn, name).data = getattr(attn, name).data.to(accumulator(dtype))
         attn.inv_freq = attn.inv_freq.to(accumulator(dtype))
+    if four_bit:
+        model.pack_projections().attach_int4(recovered)
     return model
+
+
+def _four_bit_weight(n: int, k: int) -> torch.Tensor:
+    groups = k // int4.GROUP
+    scale = (0.0046 * (0.5 + torch.rand(n, groups))).half().float()
+    low = (-7.5 * scale).half().float()
+    codes = torch.randint(0, 16, (n, groups, int4.GROUP), dtype=torch.uint8)
+    # Q4_1 gives each group's smallest value code 0 and its largest code 15.
+    codes[..., 0], codes[..., 1] = 0, 15
+    return int4.exact(codes.view(n, k), scale, low)
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
     overrides = {k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)}
     if args.tiny:
         return BenchModel(
-            random_model(TINY_SHAPES, device, dtype).pack_projections(),
+            random_model(TINY_SHAPES, device, dtype, four_bit=True),
             LolaSettings(chunk=16, capacity=24),
             "tiny random",
         )
@@ -89,7 +114,7 @@ def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> Benc
         shipped = resolve_linearization(config.linearization)
         settings = linearization_settings(shipped) if shipped is not None else config.lola
         return BenchModel(
-            random_model(DEFAULT_SHAPES, device, dtype).pack_projections(),
+            random_model(DEFAULT_SHAPES, device, dtype, four_bit=True),
             dataclasses.replace(settings, **overrides),
             "random weights, default model shapes",
         )

@@ -14,11 +14,15 @@ from lola_chat.memory import LolaSettings, State
 
 # Arms that run the Triton kernels on a GPU.
 TRITON_ARMS = ("lola-triton", "lola-captured", "lola-captured-serial")
-ARMS = ("lola-reference", *TRITON_ARMS, "softmax-hf", "softmax-captured")
+# The CPU path: the reference, with one-row products in four bits where the weights have them.
+CPU_ARMS = ("lola-cpu",)
+ARMS = ("lola-reference", *CPU_ARMS, *TRITON_ARMS, "softmax-hf", "softmax-captured")
 # Longest prefill timed per eager LoLA arm on a GPU: beyond it the state comes from a faster arm
 # (a Python loop over 64-token chunks costs seconds per 8K tokens in the reference).
 MAX_PREFILL = {"lola-reference": 8192, "lola-triton": 32768}
 HF_DECODE_TOKENS = 32
+# Which LoLA arm's state is the fastest to make (the prefill that serves the others).
+SPEED_RANK = {"reference": 1, "cpu": 2, "triton": 2, "captured-serial": 3, "captured": 4}
 
 
 @dataclass
@@ -79,9 +83,9 @@ class Arm:
 
 
 class LolaArm(Arm):
-    """LoLA memory through the reference, the Triton kernels (eager) or the captured decoder, the latter
-    with its kernels launched as programmatic dependent launches (where the GPU has them) or, "serial",
-    strictly one after another."""
+    """LoLA memory through the reference, the CPU path, the Triton kernels (eager) or the captured
+    decoder, the latter with its kernels launched as programmatic dependent launches (where the GPU has
+    them) or, "serial", strictly one after another."""
 
     def __init__(self, name: str, bench: BenchModel, device: torch.device):
         super().__init__(bench, device)
@@ -89,11 +93,12 @@ class LolaArm(Arm):
         self.kind = name.removeprefix("lola-")
         self.label = {
             "reference": "LoLA, PyTorch reference",
+            "cpu": "LoLA, CPU path (four-bit decode products)",
             "triton": "LoLA, Triton kernels",
             "captured": "LoLA, Triton + CUDA graph",
             "captured-serial": "LoLA, Triton + CUDA graph, no dependent launch",
         }[self.kind]
-        self.speed_rank = {"reference": 1, "triton": 2, "captured": 4, "captured-serial": 3}[self.kind]
+        self.speed_rank = SPEED_RANK[self.kind]
         self.captured = self.kind.startswith("captured")
         self.max_prefill = MAX_PREFILL.get(name, float("inf")) if device.type == "cuda" else float("inf")
         self._decoder = None
@@ -270,6 +275,8 @@ def make_arms(wanted: list[str], bench: BenchModel, device: torch.device, max_po
         needs_gpu = name in TRITON_ARMS + ("softmax-captured",)
         if needs_gpu and device.type != "cuda":
             skipped[name] = "needs a CUDA GPU"
+        elif name in CPU_ARMS and device.type != "cpu":
+            skipped[name] = "runs on a CPU"
         elif name in TRITON_ARMS and not has_triton:
             skipped[name] = "Triton is not installed"
         elif name.startswith("lola-"):

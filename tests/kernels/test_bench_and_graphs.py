@@ -23,7 +23,7 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert main(argv) == 0
     results = json.loads((out / "tiny.json").read_text())
     arms = {r["arm"] for r in results["records"]}
-    assert {"lola-reference", "softmax-hf"} <= arms
+    assert {"lola-reference", "lola-cpu", "softmax-hf"} <= arms
     assert results["run"]["command"].startswith("lola-chat") and results["run"]["commit"]
     for record in results["records"]:
         assert (

@@ -1,0 +1,66 @@
+"""Matrix products on 4-bit grouped weights (GGUF's Q4_1) for decoding on a CPU: a decode step reads
+every weight once per token, and on a CPU that read, not the arithmetic, sets its speed, so weights that
+the checkpoint holds in four bits are read in four bits (a quarter of bfloat16's bytes). The PyTorch
+reference (``reference.py``) is the specification; the fast path is PyTorch's packed int4 product for
+CPUs, for one row (with more rows the bfloat16 GEMM is faster, so prefill keeps it).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from lola_chat.kernels.dispatch import reference_forced
+from lola_chat.kernels.int4 import reference
+from lola_chat.kernels.int4.reference import GROUP, exact, recover
+
+__all__ = ["GROUP", "Int4Weight", "available", "exact", "packable", "int4_linear", "recover"]
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch has the packed int4 product for CPUs."""
+    names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    return all(hasattr(torch.ops.aten, name) for name in names)
+
+
+# PyTorch's CPU packing takes whole tiles of 16 outputs.
+TILE_N = 16
+
+
+def packable(out_features: int, in_features: int, group: int = GROUP) -> bool:
+    """Whether an (N, K) weight can be packed: N whole tiles, K whole groups."""
+    return out_features % TILE_N == 0 and in_features % group == 0
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """An (N, K) weight packed for the CPU product: ``packed`` (N, K / 2) uint8 in PyTorch's layout,
+    ``scales_zeros`` (K / group, N, 2) bfloat16 (``reference.scale_zero``)."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+    group: int
+    out_features: int
+    in_features: int
+
+    @classmethod
+    def pack(cls, codes, scale, low, group: int = GROUP) -> Int4Weight:
+        """From ``reference.recover``'s codes (N, K) uint8, scale and low (N, K / group); needs
+        ``available()`` and ``packable`` shapes."""
+        if not packable(*codes.shape, group):
+            raise ValueError(f"cannot pack a {tuple(codes.shape)} weight in groups of {group}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        return cls(packed, reference.scale_zero(scale, low), group, *codes.shape)
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """x (..., K) bfloat16 on the CPU -> (..., N) bfloat16: x times the packed weight transposed, as
+    ``reference.int4_linear`` computes it from the codes (float32 accumulation). Raises where the
+    reference is forced (``dispatch.reference_forced``): callers then multiply by the bfloat16 weight."""
+    assert not reference_forced(), "the reference is forced: multiply by the bfloat16 weight instead"
+    assert x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] == weight.in_features
+    rows = x.reshape(-1, weight.in_features)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_zeros)
+    return out.view(*x.shape[:-1], weight.out_features)
