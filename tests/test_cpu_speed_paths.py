@@ -269,12 +269,13 @@ def one_token_logits(model: Transformer, forced: bool) -> torch.Tensor:
 def test_four_bit_weights_decode_one_row_close_to_bf16_and_leave_prefill_alone():
     model = four_bit_model()
     attached = [linear for linear, _ in model.decode_projections() if linear.int4_weight() is not None]
-    assert len(attached) == 4 * model.cfg.n_layers, "every projection; not the lm_head (no Q4_1 form)"
+    mlp = [linear for block in model.layers for linear in (block.mlp.gate_up_proj, block.mlp.down_proj)]
+    assert attached == mlp, "the MLP's projections, drawn as Q4_1; not the attention's or the lm_head"
     four_bit, bf16 = one_token_logits(model, forced=False), one_token_logits(model, forced=True)
     assert not torch.equal(four_bit, bf16), "the one-row products ran in four bits"
     torch.testing.assert_close(four_bit, bf16, rtol=0.05, atol=0.05 * bf16.abs().max().item())
-    rows = torch.randn(1, 5, model.cfg.dim).bfloat16()
-    down = model.layers[0].self_attn.o_proj
+    down = model.layers[0].mlp.down_proj
+    rows = torch.randn(1, 5, down.in_features).bfloat16()
     with torch.no_grad(), force_reference():
         expected = down(rows)
     assert torch.equal(down(rows), expected), "several rows keep the bf16 GEMM"

@@ -63,10 +63,11 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
 def random_model(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, four_bit: bool = False
 ) -> Transformer:
-    """Random weights of ``cfg``'s shapes. ``four_bit``: each projection's weight drawn as the default
-    model's checkpoint holds it (GGUF Q4_1, groups of 32 sharing a float16 scale and low, values of
-    about the spread of the other arms' normal(0, 0.02)), and the model returned packed
-    (``pack_projections``) with those weights attached for decoding in four bits (``attach_int4``)."""
+    """Random weights of ``cfg``'s shapes. ``four_bit``: the MLP's weights drawn as the default model
+    holds them (GGUF Q4_1, groups of 32 sharing a float16 scale and low, values of about the spread of
+    the other weights' normal(0, 0.02); its attention projections are four-bit in the GGUF too, but the
+    linearization's LoRA changes them), and the model returned packed (``pack_projections``) with
+    those weights attached for decoding in four bits (``attach_int4``)."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     recovered = {}
@@ -74,7 +75,7 @@ def random_model(
         for name, param in model.named_parameters():
             if param.dim() != 2:
                 continue
-            if four_bit and name.endswith("_proj.weight"):
+            if four_bit and ".mlp." in name:
                 param.copy_(_four_bit_weight(*param.shape))
                 recovered[name] = int4.recover(param.data)
             else:
