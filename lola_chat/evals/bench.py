@@ -313,6 +313,16 @@ def table_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _as_read(floor: dict) -> str:
+    """How many of the weights' bytes decoding reads, where four-bit forms make it fewer."""
+    read = floor.get("read_bytes", floor["weight_bytes"])
+    return (
+        ""
+        if read == floor["weight_bytes"]
+        else f"; {read / 1e6:,.1f} MB as decoding reads them, in four bits where it can"
+    )
+
+
 def markdown(results: dict) -> str:
     run = results["run"]
     lines = [
@@ -353,7 +363,7 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"Bandwidth floor: all {floor['weight_matrices']} weight matrices "
-            f"({floor['weight_bytes'] / 1e6:,.1f} MB) read once at the "
+            f"({floor['weight_bytes'] / 1e6:,.1f} MB{_as_read(floor)}) read once at the "
             f"{floor['copy_bandwidth_gb_per_s']:,.0f} GB/s of a large copy on this device take "
             f"{floor['floor_ms']:.3f} ms, a ceiling of "
             f"{floor['tokens_per_s']:,.0f} decode tokens/s at batch 1; the fastest decode above reaches "

@@ -50,9 +50,18 @@ def time_pass(linears: list[torch.nn.Linear], device: torch.device, project, rep
     return median_ms(run, device, repeats)
 
 
+def read_bytes(module: torch.nn.Linear) -> int:
+    """Bytes of this matrix one decoded token reads: its attached four-bit form's, else its weight's."""
+    four_bit = module.int4_weight() if hasattr(module, "int4_weight") else None
+    if four_bit is None:
+        return module.weight.nbytes
+    return four_bit.packed.nbytes + four_bit.scales_zeros.nbytes
+
+
 def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
-    """The bandwidth floor at batch 1: every weight matrix of the model read once at the memory bandwidth
-    this device reaches in a large copy (read plus write bytes over its time). No decode step can beat it.
+    """The bandwidth floor at batch 1: every weight matrix of the model read once, as decoding reads it (four
+    bits where a four-bit form is attached, ``read_bytes``), at the memory bandwidth this device reaches in
+    a large copy (read plus write bytes over its time). No decode step can beat it.
     Beside it, the time of one token through every matrix as decoding computes it (``fused_linear``: the
     Triton GEMV on a GPU, the Linear module elsewhere)."""
     linears = weight_matrices(model)
@@ -62,10 +71,12 @@ def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:
     copy_ms = median_ms(lambda: target.copy_(source), device)
     bandwidth = 2 * BANDWIDTH_PROBE_BYTES / (copy_ms / 1000.0)
     weight_bytes = sum(module.weight.nbytes for module in linears)
-    floor_ms = weight_bytes / bandwidth * 1000.0
+    decode_bytes = sum(read_bytes(module) for module in linears)
+    floor_ms = decode_bytes / bandwidth * 1000.0
     return {
         "weight_matrices": len(linears),
         "weight_bytes": weight_bytes,
+        "read_bytes": decode_bytes,
         "copy_bandwidth_gb_per_s": bandwidth / 1e9,
         "floor_ms": floor_ms,
         "tokens_per_s": 1000.0 / floor_ms,
