@@ -18,13 +18,6 @@ from lola_chat.kernels.int4.reference import GROUP, exact, recover
 __all__ = ["GROUP", "Int4Weight", "available", "exact", "packable", "int4_linear", "recover"]
 
 
-@functools.cache
-def available() -> bool:
-    """Whether this PyTorch has the packed int4 product for CPUs."""
-    names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
-    return all(hasattr(torch.ops.aten, name) for name in names)
-
-
 # PyTorch's CPU packing takes whole tiles of 16 outputs.
 TILE_N = 16
 
@@ -32,6 +25,27 @@ TILE_N = 16
 def packable(out_features: int, in_features: int, group: int = GROUP) -> bool:
     """Whether an (N, K) weight can be packed: N whole tiles, K whole groups."""
     return out_features % TILE_N == 0 and in_features % group == 0
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch has the packed int4 product for CPUs and it computes what the reference does:
+    checked once on a small weight, so that a build whose op is missing or broken on this machine
+    keeps the bf16 path instead of failing mid-conversation."""
+    names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+    if not all(hasattr(torch.ops.aten, name) for name in names):
+        return False
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (TILE_N, 2 * GROUP), generator=g, dtype=torch.uint8)
+    scale, low = torch.rand(TILE_N, 2, generator=g) / 16, -torch.rand(TILE_N, 2, generator=g) / 2
+    x = torch.randn(3, 2 * GROUP, generator=g).bfloat16()
+    try:
+        weight = Int4Weight.pack(codes, scale, low)
+        got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.packed, GROUP, weight.scales_zeros)
+    except RuntimeError:
+        return False
+    expected = reference.int4_linear(x, codes, weight.scales_zeros)
+    return bool(torch.allclose(got.float(), expected.float(), rtol=2**-6, atol=2**-6))
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,18 @@ def test_shapes_the_cpu_packing_cannot_take_are_refused_in_one_line():
     assert not int4.packable(63, 96) and not int4.packable(64, 48) and int4.packable(64, 96)
     with pytest.raises(ValueError, match=r"cannot pack a \(63, 96\) weight"):
         int4.Int4Weight.pack(*q4_1(63, 96))
+
+
+@needs_op
+def test_an_op_that_fails_or_computes_wrongly_on_this_machine_is_not_used(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("not on this CPU")
+
+    def wrong(x, packed, group, scales_zeros):
+        return torch.zeros(x.shape[0], scales_zeros.shape[1], dtype=x.dtype)
+
+    for fake in (broken, wrong):
+        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", fake)
+        assert not int4.available.__wrapped__()
+    monkeypatch.undo()
+    assert int4.available.__wrapped__()
