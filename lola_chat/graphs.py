@@ -3,10 +3,12 @@ as one CUDA graph.
 
 LoLA memory has a fixed size, so every buffer a step touches can be allocated once. The token count
 lives in a device tensor that the Triton kernels read, so one graph serves every position; the host
-only has to know whether a step closes a chunk (then the graph with eviction is replayed). Three
-graphs share one memory pool: one token, one token that closes a chunk, and a whole chunk (prefill
-from a chunk boundary). The decoder works on its own copies of the state tensors; ``sync`` writes
-them back into the ``State``.
+only has to know whether a step closes a chunk (then the graph with eviction is replayed). Four
+graphs share one memory pool: one token, one token that closes a chunk, a whole chunk, and a block of
+several whole chunks (the last two prefill from a chunk boundary). A block runs layer by layer like the
+eager model: each layer's projections and MLP over all of its tokens at once, its attention and eviction
+chunk after chunk. The decoder works on its own copies of the state tensors; ``sync`` writes them back
+into the ``State``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from lola_chat.errors import LolaError
 from lola_chat.memory import LolaMemory, State
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+# Chunks per prefill block: enough rows that the projections run as full GEMMs, few enough that the
+# block's graph (about ten kernels per chunk and layer) stays quick to capture.
+BLOCK_CHUNKS = 8
 
 
 def sample(
@@ -83,11 +88,15 @@ def capture_graphs(
 
 
 class _Counter:
-    """Device-side token counts shared by the layers during one captured step."""
+    """Device-side token counts shared by the layers during one captured step. A step feeds one or more
+    segments (one token, or whole chunks); ``marks`` (segments + 1,) holds the tokens seen before each
+    segment and after the last, ``leaving`` (B, segments * C) the ids of the chunk each segment's eviction
+    pushes out of the window."""
 
     def __init__(self, tokens_seen: int, device: torch.device):
         self.seen = torch.tensor([tokens_seen], dtype=torch.int64, device=device)
-        self.after = self.seen.clone()
+        self.marks = self.seen
+        self.leaving: torch.Tensor | None = None
         self.evicting = False
 
 
@@ -112,22 +121,30 @@ class _StaticLayer:
     def attend(self, q, k, v, attn, ids=None) -> torch.Tensor:
         from lola_chat.kernels.lola import attend_triton, evict_triton
 
-        counter = self.counter
-        # window_factor() keeps its sigmoid between calls, so the warm-up computes it and a capture records
-        # no kernel for it.
-        y, _, _ = attend_triton.attend(
-            q, k, v, self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s,
-            attn.fmap_q, attn.window_factor(), attn.inv_freq, counter.seen, self.normalizer, self.linear_cap,
-        )  # fmt: skip
-        if counter.evicting:
-            *_, keep = evict_triton.evict(
-                self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k,
-                counter.after, self.policy,
+        counter, chunk = self.counter, self.chunk
+        segments = counter.marks.shape[0] - 1
+        length = q.shape[2] // segments
+        outputs = []
+        for i in range(segments):
+            part = slice(i * length, (i + 1) * length)
+            # window_factor() keeps its sigmoid between calls, so the warm-up computes it and a capture
+            # records no kernel for it.
+            y, _, _ = attend_triton.attend(
+                q[:, :, part], k[:, :, part], v[:, :, part], self.win_k, self.win_v, self.cache_k,
+                self.cache_v, self.h, self.s, attn.fmap_q, attn.window_factor(), attn.inv_freq,
+                counter.marks[i : i + 1], self.normalizer, self.linear_cap,
             )  # fmt: skip
-            if keep is not None:
-                leaving = self.window_ids[:, None, : self.chunk].expand(-1, self.cache_ids.shape[1], -1)
-                self.cache_ids.copy_(torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep))
-        return y
+            outputs.append(y)
+            if counter.evicting:
+                *_, keep = evict_triton.evict(
+                    self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k,
+                    counter.marks[i + 1 : i + 2], self.policy,
+                )  # fmt: skip
+                if keep is not None:
+                    leaving = counter.leaving[:, None, i * chunk : (i + 1) * chunk]
+                    leaving = leaving.expand(-1, self.cache_ids.shape[1], -1)
+                    self.cache_ids.copy_(torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep))
+        return outputs[0] if segments == 1 else torch.cat(outputs, dim=2)
 
 
 class CapturedDecoder:
@@ -140,10 +157,18 @@ class CapturedDecoder:
     ``rebind(state)`` makes the decoder work on another State of the same shapes.
 
     ``capture=False`` runs the very same step functions directly instead of replaying graphs of them, so
-    the step logic also runs off the GPU (Triton's interpreter on a CPU, for tests).
+    the step logic also runs off the GPU (Triton's interpreter on a CPU, for tests). ``block_chunks``:
+    the chunks of one prefill block (1: no block graph).
     """
 
-    def __init__(self, model, state: State, sampling: GenerationSettings = GREEDY, capture: bool = True):
+    def __init__(
+        self,
+        model,
+        state: State,
+        sampling: GenerationSettings = GREEDY,
+        capture: bool = True,
+        block_chunks: int = BLOCK_CHUNKS,
+    ):
         device = model.embed_tokens.weight.device
         if capture:
             require_capture(device)
@@ -160,7 +185,12 @@ class CapturedDecoder:
         self.layers = [_StaticLayer(memory, self.counter, self.window_ids) for memory in state.layers]
         self.static_state = State(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
-        self.chunk_tokens = torch.zeros(self.batch, self.chunk, dtype=torch.int64, device=device)
+        # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
+        self.prefill_variants = [
+            (name, torch.zeros(self.batch, chunks * self.chunk, dtype=torch.int64, device=device))
+            for name, chunks in (("block", block_chunks), ("chunk", 1))
+            if name == "chunk" or chunks > 1
+        ]
         # Tokens of the reply being generated, for the repetition penalty; a prefill starts a new reply.
         self.penalized = torch.zeros(self.batch, model.cfg.vocab_size, dtype=torch.bool, device=device)
         self.in_reply = torch.zeros(self.batch, 1, dtype=torch.bool, device=device)
@@ -170,8 +200,13 @@ class CapturedDecoder:
         self.variants = {
             "token": partial(self._run, self.token[:, None], False),
             "token_evict": partial(self._run, self.token[:, None], True),
-            "chunk": partial(self._run, self.chunk_tokens, True),
         }
+        for name, tokens in self.prefill_variants:
+            self.variants[name] = partial(self._run, tokens, True)
+        # Per step length, the token counts before each of its segments and after the last, relative to
+        # the step's start: one token is one segment, whole chunks are a segment each.
+        lengths = {1, *(tokens.shape[1] for _, tokens in self.prefill_variants)}
+        self.offsets = {n: torch.arange(0, n + 1, min(n, self.chunk), device=device) for n in lengths}
         self.graphs, self.outputs = self._capture() if capture else (None, {})
         self.last = "token"
 
@@ -180,14 +215,22 @@ class CapturedDecoder:
         Returns the last position's logits (B, vocab)."""
         counter, chunk, length = self.counter, self.chunk, tokens.shape[1]
         counter.evicting = evicting
-        torch.add(counter.seen, length, out=counter.after)
-        slots = chunk + counter.seen % chunk + torch.arange(length, device=tokens.device)
-        self.window_ids.index_copy_(1, slots, tokens)
+        counter.marks = counter.seen + self.offsets[length]
+        # The chunk each segment's eviction pushes out: the window's previous one, then each segment's.
+        counter.leaving = self.window_ids[:, :chunk]
+        if length > chunk:
+            counter.leaving = torch.cat([counter.leaving, tokens[:, : length - chunk]], dim=1)
+        if length < chunk:
+            slots = chunk + counter.seen % chunk + torch.arange(length, device=tokens.device)
+            self.window_ids.index_copy_(1, slots, tokens)
         logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
-        if evicting:
+        if length >= chunk:
+            self.window_ids[:, :chunk] = tokens[:, -chunk:]
+            self.window_ids[:, chunk:] = -1
+        elif evicting:
             self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
             self.window_ids[:, chunk:] = -1
-        counter.seen.copy_(counter.after)
+        counter.seen.copy_(counter.marks[-1:])
         fed = tokens[:, -1:]
         self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
         self.token.copy_(sample(logits, self.sampling, self.generator, self.penalized))
@@ -243,19 +286,27 @@ class CapturedDecoder:
         return self.token
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed (B, N) tokens: single steps up to a chunk boundary, then whole chunks, then single
-        steps. Returns the token sampled after the last one, (B,) int64. A prefill starts a new reply:
-        the tokens ``step`` is fed after it count for the repetition penalty, the prefilled ones do not."""
+        """Feed (B, N) tokens: single steps up to a chunk boundary, then whole blocks and chunks, then
+        single steps. Returns the token sampled after the last one, (B,) int64. A prefill starts a new
+        reply: the tokens ``step`` is fed after it count for the repetition penalty, the prefilled ones
+        do not."""
         self.penalized.zero_()
         self.in_reply.zero_()
         start = 0
         while start < tokens.shape[1]:
-            if self.tokens_seen % self.chunk == 0 and tokens.shape[1] - start >= self.chunk:
-                self.chunk_tokens.copy_(tokens[:, start : start + self.chunk])
-                self._replay("chunk")
-                self.tokens_seen += self.chunk
-                self.evictions += 1
-                start += self.chunk
+            left = tokens.shape[1] - start
+            if self.tokens_seen % self.chunk == 0:
+                fits = [(name, buffer) for name, buffer in self.prefill_variants if buffer.shape[1] <= left]
+            else:
+                fits = []
+            if fits:
+                name, buffer = fits[0]
+                length = buffer.shape[1]
+                buffer.copy_(tokens[:, start : start + length])
+                self._replay(name)
+                self.tokens_seen += length
+                self.evictions += length // self.chunk
+                start += length
             else:
                 self.step(tokens[:, start])
                 start += 1

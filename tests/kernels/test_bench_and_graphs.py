@@ -73,8 +73,13 @@ def test_captured_decoder_needs_a_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU suite captures for real")
-@pytest.mark.parametrize("shipped_kind", [False, True], ids=["sre-shared", "novelty-window-capped"])
-def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind):
+# The first prefills chunk by chunk, the second in a block of two chunks.
+@pytest.mark.parametrize(
+    ("shipped_kind", "block_chunks"),
+    [(False, 1), (True, 2)],
+    ids=["sre-shared", "novelty-capped-block"],
+)
+def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, block_chunks):
     pytest.importorskip("triton")
     from lola_chat import graphs
     from lola_chat.config import GenerationSettings
@@ -112,7 +117,8 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind):
         else LolaSettings(chunk=16, capacity=24)
     )
     sampling = GenerationSettings(temperature=0.0, repetition_penalty=1.5)
-    # Two whole chunks and four single steps of prompt; decoding then closes the chunk at 48.
+    # Two whole chunks (one block with ``block_chunks`` 2) and four single steps of prompt; decoding then
+    # closes the chunk at 48.
     prompt = torch.arange(36)[None]
     with torch.no_grad():
         expected_state = model.new_state("lola", settings)
@@ -122,7 +128,7 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind):
             expected.append(engine_sample(logits, sampling, None, expected))
             logits = model(torch.tensor([[expected[-1]]]), expected_state)[0, -1]
         state = model.new_state("lola", settings)
-        decoder = graphs.CapturedDecoder(model, state, sampling)
+        decoder = graphs.CapturedDecoder(model, state, sampling, block_chunks=block_chunks)
         token = decoder.prefill(prompt)
         got = []
         for _ in range(14):

@@ -83,7 +83,7 @@ def test_captured_decoder_matches_eager_decoding():
         decoder.step(tokens[:, t])
         torch.testing.assert_close(decoder.logits, expected, atol=1e-3, rtol=1e-3)
         assert int(decoder.token) == int(expected.argmax())
-    # Chunk-sized graphs from a chunk boundary, then single steps.
+    # Single steps to the chunk boundary at 256, then a block (graphs.BLOCK_CHUNKS chunks of 16) and a chunk.
     expected = m(tokens[:, 250:400], eager)[:, -1]
     decoder.prefill(tokens[:, 250:400])
     torch.testing.assert_close(decoder.logits, expected, atol=1e-3, rtol=1e-3)
