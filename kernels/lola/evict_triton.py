@@ -16,8 +16,9 @@ SMs idle while each runs the O(N^2 D) nearest-key search alone. Selection is spl
 program per (batch, query head, block of candidates) ranks its candidates, writes the kept ones to
 their new slots in a fresh buffer and its folded ones' sums to a partial; a commit kernel then adds the
 partials to H and s in a fixed order (the same sums on every run) and moves the new slots into the
-cache. Ranks come from pairwise comparisons, so no sort and no host round trip is needed and the step
-can live inside a CUDA graph; the window shift is a last kernel, after every query head has read the
+cache. Which candidates are kept follows from the G-th highest score (one in-register sort per
+program) and comparisons with it, so no host round trip is needed and the step can live inside a CUDA
+graph; the window shift is a last kernel, after every query head has read the
 leaving chunk.
 """
 
@@ -145,14 +146,22 @@ def _score_kernel(
 
 
 @triton.jit
-def _kept(score_ptr, index, every_score, every, N: tl.constexpr, G: tl.constexpr):
-    """Whether candidates ``index`` are among the G best: fewer than G candidates are ahead of them (a
-    higher score, or an equal one and an earlier index)."""
-    mine = tl.load(score_ptr + index, mask=index < N, other=float("-inf"))
-    ahead = (every_score[None, :] > mine[:, None]) | (
-        (every_score[None, :] == mine[:, None]) & (every[None, :] < index[:, None])
-    )
-    return (tl.sum(ahead.to(tl.int32), axis=1) < G) & (index < N)
+def _cut(every_score, every, G: tl.constexpr):
+    """Where the G best of the scores ``every_score`` (at candidate indices ``every``, -inf past the last)
+    end: the G-th highest score, and how many candidates scoring exactly it are kept (the earliest).
+    One sort instead of pairwise ranks: the ranks of a program's candidates, and the kept ones before
+    them, then follow from comparisons with it."""
+    threshold = tl.max(tl.where(every == G - 1, tl.sort(every_score, descending=True), float("-inf")), axis=0)
+    return threshold, G - tl.sum((every_score > threshold).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _kept(score, index, every_score, every, threshold, ties, N: tl.constexpr):
+    """Whether candidates ``index`` (scores ``score``) are among the G best given ``_cut``'s threshold and
+    ties: above the threshold, or on it with fewer than ``ties`` earlier candidates on it."""
+    on_it = (every_score[None, :] == threshold) & (every[None, :] < index[:, None])
+    earlier_ties = tl.sum(on_it.to(tl.int32), axis=1)
+    return ((score > threshold) | ((score == threshold) & (earlier_ties < ties))) & (index < N)
 
 
 @triton.jit(do_not_specialize=["seen"])
@@ -175,14 +184,15 @@ def _select_kernel(
         scores = score_ptr + pid * N
         every = tl.arange(0, ALL)
         every_score = tl.load(scores + every, mask=every < N, other=float("-inf"))
-        kept = _kept(scores, index, every_score, every, N, G)
-        # A kept candidate's slot counts the kept ones before it, in earlier blocks too: their ranks are
-        # recomputed here rather than waited for.
-        kept_before = 0
-        for start in range(0, N, BLOCK_N):
-            if start < block * BLOCK_N:
-                kept_earlier = _kept(scores, start + n, every_score, every, N, G)
-                kept_before += tl.sum(kept_earlier.to(tl.int32), axis=0)
+        threshold, ties = _cut(every_score, every, G)
+        mine = tl.load(scores + index, mask=index < N, other=float("-inf"))
+        kept = _kept(mine, index, every_score, every, threshold, ties, N)
+        # A kept candidate's slot counts the kept ones before it, in earlier blocks too: every candidate
+        # on the threshold is kept up to the ``ties``-th, so those before this block follow from a
+        # running count rather than from their ranks.
+        on_it = every_score == threshold
+        kept_every = (every_score > threshold) | (on_it & (tl.cumsum(on_it.to(tl.int32), axis=0) <= ties))
+        kept_before = tl.sum((kept_every & (every < block * BLOCK_N)).to(tl.int32), axis=0)
         slot = kept_before + tl.cumsum(kept.to(tl.int32), axis=0) - 1
         to = (pid * G + slot[:, None]) * D + tl.arange(0, D)[None, :]
         # Kept but invalid candidates (the slots a filling cache has not reached) load as zeros and are

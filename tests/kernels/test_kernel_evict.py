@@ -155,3 +155,25 @@ def test_evict_rejects_ablation_policies(device, lola_states, policy):
     with pytest.raises(ValueError, match="novelty"):
         evict_triton.evict(m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
                            states.feature_map(), 32, policy=policy)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["sre", "relative-novelty"])
+def test_equal_scores_keep_the_earliest(device, lola_states, policy):
+    """All pairs alike but the last 8 leaving ones (candidates 32..39, the second selection block), which
+    score higher: those are kept, and the cut falls inside the group of equal scores, whose earliest 16
+    are kept, as the reference's stable sort keeps them. The kept ones of the second block land after
+    them, which counts the earlier block's kept candidates right."""
+    tokens_seen, chunk, capacity = 160, 16, 24
+    states = lola_states(device, torch.float32, 1, 2, 1, 16, chunk, capacity, seed=5)
+    clean, poisoned = states.memory(tokens_seen - 1)
+    g = torch.Generator().manual_seed(0)
+    distinct = {name: torch.randn(1, 1, 8, 16, generator=g).to(device) * 10 for name in ("win_k", "win_v")}
+    for memory in (clean, poisoned):
+        for name in ("win_k", "win_v", "cache_k", "cache_v"):
+            memory[name][:] = clean[name][:, :, :1]
+        for name, rows in distinct.items():
+            memory[name][:, :, 8:16] = rows
+    expected, got, poisoned = run_both(states, tokens_seen, policy=policy, memories=(clean, poisoned))
+    check(expected, got, poisoned, states, tokens_seen)
+    kept = torch.cat([torch.arange(16), capacity + torch.arange(8, 16)]).to(device)
+    assert torch.equal(got[-1][0, 0], kept)
