@@ -136,14 +136,11 @@ class _StaticLayer:
             )  # fmt: skip
             outputs.append(y)
             if counter.evicting:
-                *_, keep = evict_triton.evict(
+                evict_triton.evict(
                     self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k,
-                    counter.marks[i + 1 : i + 2], self.policy,
+                    counter.marks[i + 1 : i + 2], self.policy, cache_ids=self.cache_ids,
+                    leaving_ids=counter.leaving[:, i * chunk : (i + 1) * chunk],
                 )  # fmt: skip
-                if keep is not None:
-                    leaving = counter.leaving[:, None, i * chunk : (i + 1) * chunk]
-                    leaving = leaving.expand(-1, self.cache_ids.shape[1], -1)
-                    self.cache_ids.copy_(torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep))
         return outputs[0] if segments == 1 else torch.cat(outputs, dim=2)
 
 

@@ -167,12 +167,15 @@ def _kept(score, index, every_score, every, threshold, ties, N: tl.constexpr):
 @triton.jit(do_not_specialize=["seen"])
 def _select_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, keep_ptr, new_k_ptr, new_v_ptr, fold_ptr,
-    fold_norm_ptr, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    fold_norm_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    IDS: tl.constexpr,
 ):  # fmt: skip
     """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``: the kept ones go to
-    their new cache slots in ``new_k``/``new_v`` and ``keep``, the others' sum phi(k) v^T and phi(k) to
-    this block's partial fold. Nothing is written in place: other programs still read the candidates."""
+    their new cache slots in ``new_k``/``new_v`` and ``keep`` (and with ``IDS`` their token ids, from the
+    cache's ids or the leaving chunk's, to ``new_ids``), the others' sum phi(k) v^T and phi(k) to this
+    block's partial fold. Nothing is written in place: other programs still read the candidates."""
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
     cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
@@ -200,6 +203,12 @@ def _select_kernel(
         tl.store(new_k_ptr + to, k, mask=kept[:, None])
         tl.store(new_v_ptr + to, v, mask=kept[:, None])
         tl.store(keep_ptr + pid * G + slot, index.to(tl.int64), mask=kept)
+        if IDS:
+            # Every kept candidate's id, invalid ones' too (an empty slot's -1), as a gather by ``keep``.
+            ids = tl.load(ids_ptr + pid * G + index, mask=kept & (index < G), other=0)
+            leaving = leaving_ptr + (pid // HQ) * leaving_stride + index - G
+            ids += tl.load(leaving, mask=kept & (index >= G), other=0)
+            tl.store(new_ids_ptr + pid * G + slot, ids, mask=kept)
     else:
         kept = index < 0
     up, down = features(k.to(tl.float32), load_feature_map(fk_ptr, pid % HQ, D, E), False)
@@ -218,14 +227,14 @@ def _select_kernel(
 
 @triton.jit
 def _commit_kernel(
-    ck_ptr, cv_ptr, h_ptr, s_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr,
+    ck_ptr, cv_ptr, h_ptr, s_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr, ids_ptr, new_ids_ptr,
     G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
-    SLOTS: tl.constexpr,
+    SLOTS: tl.constexpr, IDS: tl.constexpr,
 ):  # fmt: skip
     """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
     partial folds, summed in block order first (so the sum does not depend on scheduling, and H, which
     grows over the conversation, takes one rounding per eviction rather than one per block); the cache
-    takes the new slots (``SLOTS`` rows per part)."""
+    (and with ``IDS`` its ids) takes the new slots (``SLOTS`` rows per part)."""
     pid, part = tl.program_id(0), tl.program_id(1)
     dims = tl.arange(0, D)
     rows = part * (F // SPLIT) + tl.arange(0, F // SPLIT)
@@ -244,6 +253,9 @@ def _commit_kernel(
         at = (pid * G + slot[:, None]) * D + dims[None, :]
         tl.store(ck_ptr + at, tl.load(new_k_ptr + at, mask=ok), mask=ok)
         tl.store(cv_ptr + at, tl.load(new_v_ptr + at, mask=ok), mask=ok)
+        if IDS:
+            at = pid * G + slot
+            tl.store(ids_ptr + at, tl.load(new_ids_ptr + at, mask=slot < G), mask=slot < G)
 
 
 @triton.jit
@@ -270,6 +282,8 @@ def evict(
     tokens_seen: int | torch.Tensor,
     policy: str = "sre",
     generator: torch.Generator | None = None,
+    cache_ids: torch.Tensor | None = None,
+    leaving_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
@@ -290,6 +304,11 @@ def evict(
     window, or G = 0); with a tensor it is None only for G = 0 and otherwise always filled (the
     identity when nothing left the window). Slots that are empty after an eviction hold zeros (they
     are never read; zeros keep snapshots deterministic).
+
+    ``cache_ids`` (B, Hq, G) int64 contiguous, with ``leaving_ids`` (B, C) int64 (unit stride in C): the
+    token ids the cache and the leaving chunk hold, updated in place as the cache is, so that
+    ``cache_ids`` becomes ``cat(cache_ids, leaving_ids per head).gather(2, keep)`` without further
+    kernels (unchanged where ``keep`` is None).
     """
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
@@ -323,16 +342,23 @@ def evict(
         fold_norm = torch.empty(batch * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
         new_k = torch.empty_like(cache_k)
         new_v = torch.empty_like(cache_v)
+        with_ids = cache_ids is not None and capacity > 0
+        if with_ids:
+            assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, "ids: (B, Hq, G), (B, C)"
+            new_ids = torch.empty_like(cache_ids)
+            ids = (cache_ids, leaving_ids, new_ids, leaving_ids.stride(0))
+        else:
+            ids = (keep, keep, keep, 0)
         # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
         _select_kernel[(batch * n_heads, blocks)](
-            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, *seen,
-            BLOCK_N=SELECT_ROWS, ALL=triton.next_power_of_2(candidates), num_warps=8, **shape,
+            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, *ids, *seen,
+            BLOCK_N=SELECT_ROWS, ALL=triton.next_power_of_2(candidates), IDS=with_ids, num_warps=8, **shape,
         )  # fmt: skip
         split = min(COMMIT_SPLIT, features_dim)
         _commit_kernel[(batch * n_heads, split)](
-            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, G=capacity, D=dim, F=features_dim,
-            BLOCKS=blocks, SPLIT=split, SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
-            num_warps=4,
+            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, *ids[::2], G=capacity, D=dim,
+            F=features_dim, BLOCKS=blocks, SPLIT=split, IDS=with_ids,
+            SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)), num_warps=4,
         )  # fmt: skip
         if capacity == 0:
             keep = None

@@ -177,3 +177,45 @@ def test_equal_scores_keep_the_earliest(device, lola_states, policy):
     check(expected, got, poisoned, states, tokens_seen)
     kept = torch.cat([torch.arange(16), capacity + torch.arange(8, 16)]).to(device)
     assert torch.equal(got[-1][0, 0], kept)
+
+
+@pytest.mark.parametrize("device_seen", [False, True])
+@pytest.mark.parametrize(
+    ("tokens_seen", "chunk", "capacity", "hq", "hkv", "batch"),
+    [(160, 16, 24, 3, 1, 1), (48, 16, 24, 3, 1, 2), (16, 16, 24, 2, 1, 1), (80, 16, 2, 6, 2, 2)],
+    ids=["full", "filling-batch2", "nothing-left", "G2"],
+)
+def test_token_ids_follow_the_kept_pairs(
+    device, lola_states, device_seen, tokens_seen, chunk, capacity, hq, hkv, batch
+):
+    """Given the cache's and the leaving chunk's token ids, the kernels move them as they move the pairs:
+    the new ids are the old ones gathered by ``keep`` (unchanged when nothing was selected)."""
+    states = lola_states(device, torch.float32, batch, hq, hkv, 16, chunk, capacity, seed=3)
+    clean, poisoned = before_eviction(states, tokens_seen)
+    g = torch.Generator().manual_seed(1)
+    cache_ids = torch.randint(0, 1000, (batch, hq, capacity), generator=g).to(device)
+    # The leaving chunk's ids as the captured step keeps them: a view into a wider buffer.
+    window_ids = torch.randint(0, 1000, (batch, 2 * chunk), generator=g).to(device)
+    ids = cache_ids.clone()
+    seen = torch.tensor([tokens_seen], device=device) if device_seen else tokens_seen
+    m = poisoned
+    *_, keep = evict_triton.evict(
+        m["win_k"],
+        m["win_v"],
+        m["cache_k"],
+        m["cache_v"],
+        m["h"],
+        m["s"],
+        states.feature_map(),
+        seen,
+        "relative-novelty",
+        cache_ids=ids,
+        leaving_ids=window_ids[:, :chunk],
+    )
+    if keep is None:
+        assert torch.equal(ids, cache_ids)
+    else:
+        leaving = window_ids[:, None, :chunk].expand(-1, hq, -1)
+        assert torch.equal(ids, torch.cat([cache_ids, leaving], dim=2).gather(2, keep))
+        if tokens_seen > chunk:
+            assert not torch.equal(ids, cache_ids), "the test moves some id"
