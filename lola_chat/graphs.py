@@ -104,13 +104,12 @@ class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
     static copies of its tensors, updated in place by the Triton kernels."""
 
-    def __init__(self, memory: LolaMemory, counter: _Counter, window_ids: torch.Tensor):
+    def __init__(self, memory: LolaMemory, counter: _Counter):
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
         self.policy = memory.settings.policy
         self.counter = counter
-        self.window_ids = window_ids
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
 
@@ -179,7 +178,7 @@ class CapturedDecoder:
         self.evictions = 0
         self.counter = _Counter(self.tokens_seen, device)
         self.window_ids = first.win_ids.clone()
-        self.layers = [_StaticLayer(memory, self.counter, self.window_ids) for memory in state.layers]
+        self.layers = [_StaticLayer(memory, self.counter) for memory in state.layers]
         self.static_state = State(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
