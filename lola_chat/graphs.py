@@ -182,10 +182,10 @@ class CapturedDecoder:
         self.static_state = State(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
+        sizes = ([("block", block_chunks)] if block_chunks > 1 else []) + [("chunk", 1)]
         self.prefill_variants = [
             (name, torch.zeros(self.batch, chunks * self.chunk, dtype=torch.int64, device=device))
-            for name, chunks in (("block", block_chunks), ("chunk", 1))
-            if name == "chunk" or chunks > 1
+            for name, chunks in sizes
         ]
         # Tokens of the reply being generated, for the repetition penalty; a prefill starts a new reply.
         self.penalized = torch.zeros(self.batch, model.cfg.vocab_size, dtype=torch.bool, device=device)

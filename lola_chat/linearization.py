@@ -87,6 +87,15 @@ def linearization_settings(directory: Path) -> LolaSettings:
         raise UsageError(f"{directory} has no readable LoLA settings: {error}") from None
 
 
+def lora_targets(directory: Path | None) -> frozenset[str]:
+    """The projections (``q_proj``, ...) whose weights a linearization's LoRA changes when it is loaded,
+    from its config.json; empty without one (a config that cannot be read fails in ``load_linearization``)."""
+    try:
+        return frozenset(json.loads((directory / "config.json").read_text())["lora"]["targets"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return frozenset()
+
+
 def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSettings]:
     """Install a linearization into ``model``: feature maps and gates replaced, LoRA merged into the
     base projections (W += alpha/rank * B @ A, in fp32 or wider). Everything is checked before the

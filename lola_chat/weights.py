@@ -23,7 +23,12 @@ from lola_chat.errors import LolaError, UsageError
 from lola_chat.fetch import READY_FILE, ensure_default_weights, offline_hub
 from lola_chat.kernels import int4
 from lola_chat.kernels.lola.reference import accumulator
-from lola_chat.linearization import FEATURE_MAP_NAMES, load_linearization, resolve_linearization
+from lola_chat.linearization import (
+    FEATURE_MAP_NAMES,
+    load_linearization,
+    lora_targets,
+    resolve_linearization,
+)
 from lola_chat.memory import LolaSettings
 from lola_chat.model import ModelConfig, Transformer
 
@@ -92,11 +97,16 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def _read_checkpoint(
-    files: list[Path], device: torch.device, dtype: torch.dtype, recovered: dict | None = None
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    recovered: dict | None = None,
+    changed: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Tensors by Transformer parameter name, each moved to device and dtype as it is read. Into
     ``recovered``, when given, the four-bit form (``int4.recover``) of each projection weight stored
-    as float32 values that have one (the default model's, converted from its GGUF)."""
+    as float32 values that have one (the default model's, converted from its GGUF), except the
+    projections named in ``changed`` (``q_proj``, ...), whose weights change after loading."""
     state = {}
     for file in files:
         try:
@@ -105,7 +115,8 @@ def _read_checkpoint(
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
                     name, tensor = key.removeprefix("model."), reader.get_tensor(key)
-                    if recovered is not None and name.endswith("_proj.weight"):
+                    projection = name.removesuffix(".weight").rpartition(".")[2]
+                    if recovered is not None and name.endswith("_proj.weight") and projection not in changed:
                         form = int4.recover(tensor)
                         if form is not None:
                             recovered[name] = form
@@ -116,13 +127,18 @@ def _read_checkpoint(
 
 
 def build_model(
-    hf: dict, files: list[Path], device: torch.device, dtype: torch.dtype, recovered: dict | None = None
+    hf: dict,
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    recovered: dict | None = None,
+    changed: frozenset[str] = frozenset(),
 ) -> Transformer:
     """A Transformer holding the checkpoint's weights on ``device`` in ``dtype``. The linearization
     parameters, which a base checkpoint lacks, keep Transformer's initial values (identity feature
     maps); they and the buffers are kept in fp32 or wider, as the kernels compute with them in fp32.
-    ``recovered``: see ``_read_checkpoint``."""
-    state = _read_checkpoint(files, device, dtype, recovered)
+    ``recovered``, ``changed``: see ``_read_checkpoint``."""
+    state = _read_checkpoint(files, device, dtype, recovered, changed)
     if "tie_word_embeddings" not in hf:
         hf = {**hf, "tie_word_embeddings": "lm_head.weight" not in state}
     cfg = ModelConfig.from_hf(hf)
@@ -213,14 +229,14 @@ def load_model(
     # A CPU decode step reads the weights the GGUF held in four bits as four bits (Transformer.attach_int4).
     four_bit = device.type == "cpu" and dtype == torch.bfloat16 and int4.available()
     recovered = {} if four_bit else None
-    model = build_model(hf, files, device, dtype, recovered)
+    directory = resolve_linearization(config.linearization) if config.attention == "lola" else None
+    model = build_model(hf, files, device, dtype, recovered, lora_targets(directory))
     loaded = LoadedModel(
         model=model, tokenizer=load_tokenizer(model_dir), model_dir=model_dir,
         model_fingerprint=model_fingerprint(model_dir, files),
         linearization="none", linearization_fingerprint="none", lola=config.lola,
     )  # fmt: skip
     if config.attention == "lola":
-        directory = resolve_linearization(config.linearization)
         if directory is None:
             loaded.linearization = loaded.linearization_fingerprint = "untrained"
         else:

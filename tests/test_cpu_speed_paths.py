@@ -296,12 +296,12 @@ def test_a_changed_weight_drops_its_four_bit_copy():
 
 @needs_int4
 def test_four_bit_forms_that_do_not_match_the_weights_are_not_attached():
-    from lola_chat.evals.bench import _four_bit_weight
+    from lola_chat.evals.bench import _four_bit_form
 
     model = four_bit_model(0)
     torch.manual_seed(1)
     recovered = {
-        name: int4.recover(_four_bit_weight(*weight.shape))
+        name: _four_bit_form(*weight.shape)
         for name, weight in model.named_parameters()
         if name.endswith("_proj.weight")
     }

@@ -161,6 +161,7 @@ def random_linearization(model, rank: int, seed: int = 0) -> dict:
 
 def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     write_llama(tmp_path / "ckpt", tokenizer)
+    assert linearization.lora_targets(None) == linearization.lora_targets(tmp_path) == frozenset()
     trained = load(tmp_path / "ckpt", "lola").model
     lora = random_linearization(trained, rank=4)
     settings = LolaSettings(chunk=16, capacity=32, policy="sre")
@@ -169,6 +170,7 @@ def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     meta = json.loads((out / "config.json").read_text())
     assert meta["format_version"] == 1 and meta["lola"] == settings.as_dict() and meta["steps"] == 3
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["k_proj", "o_proj", "q_proj", "v_proj"]}
+    assert linearization.lora_targets(out) == {"k_proj", "o_proj", "q_proj", "v_proj"}
 
     loaded = load(tmp_path / "ckpt", "lola", linearization=str(out))
     base = load(tmp_path / "ckpt", "softmax").model
@@ -332,7 +334,7 @@ def test_pip_out_of_space_is_a_full_disk(lola_home, monkeypatch):
 
 @pytest.mark.skipif(not weights.int4.available(), reason="this PyTorch lacks the packed int4 CPU product")
 def test_float32_q4_1_projections_are_decoded_in_four_bits_on_a_bf16_cpu(tmp_path, tokenizer, lola_home):
-    from lola_chat.evals.bench import _four_bit_weight
+    from lola_chat.evals.bench import _four_bit_form
 
     write_llama(tmp_path / "ckpt", tokenizer, intermediate_size=96)
     path = tmp_path / "ckpt" / "model.safetensors"
@@ -340,10 +342,20 @@ def test_float32_q4_1_projections_are_decoded_in_four_bits_on_a_bf16_cpu(tmp_pat
     torch.manual_seed(0)
     for name, tensor in tensors.items():
         if name.endswith("_proj.weight") and "k_proj" not in name:
-            tensors[name] = _four_bit_weight(*tensor.shape)
+            tensors[name] = weights.int4.exact(*_four_bit_form(*tensor.shape))
     save_file(tensors, path, metadata={"format": "pt"})
     model = load(tmp_path / "ckpt", dtype=torch.bfloat16).model
     projections = model.decode_projections()
     four_bit = {names[0].split(".")[-2] for linear, names in projections if linear.int4_weight()}
     assert four_bit == {"o_proj", "gate_proj", "down_proj"}, "k_proj is not Q4_1, so q/k/v stay bf16"
     assert not any(linear.int4_weight() for linear, _ in load(tmp_path / "ckpt").model.decode_projections())
+    # Projections a linearization's LoRA will change (o here) are not recovered at all; k is not Q4_1.
+    recovered = {}
+    weights._read_checkpoint([path], torch.device("cpu"), torch.bfloat16, recovered, frozenset({"o_proj"}))
+    assert {name.split(".")[-2] for name in recovered} == {
+        "q_proj",
+        "v_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }

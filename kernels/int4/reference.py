@@ -31,6 +31,9 @@ def recover(weight: torch.Tensor, group: int = GROUP) -> Recovered | None:
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % group:
         return None
     n, k = weight.shape
+    # A weight that is not Q4_1 shows it in its first row, most often: try that before the whole.
+    if n > 1 and recover(weight[:1], group) is None:
+        return None
     groups = weight.reshape(n, k // group, group)
     low, high = groups.aminmax(dim=-1)
     scale = ((high - low) / (CODES - 1)).to(torch.float16).float()

@@ -346,17 +346,17 @@ def evict(
         if with_ids:
             assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, "ids: (B, Hq, G), (B, C)"
             new_ids = torch.empty_like(cache_ids)
-            ids = (cache_ids, leaving_ids, new_ids, leaving_ids.stride(0))
-        else:
-            ids = (keep, keep, keep, 0)
+        else:  # the kernels take pointers they do not read
+            cache_ids = leaving_ids = new_ids = keep
         # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
         _select_kernel[(batch * n_heads, blocks)](
-            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, *ids, *seen,
-            BLOCK_N=SELECT_ROWS, ALL=triton.next_power_of_2(candidates), IDS=with_ids, num_warps=8, **shape,
+            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, cache_ids,
+            leaving_ids, new_ids, leaving_ids.stride(0), *seen, BLOCK_N=SELECT_ROWS,
+            ALL=triton.next_power_of_2(candidates), IDS=with_ids, num_warps=8, **shape,
         )  # fmt: skip
         split = min(COMMIT_SPLIT, features_dim)
         _commit_kernel[(batch * n_heads, split)](
-            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, *ids[::2], G=capacity, D=dim,
+            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, cache_ids, new_ids, G=capacity, D=dim,
             F=features_dim, BLOCKS=blocks, SPLIT=split, IDS=with_ids,
             SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)), num_warps=4,
         )  # fmt: skip

@@ -76,8 +76,8 @@ def random_model(
             if param.dim() != 2:
                 continue
             if four_bit and ".mlp." in name:
-                param.copy_(_four_bit_weight(*param.shape))
-                recovered[name] = int4.recover(param.data)
+                recovered[name] = _four_bit_form(*param.shape)
+                param.copy_(int4.exact(*recovered[name]))
             else:
                 param.normal_(0.0, 0.02)
     model = model.to(device=device, dtype=dtype).eval()
@@ -92,14 +92,15 @@ def random_model(
     return model
 
 
-def _four_bit_weight(n: int, k: int) -> torch.Tensor:
+def _four_bit_form(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (codes, scale, low) of an (n, k) weight, as ``int4.recover`` returns them."""
     groups = k // int4.GROUP
     scale = (0.0046 * (0.5 + torch.rand(n, groups))).half().float()
     low = (-7.5 * scale).half().float()
     codes = torch.randint(0, 16, (n, groups, int4.GROUP), dtype=torch.uint8)
     # Q4_1 gives each group's smallest value code 0 and its largest code 15.
     codes[..., 0], codes[..., 1] = 0, 15
-    return int4.exact(codes.view(n, k), scale, low)
+    return codes.view(n, k), scale, low
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
