@@ -41,7 +41,7 @@ def sample(
         penalty = settings.repetition_penalty
         logits = torch.where(penalized, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     if settings.temperature <= 0:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
     if settings.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -49,6 +49,19 @@ def sample(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def argmax(logits: torch.Tensor, row: int = 128) -> torch.Tensor:
+    """logits (B, V) -> (B,) int64, the index of the first largest value of each sequence, as
+    ``torch.argmax``. When ``row`` divides V, in two reductions: the maximum of each run of ``row`` values,
+    then the first run holding the largest. One reduction over a whole vocabulary works on a single block
+    of threads on a GPU and takes several times as long."""
+    batch, vocab = logits.shape
+    if vocab % row:
+        return logits.argmax(dim=-1)
+    values, within = logits.view(batch, vocab // row, row).max(dim=-1)
+    run = values.argmax(dim=-1, keepdim=True)
+    return (run * row + within.gather(1, run)).squeeze(1)
 
 
 def require_capture(device: torch.device) -> None:
@@ -203,6 +216,11 @@ class CapturedDecoder:
         # the step's start: one token is one segment, whole chunks are a segment each.
         lengths = {1, *(tokens.shape[1] for _, tokens in self.prefill_variants)}
         self.offsets = {n: torch.arange(0, n + 1, min(n, self.chunk), device=device) for n in lengths}
+        # Per step shorter than a chunk, where its tokens go in the window's current half, after the
+        # chunk's tokens seen before it.
+        self.window_slots = {
+            n: torch.arange(self.chunk, self.chunk + n, device=device) for n in lengths if n < self.chunk
+        }
         self.graphs, self.outputs = self._capture() if capture else (None, {})
         self.last = "token"
 
@@ -217,8 +235,7 @@ class CapturedDecoder:
         if length > chunk:
             counter.leaving = torch.cat([counter.leaving, tokens[:, : length - chunk]], dim=1)
         if length < chunk:
-            slots = chunk + counter.seen % chunk + torch.arange(length, device=tokens.device)
-            self.window_ids.index_copy_(1, slots, tokens)
+            self.window_ids.index_copy_(1, counter.seen % chunk + self.window_slots[length], tokens)
         logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
         if length >= chunk:
             self.window_ids[:, :chunk] = tokens[:, -chunk:]
@@ -227,9 +244,12 @@ class CapturedDecoder:
             self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
             self.window_ids[:, chunk:] = -1
         counter.seen.copy_(counter.marks[-1:])
-        fed = tokens[:, -1:]
-        self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
-        self.token.copy_(sample(logits, self.sampling, self.generator, self.penalized))
+        penalized = None
+        if self.sampling.repetition_penalty != 1.0:
+            fed = tokens[:, -1:]
+            self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
+            penalized = self.penalized
+        self.token.copy_(sample(logits, self.sampling, self.generator, penalized))
         return logits
 
     def _capture(self) -> tuple[dict, dict]:

@@ -25,6 +25,7 @@ from lola_chat.kernels.lola.frame_triton import (
     finish,
     frame_counts,
     linear_cap_factor,
+    linear_state,
     linear_term,
     previous_keys,
     queries,
@@ -76,8 +77,10 @@ def _attend_kernel(
             m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base, sk_t,
             start, cached, previous, current, T, q_slot, t_ok, freq, C, D, BLOCK_N, ONE_ROW,
         )  # fmt: skip
-    linear, linear_norm = linear_term(q, load_feature_map(fq_ptr, head, D, E), batch, head, h_ptr, s_ptr,
-                                       HQ, D, E, ONE_ROW)  # fmt: skip
+    h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
+    linear, linear_norm = linear_term(
+        q, load_feature_map(fq_ptr, head, D, E), h_up, h_down, s_up, s_down, ONE_ROW
+    )
     finish(
         m, total, acc, window_top, linear, linear_norm, linear_cap_factor(seen, linear_cap, C, G),
         tl.load(gate_ptr + head).to(tl.float32), t, t_ok, q_slot, batch, head, y_ptr, sy_b, sy_h, sy_t,

@@ -14,15 +14,18 @@ import triton
 import triton.language as tl
 from lola_chat.kernels.dispatch import launch_options
 from lola_chat.kernels.lola.frame_triton import (
-    cache_keys,
-    current_keys,
+    cache_tile,
+    current_tile,
     finish,
     frame_counts,
     linear_cap_factor,
+    linear_state,
     linear_term,
     load_rows,
-    previous_keys,
+    new_keys,
+    previous_tile,
     queries,
+    softmax_block,
 )
 from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
 
@@ -37,7 +40,12 @@ def _decode_blocks_kernel(
     """One token, one block of keys: the block's softmax max, sum and weighted values (a partial). The
     program after the last block computes the linear term instead: phi(q)^T H as its values and
     phi(q)^T s as its sum (it needs neither the softmax's maximum nor its sum, so it runs beside the
-    blocks rather than after them)."""
+    blocks rather than after them).
+
+    Only q and the new pair come from the kernel before this one (the projection); the memory it reads
+    (cache, window, hidden state) and the token count were last written by an earlier step, and the
+    feature map is a weight. So all of those load before ``gdc_wait``, overlapping the projection's end,
+    and only q and the new pair's round trip remain after it."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
@@ -50,50 +58,53 @@ def _decode_blocks_kernel(
     t_ok = t < 1
     part = pid * (LINEAR_BLOCK + 1) + block
     if block == LINEAR_BLOCK:
-        # The feature map is a weight: loaded before waiting on the kernel that writes q.
         w = load_feature_map(fq_ptr, head, D, E)
+        h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        q, _ = load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
-        linear, linear_norm = linear_term(q, w, batch, head, h_ptr, s_ptr, HQ, D, E, True)
+        q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, 0, t_ok, D)
+        linear, linear_norm = linear_term(q, w, h_up, h_down, s_up, s_down, True)
         tl.store(part_total_ptr + part + t, linear_norm)
         tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], linear)
     else:
         freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
         if SEEN_ON_DEVICE:
             count = tl.load(seen_ptr)
         else:
             count = seen.to(tl.int64)
         cached, previous, current = frame_counts(count, C, G)
-        q, q_rot = queries(
-            q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, cached + previous + current + t, freq, D
-        )
-        m = tl.full((1,), -1.0e30, tl.float32)
-        total = tl.zeros((1,), tl.float32)
-        acc = tl.zeros((1, D), tl.float32)
         win_row = (batch * HKV + kv_head) * 2 * C
-        # q and window_top go unused (a block's best score is its m). Named, not ``_``: Triton's compiler,
-        # unlike its interpreter, refuses a name that a branch rebinds with another type.
+        window_block = block - CACHE_BLOCKS
+        current_block = window_block - WINDOW_BLOCKS
         if block < CACHE_BLOCKS:
-            cache_row = (batch * HQ + head) * G
-            m, total, acc = cache_keys(
-                m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, t_ok, freq,
-                G, D, BLOCK_N, True,
-            )  # fmt: skip
-        elif block < CACHE_BLOCKS + WINDOW_BLOCKS:
-            m, total, acc, window_top = previous_keys(
-                m, total, acc, m, q_rot, wk_ptr, wv_ptr, win_row, (block - CACHE_BLOCKS) * BLOCK_N, cached,
-                previous, t_ok, freq, D, BLOCK_N, True,
-            )  # fmt: skip
+            k, k_partner, v, key_pos, ok = cache_tile(
+                ck_ptr, cv_ptr, (batch * HQ + head) * G, block * BLOCK_N, cached, G, D, BLOCK_N
+            )
+        elif window_block < WINDOW_BLOCKS:
+            k, k_partner, v, key_pos, ok = previous_tile(
+                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, D, BLOCK_N
+            )
         else:
-            m, total, acc, window_top = current_keys(
-                m, total, acc, m, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row,
-                batch * sk_b + kv_head * sk_h, 0, (block - CACHE_BLOCKS - WINDOW_BLOCKS) * BLOCK_N, cached,
-                previous, current, 1, current + t, t_ok, freq, C, D, BLOCK_N, True,
+            k, k_partner, v, key_pos, ok = current_tile(
+                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, C, D, BLOCK_N
+            )
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if block >= CACHE_BLOCKS + WINDOW_BLOCKS:
+            k, k_partner, v, ok = new_keys(
+                k, k_partner, v, ok, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0, current_block * BLOCK_N,
+                current, 1, D, BLOCK_N,
             )  # fmt: skip
+        position = cached + previous + current + t
+        q, q_rot = queries(q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, position, freq, D)
+        m = tl.full((1,), -1.0e30, tl.float32)
+        # A block's best score is its m: ``top`` goes unused. Names, not ``_``: Triton's compiler, unlike its
+        # interpreter, refuses a name that the two branches bind with different types.
+        m, total, acc, top = softmax_block(
+            m, tl.zeros((1,), tl.float32), tl.zeros((1, D), tl.float32), q_rot, k, k_partner, v, key_pos,
+            ok[None, :] & t_ok[:, None], freq, True,
+        )  # fmt: skip
         tl.store(part_m_ptr + part + t, m)
         tl.store(part_total_ptr + part + t, total)
         tl.store(part_acc_ptr + part * D + tl.arange(0, D)[None, :], acc)

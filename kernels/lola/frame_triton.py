@@ -58,35 +58,78 @@ def load_rows(base, rows, row_stride, ok, D: tl.constexpr):
 
 
 @triton.jit
-def cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
-                G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
-    """Online softmax over the cache slots start.. start + BLOCK_N (the filled ones are the last
-    ``cached``, at frame positions 0..cached-1)."""
+def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, G: tl.constexpr, D: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """The cache slots start.. start + BLOCK_N (the filled ones are the last ``cached``, at frame
+    positions 0..cached-1): keys, their rotary partners and values (fp32, zeros where empty), the
+    keys' frame positions and which slots are filled."""
     dims = tl.arange(0, D)
     slot = start + tl.arange(0, BLOCK_N)
     ok = (slot < G) & (slot >= G - cached)
     k, k_partner = load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
     v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    visible = ok[None, :] & t_ok[:, None]
-    m, total, acc, _ = softmax_block(
-        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), slot - (G - cached), visible, freq, ONE_ROW
+    return k, k_partner, v.to(tl.float32), slot - (G - cached), ok
+
+
+@triton.jit
+def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """As ``cache_tile``, for the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C)."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = slot < previous
+    k, k_partner = load_rows(wk_ptr + win_row * D, slot, D, ok, D)
+    v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    return k, k_partner, v.to(tl.float32), cached + slot, ok
+
+
+@triton.jit
+def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, C: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """As ``cache_tile``, for the current chunk's slots start.. start + BLOCK_N that the window holds
+    (the first ``current``); ``new_keys`` adds the segment's own."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    ok = slot < current
+    k, k_partner = load_rows(wk_ptr + (win_row + C) * D, slot, D, ok, D)
+    v = tl.load(wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    return k, k_partner, v.to(tl.float32), cached + previous + slot, ok
+
+
+@triton.jit
+def new_keys(k, k_partner, v, ok, k_ptr, v_ptr, new_base, sk_t, start, current, T, D: tl.constexpr,
+             BLOCK_N: tl.constexpr):  # fmt: skip
+    """A ``current_tile`` with the segment's T new pairs (rows of k, v) added in the slots after the
+    window's ``current``."""
+    dims = tl.arange(0, D)
+    slot = start + tl.arange(0, BLOCK_N)
+    is_new = (slot >= current) & (slot < current + T)
+    new_row = slot - current
+    k_new, k_new_partner = load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
+    v_new = tl.load(
+        v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
     )
+    return k + k_new, k_partner + k_new_partner, v + v_new.to(tl.float32), ok | is_new
+
+
+@triton.jit
+def cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
+                G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
+    """Online softmax over the cache slots start.. start + BLOCK_N (``cache_tile``)."""
+    k, k_partner, v, key_pos, ok = cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, G, D, BLOCK_N)
+    visible = ok[None, :] & t_ok[:, None]
+    m, total, acc, _ = softmax_block(m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW)
     return m, total, acc
 
 
 @triton.jit
 def previous_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok,
                    freq, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
-    """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C),
+    """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous_tile``),
     tracking the window's best score."""
-    dims = tl.arange(0, D)
-    slot = start + tl.arange(0, BLOCK_N)
-    ok = slot < previous
-    k, k_partner = load_rows(wk_ptr + win_row * D, slot, D, ok, D)
-    v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+    k, k_partner, v, key_pos, ok = previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, D, BLOCK_N)
     visible = ok[None, :] & t_ok[:, None]
     m, total, acc, block_top = softmax_block(
-        m, total, acc, q_rot, k, k_partner, v.to(tl.float32), cached + slot, visible, freq, ONE_ROW
+        m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW
     )
     return m, total, acc, tl.maximum(window_top, block_top)
 
@@ -97,25 +140,17 @@ def current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
     """Online softmax over the current chunk's slots start.. start + BLOCK_N: the first ``current``
     from the window, the next T from the new k, v; causal."""
-    dims = tl.arange(0, D)
+    k, k_partner, v, key_pos, ok = current_tile(
+        wk_ptr, wv_ptr, win_row, start, cached, previous, current, C, D, BLOCK_N
+    )
+    k, k_partner, v, ok = new_keys(
+        k, k_partner, v, ok, k_ptr, v_ptr, new_base, sk_t, start, current, T, D, BLOCK_N
+    )
     slot = start + tl.arange(0, BLOCK_N)
-    in_window = slot < current
-    is_new = (slot >= current) & (slot < current + T)
-    new_row = slot - current
-    k, k_partner = load_rows(wk_ptr + (win_row + C) * D, slot, D, in_window, D)
-    k_new, k_new_partner = load_rows(k_ptr + new_base, new_row, sk_t, is_new, D)
-    v_old = tl.load(
-        wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=in_window[:, None], other=0.0
-    )
-    v_new = tl.load(
-        v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
-    )
-    v = v_old.to(tl.float32) + v_new.to(tl.float32)
-    visible = (in_window | is_new)[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+    visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
     m, total, acc, block_top = softmax_block(
-        m, total, acc, q_rot, k + k_new, k_partner + k_new_partner, v, cached + previous + slot, visible,
-        freq, ONE_ROW,
-    )  # fmt: skip
+        m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW
+    )
     return m, total, acc, tl.maximum(window_top, block_top)
 
 
@@ -129,10 +164,8 @@ def linear_cap_factor(seen, linear_cap, C: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def linear_term(q, w, batch, head, h_ptr, s_ptr, HQ: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                 ONE_ROW: tl.constexpr):  # fmt: skip
-    """phi(q)^T H (rows, D) and phi(q)^T s (rows,) of one head, ``w`` its (D, E) feature map."""
-    up, down = features(q, w, ONE_ROW)
+def linear_state(batch, head, h_ptr, s_ptr, HQ: tl.constexpr, D: tl.constexpr, E: tl.constexpr):
+    """One head's hidden state, split by the feature map's halves: H (E, D) twice and s (E,) twice."""
     dims = tl.arange(0, D)
     feats = tl.arange(0, E)
     state_row = (batch * HQ + head) * 2 * E
@@ -140,6 +173,14 @@ def linear_term(q, w, batch, head, h_ptr, s_ptr, HQ: tl.constexpr, D: tl.constex
     h_down = tl.load(h_ptr + (state_row + E + feats[:, None]) * D + dims[None, :])
     s_up = tl.load(s_ptr + state_row + feats)
     s_down = tl.load(s_ptr + state_row + E + feats)
+    return h_up, h_down, s_up, s_down
+
+
+@triton.jit
+def linear_term(q, w, h_up, h_down, s_up, s_down, ONE_ROW: tl.constexpr):
+    """phi(q)^T H (rows, D) and phi(q)^T s (rows,) of one head, ``w`` its (D, E) feature map and the
+    rest its state (``linear_state``)."""
+    up, down = features(q, w, ONE_ROW)
     linear = matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)
     linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     return linear, linear_norm
