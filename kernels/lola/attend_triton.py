@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from lola_chat.kernels.lola.decode_triton import decode
 from lola_chat.kernels.lola.frame_triton import (
+    append,
     cache_keys,
     current_keys,
     finish,
@@ -83,9 +84,12 @@ def _attend_kernel(
     )
     finish(
         m, total, acc, window_top, linear, linear_norm, linear_cap_factor(seen, linear_cap, C, G),
-        tl.load(gate_ptr + head).to(tl.float32), t, t_ok, q_slot, batch, head, y_ptr, sy_b, sy_h, sy_t,
-        k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, HQ, HKV, C, D, WINDOW_NORMALIZER,
+        tl.load(gate_ptr + head).to(tl.float32), t, t_ok, batch, head, y_ptr, sy_b, sy_h, sy_t, D,
+        WINDOW_NORMALIZER,
     )  # fmt: skip
+    # The first query head of each key/value head appends (a tensor compare: scalar masks are not portable).
+    writes = t_ok & (t * 0 + head % (HQ // HKV) == 0)
+    append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
 
 
 def attend(

@@ -1,6 +1,7 @@
 """LoLA attention for a single new token (a decode step) in Triton, split over the keys: one program per
-(batch, query head, block of keys) writes a partial online-softmax result, one more per (batch, query
-head) the linear term, and a second kernel per (batch, query head) merges them and appends the pair.
+(batch, query head, block of keys) writes a partial online-softmax result (the one holding the token's
+slot also appends the new pair to the window), one more per (batch, query head) the linear term, and a
+second kernel per (batch, query head) merges them into y.
 Fused, a decode step would be one program per (batch, query head), nine for the default model at batch
 1, leaving most of a GPU's SMs idle while each walks its key blocks one after another; the split runs
 the blocks at once. Both kernels are programmatic dependent launches where the GPU has them
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 from lola_chat.kernels.dispatch import launch_options
 from lola_chat.kernels.lola.frame_triton import (
+    append,
     cache_tile,
     current_tile,
     finish,
@@ -22,9 +24,9 @@ from lola_chat.kernels.lola.frame_triton import (
     linear_state,
     linear_term,
     load_rows,
-    new_keys,
     previous_tile,
     queries,
+    rotate,
     softmax_block,
 )
 from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
@@ -78,32 +80,43 @@ def _decode_blocks_kernel(
         window_block = block - CACHE_BLOCKS
         current_block = window_block - WINDOW_BLOCKS
         if block < CACHE_BLOCKS:
-            k, k_partner, v, key_pos, ok = cache_tile(
-                ck_ptr, cv_ptr, (batch * HQ + head) * G, block * BLOCK_N, cached, G, D, BLOCK_N
+            k, v, ok = cache_tile(
+                ck_ptr, cv_ptr, (batch * HQ + head) * G, block * BLOCK_N, cached, freq, G, D, BLOCK_N
             )
         elif window_block < WINDOW_BLOCKS:
-            k, k_partner, v, key_pos, ok = previous_tile(
-                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, D, BLOCK_N
+            k, v, ok = previous_tile(
+                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, freq, D, BLOCK_N
             )
         else:
-            k, k_partner, v, key_pos, ok = current_tile(
-                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, C, D, BLOCK_N
-            )
+            k, v, ok = current_tile(
+                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, freq, C, D,
+                BLOCK_N,
+            )  # fmt: skip
+        # The token's own position: its query's and its new key's.
+        position = cached + previous + current + t
         if PDL:
             tl.extra.cuda.gdc_wait()
         if block >= CACHE_BLOCKS + WINDOW_BLOCKS:
-            k, k_partner, v, ok = new_keys(
-                k, k_partner, v, ok, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0, current_block * BLOCK_N,
-                current, 1, D, BLOCK_N,
-            )  # fmt: skip
-        position = cached + previous + current + t
+            # The new pair as one row, rotated alone: a tile's worth of sines and cosines would now sit
+            # on the path that waited for the projection.
+            new_base = batch * sk_b + kv_head * sk_h
+            k_new, k_new_partner = load_rows(k_ptr + new_base, t, 0, t_ok, D)
+            v_new = tl.load(v_ptr + new_base + tl.arange(0, D)[None, :]).to(tl.float32)
+            is_new = (current_block * BLOCK_N + tl.arange(0, BLOCK_N)) == current
+            k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, position, freq), k)
+            v = tl.where(is_new[:, None], v_new, v)
+            ok = ok | is_new
+            # The program holding the token's slot, of the first query head of its key/value head,
+            # appends the pair: nothing in this kernel reads that slot from the window.
+            writes = t_ok & (t * 0 + current // BLOCK_N == current_block) & (t * 0 + head % (HQ // HKV) == 0)
+            append(writes, t, current + t, k_ptr, v_ptr, new_base, 0, wk_ptr, wv_ptr, win_row, C, D)
         q, q_rot = queries(q_ptr, sq_b, sq_h, 0, batch, head, t, t_ok, position, freq, D)
         m = tl.full((1,), -1.0e30, tl.float32)
         # A block's best score is its m: ``top`` goes unused. Names, not ``_``: Triton's compiler, unlike its
         # interpreter, refuses a name that the two branches bind with different types.
         m, total, acc, top = softmax_block(
-            m, tl.zeros((1,), tl.float32), tl.zeros((1, D), tl.float32), q_rot, k, k_partner, v, key_pos,
-            ok[None, :] & t_ok[:, None], freq, True,
+            m, tl.zeros((1,), tl.float32), tl.zeros((1, D), tl.float32), q_rot, k, v,
+            ok[None, :] & t_ok[:, None], True,
         )  # fmt: skip
         tl.store(part_m_ptr + part + t, m)
         tl.store(part_total_ptr + part + t, total)
@@ -112,23 +125,24 @@ def _decode_blocks_kernel(
 
 @triton.jit(do_not_specialize=["seen"])
 def _decode_merge_kernel(
-    k_ptr, v_ptr, wk_ptr, wv_ptr, gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr,
-    seen, seen_ptr, linear_cap, sk_b, sk_h, sy_b, sy_h,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr,
-    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+    gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, linear_cap, sy_b, sy_h,
+    HQ: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCKS: tl.constexpr,
+    CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One token: merge the partials of every key block with the linear term (the partial after them),
-    then as the fused kernel ends."""
+    """One token: merge the partials of every key block with the linear term (the partial after them)
+    and store y. The token count and the gate load before ``gdc_wait``: only the partials come from the
+    kernel before."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     batch, head = pid // HQ, pid % HQ
-    kv_head = head // (HQ // HKV)
     if SEEN_ON_DEVICE:
         seen = tl.load(seen_ptr)
-    current = seen % C
+    linear_factor = linear_cap_factor(seen, linear_cap, C, G)
+    gate = tl.load(gate_ptr + head).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     blocks = tl.arange(0, ALL_BLOCKS)
     ok = blocks < BLOCKS
     first = pid * (BLOCKS + 1)
@@ -138,7 +152,6 @@ def _decode_merge_kernel(
     part_acc_at = part_acc_ptr + (first + blocks[:, None]) * D + dims[None, :]
     part_acc = tl.load(part_acc_at, mask=ok[:, None], other=0.0)
     t = tl.arange(0, 1)
-    t_ok = t < 1
     linear_norm = tl.load(part_total_ptr + first + BLOCKS + t)
     linear = tl.load(part_acc_ptr + (first + BLOCKS + t[:, None]) * D + dims[None, :])
     m = tl.max(part_m, axis=0)
@@ -147,10 +160,8 @@ def _decode_merge_kernel(
     acc = tl.sum(part_acc * scale[:, None], axis=0)
     window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
     finish(
-        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm,
-        linear_cap_factor(seen, linear_cap, C, G), tl.load(gate_ptr + head).to(tl.float32), t, t_ok,
-        current + t, batch, head, y_ptr, sy_b, sy_h, 0, k_ptr, v_ptr, batch * sk_b + kv_head * sk_h, 0,
-        wk_ptr, wv_ptr, (batch * HKV + kv_head) * 2 * C, HQ, HKV, C, D, WINDOW_NORMALIZER,
+        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm, linear_factor,
+        gate, t, t < 1, batch, head, y_ptr, sy_b, sy_h, 0, D, WINDOW_NORMALIZER,
     )  # fmt: skip
 
 
@@ -178,8 +189,8 @@ def decode(q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor,
         E=fmap_q.shape[-1], BLOCK_N=block_n, num_warps=8, **shape, **launch,
     )  # fmt: skip
     _decode_merge_kernel[(batch * n_heads,)](
-        k, v, win_k, win_v, window_factor, y, part_m, part_total, part_acc, *seen,
-        k.stride(0), k.stride(1), y.stride(0), y.stride(1),
-        BLOCKS=blocks, CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks),
-        WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **shape, **launch,
+        window_factor, y, part_m, part_total, part_acc, *seen, y.stride(0), y.stride(1),
+        HQ=n_heads, C=chunk, G=capacity, D=dim, BLOCKS=blocks, CACHE_BLOCKS=cache_blocks,
+        ALL_BLOCKS=triton.next_power_of_2(blocks), SEEN_ON_DEVICE=on_device,
+        WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **launch,
     )  # fmt: skip

@@ -31,9 +31,8 @@ def rotate(x, partner, pos, freq):
 
 
 @triton.jit
-def softmax_block(m, total, acc, q, k, k_partner, v, key_pos, visible, freq, ONE_ROW: tl.constexpr):
-    """One online-softmax step over a block of keys; the scale is folded into q."""
-    k = rotate(k, k_partner, key_pos, freq)
+def softmax_block(m, total, acc, q, k, v, visible, ONE_ROW: tl.constexpr):
+    """One online-softmax step over a block of rotated keys; the scale is folded into q."""
     scores = matmul(q, tl.trans(k), ONE_ROW)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -58,32 +57,33 @@ def load_rows(base, rows, row_stride, ok, D: tl.constexpr):
 
 
 @triton.jit
-def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, G: tl.constexpr, D: tl.constexpr,
+def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, freq, G: tl.constexpr, D: tl.constexpr,
                BLOCK_N: tl.constexpr):  # fmt: skip
     """The cache slots start.. start + BLOCK_N (the filled ones are the last ``cached``, at frame
-    positions 0..cached-1): keys, their rotary partners and values (fp32, zeros where empty), the
-    keys' frame positions and which slots are filled."""
+    positions 0..cached-1): keys rotated to their frame positions and values (fp32, zeros where empty),
+    and which slots are filled."""
     dims = tl.arange(0, D)
     slot = start + tl.arange(0, BLOCK_N)
     ok = (slot < G) & (slot >= G - cached)
     k, k_partner = load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
     v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return k, k_partner, v.to(tl.float32), slot - (G - cached), ok
+    return rotate(k, k_partner, slot - (G - cached), freq), v.to(tl.float32), ok
 
 
 @triton.jit
-def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, D: tl.constexpr, BLOCK_N: tl.constexpr):
+def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, freq, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
     """As ``cache_tile``, for the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C)."""
     dims = tl.arange(0, D)
     slot = start + tl.arange(0, BLOCK_N)
     ok = slot < previous
     k, k_partner = load_rows(wk_ptr + win_row * D, slot, D, ok, D)
     v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return k, k_partner, v.to(tl.float32), cached + slot, ok
+    return rotate(k, k_partner, cached + slot, freq), v.to(tl.float32), ok
 
 
 @triton.jit
-def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, C: tl.constexpr,
+def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, freq, C: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """As ``cache_tile``, for the current chunk's slots start.. start + BLOCK_N that the window holds
     (the first ``current``); ``new_keys`` adds the segment's own."""
@@ -92,14 +92,15 @@ def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, C: t
     ok = slot < current
     k, k_partner = load_rows(wk_ptr + (win_row + C) * D, slot, D, ok, D)
     v = tl.load(wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return k, k_partner, v.to(tl.float32), cached + previous + slot, ok
+    return rotate(k, k_partner, cached + previous + slot, freq), v.to(tl.float32), ok
 
 
 @triton.jit
-def new_keys(k, k_partner, v, ok, k_ptr, v_ptr, new_base, sk_t, start, current, T, D: tl.constexpr,
+def new_keys(k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, chunk_start, current, T, freq, D: tl.constexpr,
              BLOCK_N: tl.constexpr):  # fmt: skip
     """A ``current_tile`` with the segment's T new pairs (rows of k, v) added in the slots after the
-    window's ``current``."""
+    window's ``current``, their keys rotated to ``chunk_start`` (the chunk's first frame position)
+    plus their slot."""
     dims = tl.arange(0, D)
     slot = start + tl.arange(0, BLOCK_N)
     is_new = (slot >= current) & (slot < current + T)
@@ -108,16 +109,16 @@ def new_keys(k, k_partner, v, ok, k_ptr, v_ptr, new_base, sk_t, start, current, 
     v_new = tl.load(
         v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
     )
-    return k + k_new, k_partner + k_new_partner, v + v_new.to(tl.float32), ok | is_new
+    k_new = rotate(k_new, k_new_partner, chunk_start + slot, freq)
+    return k + k_new, v + v_new.to(tl.float32), ok | is_new
 
 
 @triton.jit
 def cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
                 G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
     """Online softmax over the cache slots start.. start + BLOCK_N (``cache_tile``)."""
-    k, k_partner, v, key_pos, ok = cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, G, D, BLOCK_N)
-    visible = ok[None, :] & t_ok[:, None]
-    m, total, acc, _ = softmax_block(m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW)
+    k, v, ok = cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, freq, G, D, BLOCK_N)
+    m, total, acc, _ = softmax_block(m, total, acc, q_rot, k, v, ok[None, :] & t_ok[:, None], ONE_ROW)
     return m, total, acc
 
 
@@ -126,11 +127,8 @@ def previous_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, sta
                    freq, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
     """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous_tile``),
     tracking the window's best score."""
-    k, k_partner, v, key_pos, ok = previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, D, BLOCK_N)
-    visible = ok[None, :] & t_ok[:, None]
-    m, total, acc, block_top = softmax_block(
-        m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW
-    )
+    k, v, ok = previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, freq, D, BLOCK_N)
+    m, total, acc, block_top = softmax_block(m, total, acc, q_rot, k, v, ok[None, :] & t_ok[:, None], ONE_ROW)
     return m, total, acc, tl.maximum(window_top, block_top)
 
 
@@ -140,17 +138,13 @@ def current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
     """Online softmax over the current chunk's slots start.. start + BLOCK_N: the first ``current``
     from the window, the next T from the new k, v; causal."""
-    k, k_partner, v, key_pos, ok = current_tile(
-        wk_ptr, wv_ptr, win_row, start, cached, previous, current, C, D, BLOCK_N
-    )
-    k, k_partner, v, ok = new_keys(
-        k, k_partner, v, ok, k_ptr, v_ptr, new_base, sk_t, start, current, T, D, BLOCK_N
+    k, v, ok = current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, freq, C, D, BLOCK_N)
+    k, v, ok = new_keys(
+        k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, cached + previous, current, T, freq, D, BLOCK_N
     )
     slot = start + tl.arange(0, BLOCK_N)
     visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
-    m, total, acc, block_top = softmax_block(
-        m, total, acc, q_rot, k, k_partner, v, key_pos, visible, freq, ONE_ROW
-    )
+    m, total, acc, block_top = softmax_block(m, total, acc, q_rot, k, v, visible, ONE_ROW)
     return m, total, acc, tl.maximum(window_top, block_top)
 
 
@@ -187,12 +181,9 @@ def linear_term(q, w, h_up, h_down, s_up, s_down, ONE_ROW: tl.constexpr):
 
 
 @triton.jit
-def finish(m, total, acc, window_top, linear, linear_norm, linear_factor, gate, t, t_ok, q_slot, batch,
-            head, y_ptr, sy_b, sy_h, sy_t, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row,
-            HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-            WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
-    """Add the linear term (``linear_term``'s) to the softmax sums, store y, and append the new pairs
-    to the window."""
+def finish(m, total, acc, window_top, linear, linear_norm, linear_factor, gate, t, t_ok, batch, head, y_ptr,
+            sy_b, sy_h, sy_t, D: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
+    """Add the linear term (``linear_term``'s) to the softmax sums and store y."""
     dims = tl.arange(0, D)
     linear_scale = tl.exp(window_top - m) if WINDOW_NORMALIZER else tl.full(m.shape, 1.0, tl.float32)
     linear_scale = linear_scale * linear_factor
@@ -201,8 +192,13 @@ def finish(m, total, acc, window_top, linear, linear_norm, linear_factor, gate, 
     y = (gate * acc + linear * linear_scale[:, None]) / norm[:, None]
     tl.store(y_ptr + batch * sy_b + head * sy_h + t[:, None] * sy_t + dims[None, :], y, mask=t_ok[:, None])
 
-    # One query head per key/value head appends the new pairs; every program reads them from k, v.
-    writes = t_ok & (t * 0 + head % (HQ // HKV) == 0)  # a tensor compare: scalar masks are not portable
+
+@triton.jit
+def append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C: tl.constexpr,
+           D: tl.constexpr):  # fmt: skip
+    """Append the new pairs (rows t of k, v where ``writes``) to the window's current half at ``q_slot``.
+    One program per key/value head writes; the others only read them from k, v."""
+    dims = tl.arange(0, D)
     k_new = tl.load(k_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
     v_new = tl.load(v_ptr + new_base + t[:, None] * sk_t + dims[None, :], mask=writes[:, None])
     win_new = (win_row + C + q_slot[:, None]) * D + dims[None, :]
