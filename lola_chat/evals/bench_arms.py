@@ -16,13 +16,14 @@ from lola_chat.memory import LolaSettings, State
 TRITON_ARMS = ("lola-triton", "lola-captured", "lola-captured-serial")
 # The CPU path: the reference, with one-row products in four bits where the weights have them.
 CPU_ARMS = ("lola-cpu",)
-ARMS = ("lola-reference", *CPU_ARMS, *TRITON_ARMS, "softmax-hf", "softmax-captured")
+ARMS = ("lola-reference", *CPU_ARMS, *TRITON_ARMS, "lola-chat", "softmax-hf", "softmax-captured")
 # Longest prefill timed per eager LoLA arm on a GPU: beyond it the state comes from a faster arm
-# (a Python loop over 64-token chunks costs seconds per 8K tokens in the reference).
-MAX_PREFILL = {"lola-reference": 8192, "lola-triton": 32768}
+# (a Python loop over 64-token chunks costs seconds per 8K tokens in the reference). The chat arm
+# measures decoding only: it prefills only when it runs alone.
+MAX_PREFILL = {"lola-reference": 8192, "lola-triton": 32768, "lola-chat": 0}
 HF_DECODE_TOKENS = 32
 # Which LoLA arm's state is the fastest to make (the prefill that serves the others).
-SPEED_RANK = {"reference": 1, "cpu": 2, "triton": 2, "captured-serial": 3, "captured": 4}
+SPEED_RANK = {"reference": 1, "cpu": 2, "triton": 2, "captured-serial": 3, "captured": 4, "chat": 0}
 
 
 @dataclass
@@ -85,7 +86,8 @@ class Arm:
 class LolaArm(Arm):
     """LoLA memory through the reference, the CPU path, the Triton kernels (eager) or the captured
     decoder, the latter with its kernels launched as programmatic dependent launches (where the GPU has
-    them) or, "serial", strictly one after another."""
+    them) or, "serial", strictly one after another; or, "chat", decoded as the chat decodes (its token
+    feeder, and its sampling with the default settings on the logits the feeder returns)."""
 
     def __init__(self, name: str, bench: BenchModel, device: torch.device):
         super().__init__(bench, device)
@@ -97,11 +99,15 @@ class LolaArm(Arm):
             "triton": "LoLA, Triton kernels",
             "captured": "LoLA, Triton + CUDA graph",
             "captured-serial": "LoLA, Triton + CUDA graph, no dependent launch",
+            "chat": "LoLA as the chat decodes: its token feeder, then its sampling",
         }[self.kind]
         self.speed_rank = SPEED_RANK[self.kind]
         self.captured = self.kind.startswith("captured")
         self.max_prefill = MAX_PREFILL.get(name, float("inf")) if device.type == "cuda" else float("inf")
+        if self.kind == "chat":
+            self.max_prefill = 0
         self._decoder = None
+        self._feeder = None
 
     def new_state(self) -> State:
         return self.model.new_state("lola", self.bench.settings)
@@ -139,13 +145,36 @@ class LolaArm(Arm):
         self._decoder.reload()
         return self._decoder
 
+    def _decode_as_chat(self, base: State, tokens: torch.Tensor, count: int, clock: Clock) -> None:
+        """The chat's decode loop (``Engine._reply``) without the tokenizer: sample from the logits on the
+        reply so far (greedy, no repeated n-gram: the chat's defaults), then feed the token; the first
+        step feeds the prompt's last token."""
+        from lola_chat.config import GenerationSettings
+        from lola_chat.decoding import TokenFeeder
+        from lola_chat.engine import sample
+
+        if self._feeder is None:
+            self._feeder = TokenFeeder(self.model)
+        state = self.new_state()
+        state.restore(base.checkpoint())
+        self._feeder.bind(state)
+        self.state_bytes = state.nbytes()
+        settings, reply, logits = GenerationSettings(), [], None
+        for _ in range(count):
+            clock.mark()
+            token = int(tokens[0, -1]) if logits is None else sample(logits, settings, None, reply)
+            reply.append(token)
+            logits = self._feeder.feed([token])
+
     def decode(self, base: State, tokens: torch.Tensor, count: int) -> dict:
         chunk = self.bench.settings.chunk
         seen = base.tokens_seen
         clock = Clock(self.device)
         token = tokens[:, -1]
         with self.tracked(), self._dispatch():
-            if self.captured:
+            if self.kind == "chat":
+                self._decode_as_chat(base, tokens, count, clock)
+            elif self.captured:
                 decoder = self._captured(base)
                 for _ in range(count):
                     clock.mark()

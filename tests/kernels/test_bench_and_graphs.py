@@ -24,13 +24,14 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert main(argv) == 0
     results = json.loads((out / "tiny.json").read_text())
     arms = {r["arm"] for r in results["records"]}
-    assert {"lola-reference", "lola-cpu", "softmax-hf"} <= arms
+    assert {"lola-reference", "lola-cpu", "lola-chat", "softmax-hf"} <= arms
     assert results["run"]["command"].startswith("lola-chat") and results["run"]["commit"]
     for record in results["records"]:
         assert (
             record["decode_tokens_per_s"] > 0 and record["decode_p99_ms"] >= record["decode_median_ms"] * 0.5
         )
-        assert record["prefill_tokens_per_s"] > 0
+        # The chat arm decodes from another arm's state.
+        assert record["arm"] == "lola-chat" or record["prefill_tokens_per_s"] > 0
     lola = [r for r in results["records"] if r["arm"] == "lola-reference"]
     # 18 steps from 40 or 72 tokens with chunks of 16 close at least one chunk; the state is fixed-size.
     assert all(r["eviction_steps"] >= 1 for r in lola)
