@@ -79,6 +79,11 @@ class TokenFeeder:
             decoder.prefill(torch.tensor([ids], device=self.model.embed_tokens.weight.device))
         return decoder.logits[0]
 
+    def argmax(self) -> torch.Tensor | None:
+        """The argmax of the logits the last feed returned, a (1,) device tensor the decoder's greedy step
+        computed; None where the model's forward feeds."""
+        return self.decoder.token if self.decoder is not None and self._bound else None
+
     def sync(self) -> State:
         """Bring the State up to date with everything fed, and return it."""
         if self.decoder is not None and self._bound:

@@ -79,10 +79,20 @@ def repeated_ngram_followers(tokens: list[int], n: int) -> list[int]:
 
 
 def sample(
-    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, recent: list[int]
+    logits: torch.Tensor,
+    settings: GenerationSettings,
+    generator: torch.Generator | None,
+    recent: list[int],
+    argmax: torch.Tensor | None = None,
 ) -> int:
     """logits: (vocab,). Tokens already in this reply (``recent``) are penalised (CTRL-style); then greedy
-    at temperature 0, else nucleus sampling."""
+    at temperature 0, else nucleus sampling. ``argmax``: the logits' argmax where the caller has it
+    already (the captured decoder computes it in its graph); greedy decoding without a penalty takes it
+    unless the n-gram rule bans it, sparing a reduction and its launch per token."""
+    if argmax is not None and settings.temperature <= 0 and settings.repetition_penalty == 1.0:
+        token = int(argmax)
+        if token not in repeated_ngram_followers(recent, settings.no_repeat_ngram):
+            return token
     if recent and settings.repetition_penalty != 1.0:
         ids = torch.tensor(sorted(set(recent)), device=logits.device)
         picked = logits[ids]
@@ -288,7 +298,7 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 stopped = True
                 break
-            token = sample(logits, self.generation, generator, generated)
+            token = sample(logits, self.generation, generator, generated, self._feeder.argmax())
             if token in self.template.end_ids:
                 break
             generated.append(token)

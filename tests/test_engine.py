@@ -251,3 +251,22 @@ def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loa
     assert not decoding.captured_decoding_applies(model, model.new_state("lola", random_policy))
     with pytest.raises(LolaError, match="unknown decoding"):
         decoding.TokenFeeder(model, "fast")
+
+
+def test_sample_takes_a_given_argmax_only_where_greedy_would_pick_it():
+    from lola_chat.engine import sample
+
+    logits = torch.tensor([0.0, 5.0, 4.0, 1.0])
+    greedy = GenerationSettings(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=3)
+    # A stale hint shows whether it was taken: greedy alone would pick 1.
+    assert sample(logits, greedy, None, [], argmax=torch.tensor([3])) == 3
+    assert sample(logits, greedy, None, [], argmax=None) == 1
+    # The n-gram rule bans 3 after [7, 8] here: the hint is refused and the logits decide without it.
+    assert sample(logits, greedy, None, [7, 8, 3, 7, 8], argmax=torch.tensor([3])) == 1
+    penalized = dataclasses.replace(greedy, repetition_penalty=1.5)
+    assert sample(logits, penalized, None, [0], argmax=torch.tensor([3])) == 1
+    hot = dataclasses.replace(greedy, temperature=1.0, seed=0)
+    picks = {
+        sample(logits, hot, torch.Generator().manual_seed(i), [], argmax=torch.tensor([0])) for i in range(8)
+    }
+    assert 0 not in picks

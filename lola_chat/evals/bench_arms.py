@@ -162,7 +162,10 @@ class LolaArm(Arm):
         settings, reply, logits = GenerationSettings(), [], None
         for _ in range(count):
             clock.mark()
-            token = int(tokens[0, -1]) if logits is None else sample(logits, settings, None, reply)
+            if logits is None:
+                token = int(tokens[0, -1])
+            else:
+                token = sample(logits, settings, None, reply, self._feeder.argmax())
             reply.append(token)
             logits = self._feeder.feed([token])
 
