@@ -71,6 +71,8 @@ class LolaMemory:
         self._rotary: FrameRotary | None = None
         # Hedgehog features of the cached keys the reference keeps between evictions; never saved.
         self._features = KeyFeatures()
+        # What a CPU decode step keeps between tokens (see kernels/lola/decode_cpu); never saved.
+        self._decode = lola.DecodeFrame()
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
     memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
@@ -103,6 +105,7 @@ class LolaMemory:
                 self._rotary,
                 self.settings.normalizer,
                 self.settings.linear_cap,
+                self._decode,
             )
             outputs.append(y)
             if ids is not None:
@@ -120,6 +123,7 @@ class LolaMemory:
         chunk = self.settings.chunk
         if self._rotary is not None:
             self._rotary.forget()
+        self._decode.forget()
         *memories, keep = lola.evict(
             self.win_k,
             self.win_v,
@@ -149,6 +153,7 @@ class LolaMemory:
         self.tokens_seen = tokens_seen
         if self._rotary is not None:
             self._rotary.forget()
+        self._decode.forget()
         self._features.forget()
 
     def recall_errors(self, attn) -> torch.Tensor:

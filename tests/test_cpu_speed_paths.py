@@ -195,6 +195,13 @@ def test_fp32_state_loads_into_a_bf16_model_and_continues():
 
 
 def test_a_returned_window_is_never_changed_by_later_calls():
+    """The reference's contract (it is trained through). The CPU decode path, like the Triton path, writes
+    the memory's own window in place instead (``test_cpu_decode_steps_equal_the_reference``)."""
+    with force_reference():
+        returned_window_unchanged()
+
+
+def returned_window_unchanged():
     attn = SimpleNamespace(
         fmap_q=torch.eye(16).expand(6, 16, 16).clone(),
         fmap_k=torch.eye(16).expand(6, 16, 16).clone(),
@@ -307,3 +314,71 @@ def test_four_bit_forms_that_do_not_match_the_weights_are_not_attached():
     }
     assert model.attach_int4(recovered) == 0
     assert model.double().attach_int4({}) == 0
+
+
+def fake_attention(hq, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.rand(hq, generator=g)
+    return SimpleNamespace(
+        fmap_q=torch.randn(hq, d, d, generator=g),
+        fmap_k=torch.randn(hq, d, d, generator=g),
+        window_factor=lambda: gate,
+        inv_freq=inv_freq(d),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        LolaSettings(chunk=8, capacity=16),
+        LolaSettings(chunk=8, capacity=16, policy="relative-novelty", normalizer="window", linear_cap=5),
+        LolaSettings(chunk=8, capacity=0, normalizer="window"),
+        LolaSettings(chunk=8, capacity=12, policy="novelty", normalizer="window"),
+    ],
+    ids=["sre-shared", "relative-novelty-window-capped", "g0-window", "novelty-g12"],
+)
+def test_cpu_decode_steps_equal_the_reference(dtype, settings):
+    """Single tokens go to kernels/lola/decode_cpu on a CPU: the same outputs as the reference (within
+    fp32 summation order) and the very same memory, over prefills that end mid-chunk, steps across many
+    evictions, a segment fed mid-chunk after steps, a checkpoint restored and a load."""
+    hq, hkv, d = 6, 2, 16
+    attn = fake_attention(hq, d)
+    memories = [
+        LolaMemory(2, hq, hkv, d, 2 * d, settings, dtype, torch.device("cpu")) for _ in ("reference", "fast")
+    ]
+    g = torch.Generator().manual_seed(1)
+    lengths = [5] + [1] * 14 + [3] + [1] * 30 + [6, 2] + [1] * 9
+    checkpoint = None
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    with torch.inference_mode():
+        for step, length in enumerate(lengths):
+            q = torch.randn(2, hq, length, d, generator=g).to(dtype)
+            k, v = (torch.randn(2, hkv, length, d, generator=g).to(dtype) for _ in range(2))
+            with force_reference():
+                expected = memories[0].attend(q, k, v, attn)
+            got = memories[1].attend(q, k, v, attn)
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+            for name in LolaMemory.names:
+                assert torch.equal(getattr(memories[1], name), getattr(memories[0], name)), name
+            if step == 20:
+                # As State.checkpoint takes one: copies of the tensors.
+                checkpoint = [
+                    ({name: t.clone() for name, t in memory.tensors().items()}, memory.tokens_seen)
+                    for memory in memories
+                ]
+            if step == 40:  # back to the checkpoint, mid-chunk, after the window changed in place
+                for memory, taken in zip(memories, checkpoint, strict=True):
+                    memory.load(*taken)
+    assert memories[1].evictions == memories[0].evictions > 3
+
+
+def test_cpu_decode_is_not_taken_where_it_does_not_apply():
+    from lola_chat.kernels import lola
+
+    q = torch.randn(1, 6, 1, 16)
+    assert lola.cpu_decode_applies(q, torch.zeros(1))
+    assert not lola.cpu_decode_applies(torch.randn(1, 6, 2, 16))
+    assert not lola.cpu_decode_applies(q, torch.zeros(1, requires_grad=True))
+    with force_reference():
+        assert not lola.cpu_decode_applies(q)

@@ -11,13 +11,21 @@ returned tensors (as ``lola_chat.memory`` does) work with either path.
 from __future__ import annotations
 
 import torch
-from lola_chat.kernels.dispatch import REFERENCE_ENV, fast_path, force_reference, triton_module
-from lola_chat.kernels.lola import evict_reference, reference
+from lola_chat.kernels.dispatch import (
+    REFERENCE_ENV,
+    fast_path,
+    force_reference,
+    reference_forced,
+    triton_module,
+)
+from lola_chat.kernels.lola import decode_cpu, evict_reference, reference
+from lola_chat.kernels.lola.decode_cpu import DecodeFrame
 from lola_chat.kernels.lola.evict_reference import KeyFeatures, self_recall_error
 from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate
 
 __all__ = [
     "REFERENCE_ENV",
+    "DecodeFrame",
     "TRITON_POLICIES",
     "FrameRotary",
     "KeyFeatures",
@@ -56,18 +64,32 @@ def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None)
     return _triton_module("attend") is not None
 
 
+def cpu_decode_applies(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether an attend call goes to ``decode_cpu``: one new token, every tensor on the CPU, the
+    reference not forced, no autograd graph recorded through them."""
+    everything = (q, *tensors)
+    if q.shape[2] != 1 or reference_forced() or not all(t.device.type == "cpu" for t in everything):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in everything))
+
+
 def attend(
     q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen, rotary=None,
-    normalizer="shared", linear_cap=0,
+    normalizer="shared", linear_cap=0, decode_frame=None,
 ):  # fmt: skip
-    """See ``reference.attend``; dispatched as described in this module's docstring. ``rotary``
-    (a ``FrameRotary``) serves the reference only; the Triton path forgets what it kept, as it
-    writes the window in place."""
+    """See ``reference.attend``; dispatched as described in this module's docstring, and on a CPU a single
+    token goes to ``decode_cpu`` when the caller keeps a ``decode_frame`` (a ``DecodeFrame``) and a
+    ``rotary`` (a ``FrameRotary``, which otherwise serves the reference only). The Triton path and
+    ``decode_cpu`` write the window in place and return it; the Triton path forgets what ``rotary``
+    kept."""
     args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen)
     if uses_triton(q, k, v, win_k, cache_k, h, s, fmap_q, window_factor, feature_map=fmap_q):
         if rotary is not None:
             rotary.forget()
         return _triton_module("attend").attend(*args, normalizer, linear_cap)
+    state = (k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor)
+    if rotary is not None and decode_frame is not None and cpu_decode_applies(q, *state):
+        return decode_cpu.decode(*args, rotary, decode_frame, normalizer, linear_cap)
     return reference.attend(*args, rotary, normalizer, linear_cap)
 
 

@@ -1,0 +1,125 @@
+"""LoLA attention for a single new token (a decode step) on a CPU: ``reference.attend`` for T = 1 in a
+handful of PyTorch ops.
+
+On a CPU a decode step is bound by the number of ops, not by arithmetic: the reference scores the cache
+and the window apart, pads, concatenates and multiplies seven times for one query. Here one layer keeps,
+between the tokens of a chunk, every key of its frame rotated and transposed (B, Hq, D, S) and every
+value with a column of ones appended (B, Hq, S, D + 1), S = G + 2C, the window repeated for each query
+head of its group, and an additive mask (S,) of the slots the query sees. A step then writes the new pair
+into them and into the window (in place, as the Triton path does), and computes scores (with the mask),
+the softmax sums and the weighted values (with the sum in the extra column), and the linear term and its
+normalizer (H with s as an extra column) in three products. The kept tensors are rebuilt from the memory
+whenever they are not the ones the last step left (a new chunk, an eviction, a load, a reference call).
+"""
+
+from __future__ import annotations
+
+import torch
+from lola_chat.kernels.lola.reference import (
+    FrameRotary,
+    accumulator,
+    apply_rotary,
+    frame,
+    hedgehog,
+    layout,
+    linear_cap_factor,
+)
+
+
+class DecodeFrame:
+    """What one layer's decode steps keep between tokens (see the module docstring). ``ready_for`` is
+    the token count and the memory tensors the kept ones were made from or last written into."""
+
+    def __init__(self):
+        self.ready_for: tuple | None = None
+
+    def forget(self) -> None:
+        self.ready_for = None
+
+    def matches(self, tokens_seen: int, *tensors: torch.Tensor) -> bool:
+        kept = self.ready_for
+        if kept is None or kept[0] != tokens_seen:
+            return False
+        return all(a is b for a, b in zip(kept[1], tensors, strict=True))
+
+    def mark(self, tokens_seen: int, *tensors: torch.Tensor) -> None:
+        self.ready_for = (tokens_seen, tensors)
+
+    def build(
+        self, win_k, win_v, cache_k, cache_v, h, s, window_factor, tokens_seen: int, rotary: FrameRotary
+    ) -> None:
+        batch, n_heads, capacity, dim = cache_k.shape
+        chunk = win_k.shape[2] // 2
+        group = n_heads // win_k.shape[1]
+        acc = accumulator(cache_k.dtype)
+        where = layout(chunk, capacity, tokens_seen, 1, cache_k.device)
+        # The token's own slot opens when its pair is written in.
+        seen = ~where.hidden[0]
+        seen[capacity + chunk + tokens_seen % chunk] = False
+        cache_rot = rotary.rotate(cache_k, where.key_start).to(acc)
+        window_rot = rotary.rotate(win_k, where.key_start + capacity).to(acc)
+        keys = torch.cat([cache_rot, window_rot.repeat_interleave(group, dim=1)], dim=2)
+        self.keys_t = keys.transpose(-1, -2).contiguous()
+        values = torch.cat([cache_v, win_v.repeat_interleave(group, dim=1)], dim=2).to(acc)
+        ones = torch.ones_like(values[..., :1])
+        # Unseen slots hold zeros: no weight reaches them, and stale values must not turn a zero weight
+        # into NaN.
+        self.values = torch.cat([values * seen[:, None], ones], dim=-1)
+        self.mask = torch.zeros(seen.shape, dtype=acc, device=seen.device).masked_fill_(~seen, float("-inf"))
+        self.state = torch.cat([h, s[..., None]], dim=-1)
+        self.gate = window_factor.to(acc).repeat(batch)[:, None, None]
+        self.mark(tokens_seen, win_k, win_v, cache_k, cache_v, h, s, window_factor)
+
+
+def decode(
+    q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen: int,
+    rotary: FrameRotary, kept: DecodeFrame, normalizer: str = "shared", linear_cap: int = 0,
+):  # fmt: skip
+    """``reference.attend`` for one token (T = 1), on tensors that need no gradient.
+
+    q: (B, Hq, 1, D); k, v: (B, Hkv, 1, D) un-rotated; the memory as the reference takes it; ``rotary``
+    the layer's ``FrameRotary`` (its tables; what it keeps for the reference is dropped, as the window
+    changes in place); ``kept`` the layer's ``DecodeFrame``. Writes the new pair into win_k and win_v in
+    place. Returns (y (B, Hq, 1, D) in q's dtype, win_k, win_v)."""
+    batch, n_heads, _, dim = q.shape
+    n_kv_heads = k.shape[1]
+    chunk = win_k.shape[2] // 2
+    capacity = cache_k.shape[2]
+    current = tokens_seen % chunk
+    acc = accumulator(q.dtype)
+    if normalizer not in ("shared", "window"):
+        raise ValueError(f"unknown normalizer {normalizer!r}")
+    memory = (win_k, win_v, cache_k, cache_v, h, s, window_factor)
+    if not kept.matches(tokens_seen, *memory):
+        kept.build(*memory, tokens_seen, rotary)
+    # The reference's kept keys would not notice the window changing in place (its tables stay).
+    rotary.forget()
+    cached, previous, _ = frame(tokens_seen, chunk, capacity)
+    slot = capacity + chunk + current
+    cos, sin = rotary.table(q.dtype, q.device)
+    at = cached + previous + current - rotary.first
+    # Query and new key sit at the same frame position: one rotation for both.
+    rotated = apply_rotary(torch.cat([q, k], dim=1), cos[at], sin[at]).to(acc)
+    q_rot, k_rot = rotated[:, :n_heads], rotated[:, n_heads:]
+    group = n_heads // n_kv_heads
+    kept.keys_t.view(batch, n_kv_heads, group, dim, -1)[..., slot] = k_rot
+    kept.values.view(batch, n_kv_heads, group, -1, dim + 1)[:, :, :, slot, :dim] = v
+    kept.mask[slot] = 0.0
+    win_k[:, :, chunk + current] = k[:, :, 0]
+    win_v[:, :, chunk + current] = v[:, :, 0]
+
+    heads = batch * n_heads
+    scores = torch.bmm(q_rot.reshape(heads, 1, dim), kept.keys_t.view(heads, dim, -1)).mul_(dim**-0.5)
+    scores += kept.mask
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    # exp is monotonic: the window's largest weight is exp(best window score - best score).
+    linear_scale = linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
+    if normalizer == "window":
+        linear_scale = weights[..., capacity:].amax(dim=-1, keepdim=True) * linear_scale
+    softmax_part = weights @ kept.values.view(heads, -1, dim + 1)
+    phi_q = hedgehog(q, fmap_q).reshape(heads, 1, -1)
+    linear_part = phi_q @ kept.state.view(heads, -1, dim + 1)
+    total = torch.addcmul(softmax_part * kept.gate, linear_part, torch.as_tensor(linear_scale, dtype=acc))
+    y = (total[..., :dim] / total[..., dim:]).view(batch, n_heads, 1, dim).to(q.dtype)
+    kept.mark(tokens_seen + 1, *memory)
+    return y, win_k, win_v
