@@ -114,6 +114,11 @@ class LolaMemory:
             self.tokens_seen += length
             if self.tokens_seen % chunk == 0:
                 self._evict(attn)
+                if length == 1:
+                    memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
+                    lola.prepare_decode(
+                        self._decode, self._rotary, *memory, attn.window_factor(), self.tokens_seen
+                    )
             start = end
         if len(outputs) == 1:
             return outputs[0]

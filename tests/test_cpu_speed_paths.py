@@ -377,8 +377,36 @@ def test_cpu_decode_is_not_taken_where_it_does_not_apply():
     from lola_chat.kernels import lola
 
     q = torch.randn(1, 6, 1, 16)
-    assert lola.cpu_decode_applies(q, torch.zeros(1))
-    assert not lola.cpu_decode_applies(torch.randn(1, 6, 2, 16))
-    assert not lola.cpu_decode_applies(q, torch.zeros(1, requires_grad=True))
+    assert lola.cpu_decode_applies(1, q, torch.zeros(1))
+    assert not lola.cpu_decode_applies(2, q)
+    assert not lola.cpu_decode_applies(1, q, torch.zeros(1, requires_grad=True))
     with force_reference():
-        assert not lola.cpu_decode_applies(q)
+        assert not lola.cpu_decode_applies(1, q)
+
+
+def test_a_decode_step_that_evicts_prepares_the_next_one(monkeypatch):
+    from lola_chat.kernels.lola import decode_cpu
+
+    built = []
+    build = decode_cpu.DecodeFrame.build
+
+    def counted(frame, *args):
+        built.append(args[-2])  # the token count it was built for
+        return build(frame, *args)
+
+    monkeypatch.setattr(decode_cpu.DecodeFrame, "build", counted)
+    attn = fake_attention(6, 16)
+    settings = LolaSettings(chunk=8, capacity=8)
+    memory = LolaMemory(1, 6, 2, 16, 32, settings, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+
+    def feed(length):
+        q = torch.randn(1, 6, length, 16, generator=g)
+        memory.attend(q, *torch.randn(2, 1, 2, length, 16, generator=g), attn)
+
+    with torch.inference_mode():
+        feed(5)
+        for _ in range(20):
+            feed(1)
+    # Built for the first step after the prefill, then by each step that closed a chunk, for the next.
+    assert built == [5, 8, 16, 24]

@@ -30,10 +30,12 @@ __all__ = [
     "FrameRotary",
     "KeyFeatures",
     "attend",
+    "cpu_decode_applies",
     "evict",
     "force_reference",
     "frame",
     "hedgehog",
+    "prepare_decode",
     "rotate",
     "self_recall_error",
     "uses_triton",
@@ -64,13 +66,21 @@ def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None)
     return _triton_module("attend") is not None
 
 
-def cpu_decode_applies(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether an attend call goes to ``decode_cpu``: one new token, every tensor on the CPU, the
-    reference not forced, no autograd graph recorded through them."""
-    everything = (q, *tensors)
-    if q.shape[2] != 1 or reference_forced() or not all(t.device.type == "cpu" for t in everything):
+def cpu_decode_applies(length: int, *tensors: torch.Tensor) -> bool:
+    """Whether an attend call of ``length`` new tokens on these tensors goes to ``decode_cpu``: one token,
+    every tensor on the CPU, the reference not forced, no autograd graph recorded through them."""
+    if length != 1 or reference_forced() or not all(t.device.type == "cpu" for t in tensors):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in everything))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def prepare_decode(decode_frame, rotary, win_k, win_v, cache_k, cache_v, h, s, window_factor, tokens_seen):
+    """Make what ``decode_cpu`` keeps for the next token now, where a single token would go to it: after
+    an eviction that a decode step made, so that the eviction step pays for it rather than the step after
+    (a step that builds takes several times as long as one that does not)."""
+    memory = (win_k, win_v, cache_k, cache_v, h, s, window_factor)
+    if cpu_decode_applies(1, *memory) and not decode_frame.matches(tokens_seen, *memory):
+        decode_frame.build(*memory, tokens_seen, rotary)
 
 
 def attend(
@@ -88,7 +98,7 @@ def attend(
             rotary.forget()
         return _triton_module("attend").attend(*args, normalizer, linear_cap)
     state = (k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor)
-    if rotary is not None and decode_frame is not None and cpu_decode_applies(q, *state):
+    if rotary is not None and decode_frame is not None and cpu_decode_applies(q.shape[2], q, *state):
         return decode_cpu.decode(*args, rotary, decode_frame, normalizer, linear_cap)
     return reference.attend(*args, rotary, normalizer, linear_cap)
 
