@@ -50,8 +50,9 @@ def launch_options(tensor: torch.Tensor) -> dict:
     """Launch options for a Triton kernel that works on ``tensor``'s device and takes a ``PDL``
     constexpr. With programmatic dependent launch a kernel may start while the kernel before it in the
     stream is still running (inside a CUDA graph too): it signals its own dependents at once, reads
-    what no kernel writes (weights) first, and waits (``gdc_wait``) for its predecessor to finish
-    before it reads anything else or writes. Between the many small kernels of a decode step this hides
+    first what none of the dependent launches before it writes (weights; the memory a decode step last
+    wrote in an earlier step), and waits (``gdc_wait``) for its predecessor to finish before it reads
+    anything else or writes. Between the many small kernels of a decode step this hides
     the launch gap and the first memory round trip. ``{"PDL": False}`` off CUDA, before Hopper, under
     Triton's interpreter or outside ``dependent_launch()``."""
     enabled = tensor.is_cuda and _dependent.get() and _has_dependent_launch(tensor.device.index or 0)

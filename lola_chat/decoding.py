@@ -2,7 +2,8 @@
 the LoLA kernels run on Triton (a CUDA GPU), one ``CapturedDecoder`` that replays CUDA graphs of the
 whole step (an order of magnitude faster per token than launching every operation from Python).
 
-Either way the engine samples on the host from the logits returned here, so both give the same reply.
+Either way the engine samples from the logits returned here, so both give the same reply (greedy
+decoding may take the argmax the captured step computed from those logits, ``TokenFeeder.argmax``).
 The captured decoder works on its own copies of the state tensors: ``sync`` writes them back into the
 ``State``, and a State that was replaced or restored is taken again (``bind``) before the next feed.
 """
@@ -64,6 +65,12 @@ class TokenFeeder:
             self.decoder.rebind(self.state)
         self._bound = True
         return self.decoder
+
+    def prepare(self) -> None:
+        """Make the decoder ready for the bound State now (captured on first use, else its memory reloaded),
+        so that the next feed only feeds."""
+        if self.uses_decoder():
+            self._decoder()
 
     def feed(self, ids: list[int]) -> torch.Tensor:
         """Feed ``ids`` (one sequence, at least one token); returns fp32 logits (vocab,) after the last. With

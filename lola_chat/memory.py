@@ -83,6 +83,7 @@ class LolaMemory:
         chunk = self.settings.chunk
         if self._rotary is None or self._rotary.inv_freq is not attn.inv_freq:
             self._rotary = FrameRotary(attn.inv_freq, chunk, self.settings.capacity)
+            self._decode.forget()
         outputs = []
         start = 0
         while start < q.shape[2]:
@@ -116,9 +117,7 @@ class LolaMemory:
                 self._evict(attn)
                 if length == 1:
                     memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
-                    lola.prepare_decode(
-                        self._decode, self._rotary, *memory, attn.window_factor(), self.tokens_seen
-                    )
+                    lola.prepare_decode(self._decode, self._rotary, *memory, self.tokens_seen)
             start = end
         if len(outputs) == 1:
             return outputs[0]

@@ -141,10 +141,11 @@ def test_bf16_cpu_linear_follows_weight_changes_and_trains():
     assert layer.weight.grad is not None
 
 
-@pytest.mark.parametrize("kept", [False, True])
+@pytest.mark.parametrize("kept", [False, True, "decode"])
 def test_slots_no_query_sees_may_hold_nan(kept):
     """Empty cache slots and stale window slots are never read: NaN there changes nothing, whether the
-    memory's keys and values are prepared afresh or kept and extended by a later call."""
+    memory's keys and values are prepared afresh, kept and extended by a later call, or kept by the CPU
+    decode path (``decode``: the second token goes to kernels/lola/decode_cpu)."""
     chunk, capacity, seen = 8, 16, 19  # 8 of 16 cache slots in use, a previous chunk, 3 current tokens
     g = torch.Generator().manual_seed(0)
     fmap_q, gate = torch.randn(6, 16, 16, generator=g), torch.rand(6, generator=g)
@@ -165,7 +166,16 @@ def test_slots_no_query_sees_may_hold_nan(kept):
                 q[:, :, :1], k[:, :, :1], v[:, :, :1], *memory, fmap_q, gate, inv_freq(), seen, rotary
             )
             step = (q[:, :, 1:], k[:, :, 1:], v[:, :, 1:])
-            outputs.append(reference.attend(*step, *memory, fmap_q, gate, inv_freq(), seen + 1, rotary)[0])
+            args = (*step, *memory, fmap_q, gate, inv_freq(), seen + 1, rotary)
+            if kept == "decode":
+                from lola_chat.kernels import lola
+
+                with torch.inference_mode():
+                    frame = lola.DecodeFrame()
+                    outputs.append(lola.attend(*args, decode_frame=frame)[0])
+                assert frame.ready_for is not None, "the decode path was taken"
+            else:
+                outputs.append(reference.attend(*args)[0])
         else:
             outputs.append(reference.attend(q, k, v, *memory, fmap_q, gate, inv_freq(), seen, rotary)[0])
     assert torch.isfinite(outputs[1]).all()
@@ -348,7 +358,8 @@ def test_cpu_decode_steps_equal_the_reference(dtype, settings):
         LolaMemory(2, hq, hkv, d, 2 * d, settings, dtype, torch.device("cpu")) for _ in ("reference", "fast")
     ]
     g = torch.Generator().manual_seed(1)
-    lengths = [5] + [1] * 14 + [3] + [1] * 30 + [6, 2] + [1] * 9
+    # [2, 1, 1, 3] inside one chunk: a reference segment after decode steps that wrote the window in place.
+    lengths = [5] + [1] * 11 + [2, 1, 1, 3] + [1] * 30 + [6, 2] + [1] * 9
     checkpoint = None
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     with torch.inference_mode():
@@ -380,6 +391,11 @@ def test_cpu_decode_is_not_taken_where_it_does_not_apply():
     assert lola.cpu_decode_applies(1, q, torch.zeros(1))
     assert not lola.cpu_decode_applies(2, q)
     assert not lola.cpu_decode_applies(1, q, torch.zeros(1, requires_grad=True))
+    assert not lola.cpu_decode_applies(1, q, torch.zeros(1, device="meta"))
+    with torch.inference_mode():
+        made_in_inference = torch.zeros(1)
+        assert lola.cpu_decode_applies(1, q, made_in_inference)
+    assert not lola.cpu_decode_applies(1, q, made_in_inference)
     with force_reference():
         assert not lola.cpu_decode_applies(1, q)
 
@@ -408,5 +424,8 @@ def test_a_decode_step_that_evicts_prepares_the_next_one(monkeypatch):
         feed(5)
         for _ in range(20):
             feed(1)
+            if memory.tokens_seen % 8 == 0:
+                tensors = [getattr(memory, name) for name in LolaMemory.memory_names]
+                assert memory._decode.matches(memory.tokens_seen, *tensors, memory._rotary)
     # Built for the first step after the prefill, then by each step that closed a chunk, for the next.
     assert built == [5, 8, 16, 24]

@@ -68,18 +68,21 @@ def uses_triton(*tensors: torch.Tensor, feature_map: torch.Tensor | None = None)
 
 def cpu_decode_applies(length: int, *tensors: torch.Tensor) -> bool:
     """Whether an attend call of ``length`` new tokens on these tensors goes to ``decode_cpu``: one token,
-    every tensor on the CPU, the reference not forced, no autograd graph recorded through them."""
+    every tensor on the CPU, the reference not forced, no autograd graph recorded through them, and no
+    inference tensor outside inference mode (``decode_cpu`` writes the window in place)."""
     if length != 1 or reference_forced() or not all(t.device.type == "cpu" for t in tensors):
+        return False
+    if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def prepare_decode(decode_frame, rotary, win_k, win_v, cache_k, cache_v, h, s, window_factor, tokens_seen):
+def prepare_decode(decode_frame, rotary, win_k, win_v, cache_k, cache_v, h, s, tokens_seen):
     """Make what ``decode_cpu`` keeps for the next token now, where a single token would go to it: after
     an eviction that a decode step made, so that the eviction step pays for it rather than the step after
     (a step that builds takes several times as long as one that does not)."""
-    memory = (win_k, win_v, cache_k, cache_v, h, s, window_factor)
-    if cpu_decode_applies(1, *memory) and not decode_frame.matches(tokens_seen, *memory):
+    memory = (win_k, win_v, cache_k, cache_v, h, s)
+    if cpu_decode_applies(1, *memory) and not decode_frame.matches(tokens_seen, *memory, rotary):
         decode_frame.build(*memory, tokens_seen, rotary)
 
 

@@ -5,11 +5,12 @@ On a CPU a decode step is bound by the number of ops, not by arithmetic: the ref
 and the window apart, pads, concatenates and multiplies seven times for one query. Here one layer keeps,
 between the tokens of a chunk, every key of its frame rotated and transposed (B, Hq, D, S) and every
 value with a column of ones appended (B, Hq, S, D + 1), S = G + 2C, the window repeated for each query
-head of its group, and an additive mask (S,) of the slots the query sees. A step then writes the new pair
-into them and into the window (in place, as the Triton path does), and computes scores (with the mask),
-the softmax sums and the weighted values (with the sum in the extra column), and the linear term and its
-normalizer (H with s as an extra column) in three products. The kept tensors are rebuilt from the memory
-whenever they are not the ones the last step left (a new chunk, an eviction, a load, a reference call).
+head of its group and unseen slots zeroed, and an additive mask (S,) of the slots the query sees. A step
+writes the new pair into them and into the window (in place, as the Triton path does), and computes
+scores (with the mask), the softmax sums and the weighted values (with the sum in the extra column), and
+the linear term and its normalizer (H with s as an extra column) in three products. The kept tensors are
+rebuilt whenever they are not the ones the last step left (an eviction, a load, a reference call, other
+rotary frequencies).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from lola_chat.kernels.lola.reference import (
 
 class DecodeFrame:
     """What one layer's decode steps keep between tokens (see the module docstring). ``ready_for`` is
-    the token count and the memory tensors the kept ones were made from or last written into."""
+    the token count, the memory tensors and the ``FrameRotary`` the kept ones were made from or last
+    written into: every other writer of a CPU memory replaces its tensors rather than writing in place."""
 
     def __init__(self):
         self.ready_for: tuple | None = None
@@ -45,30 +47,28 @@ class DecodeFrame:
     def mark(self, tokens_seen: int, *tensors: torch.Tensor) -> None:
         self.ready_for = (tokens_seen, tensors)
 
-    def build(
-        self, win_k, win_v, cache_k, cache_v, h, s, window_factor, tokens_seen: int, rotary: FrameRotary
-    ) -> None:
-        batch, n_heads, capacity, dim = cache_k.shape
+    def build(self, win_k, win_v, cache_k, cache_v, h, s, tokens_seen: int, rotary: FrameRotary) -> None:
+        n_heads, capacity = cache_k.shape[1:3]
         chunk = win_k.shape[2] // 2
         group = n_heads // win_k.shape[1]
         acc = accumulator(cache_k.dtype)
         where = layout(chunk, capacity, tokens_seen, 1, cache_k.device)
-        # The token's own slot opens when its pair is written in.
-        seen = ~where.hidden[0]
-        seen[capacity + chunk + tokens_seen % chunk] = False
+        # The token's own slot counts as seen: ``decode`` writes its key, value and mask before scoring.
+        unseen = where.hidden[0][:, None]
         cache_rot = rotary.rotate(cache_k, where.key_start).to(acc)
         window_rot = rotary.rotate(win_k, where.key_start + capacity).to(acc)
         keys = torch.cat([cache_rot, window_rot.repeat_interleave(group, dim=1)], dim=2)
-        self.keys_t = keys.transpose(-1, -2).contiguous()
         values = torch.cat([cache_v, win_v.repeat_interleave(group, dim=1)], dim=2).to(acc)
+        # Unseen slots hold zeros: their weight is zero, and stale or empty slots (NaN, inf) must not turn
+        # a score or a zero weight into NaN.
+        self.keys_t = keys.masked_fill(unseen, 0.0).transpose(-1, -2).contiguous()
         ones = torch.ones_like(values[..., :1])
-        # Unseen slots hold zeros: no weight reaches them, and stale values must not turn a zero weight
-        # into NaN.
-        self.values = torch.cat([values * seen[:, None], ones], dim=-1)
-        self.mask = torch.zeros(seen.shape, dtype=acc, device=seen.device).masked_fill_(~seen, float("-inf"))
+        self.values = torch.cat([values.masked_fill(unseen, 0.0), ones], dim=-1)
+        self.mask = torch.zeros(unseen.shape[0], dtype=acc, device=keys.device).masked_fill_(
+            unseen[:, 0], float("-inf")
+        )
         self.state = torch.cat([h, s[..., None]], dim=-1)
-        self.gate = window_factor.to(acc).repeat(batch)[:, None, None]
-        self.mark(tokens_seen, win_k, win_v, cache_k, cache_v, h, s, window_factor)
+        self.mark(tokens_seen, win_k, win_v, cache_k, cache_v, h, s, rotary)
 
 
 def decode(
@@ -89,8 +89,8 @@ def decode(
     acc = accumulator(q.dtype)
     if normalizer not in ("shared", "window"):
         raise ValueError(f"unknown normalizer {normalizer!r}")
-    memory = (win_k, win_v, cache_k, cache_v, h, s, window_factor)
-    if not kept.matches(tokens_seen, *memory):
+    memory = (win_k, win_v, cache_k, cache_v, h, s)
+    if not kept.matches(tokens_seen, *memory, rotary):
         kept.build(*memory, tokens_seen, rotary)
     # The reference's kept keys would not notice the window changing in place (its tables stay).
     rotary.forget()
@@ -112,14 +112,17 @@ def decode(
     scores = torch.bmm(q_rot.reshape(heads, 1, dim), kept.keys_t.view(heads, dim, -1)).mul_(dim**-0.5)
     scores += kept.mask
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
-    # exp is monotonic: the window's largest weight is exp(best window score - best score).
-    linear_scale = linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
-    if normalizer == "window":
-        linear_scale = weights[..., capacity:].amax(dim=-1, keepdim=True) * linear_scale
     softmax_part = weights @ kept.values.view(heads, -1, dim + 1)
     phi_q = hedgehog(q, fmap_q).reshape(heads, 1, -1)
-    linear_part = phi_q @ kept.state.view(heads, -1, dim + 1)
-    total = torch.addcmul(softmax_part * kept.gate, linear_part, torch.as_tensor(linear_scale, dtype=acc))
-    y = (total[..., :dim] / total[..., dim:]).view(batch, n_heads, 1, dim).to(q.dtype)
-    kept.mark(tokens_seen + 1, *memory)
+    linear_part = (phi_q @ kept.state.view(heads, -1, dim + 1)).view(batch, n_heads, 1, dim + 1)
+    softmax_part = softmax_part.view(batch, n_heads, 1, dim + 1) * window_factor.to(acc)[:, None, None]
+    cap = linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
+    if normalizer == "window":
+        # exp is monotonic: the window's largest weight is exp(best window score - best score).
+        window_best = weights.view(batch, n_heads, 1, -1)[..., capacity:].amax(dim=-1, keepdim=True)
+        total = torch.addcmul(softmax_part, linear_part, window_best, value=cap)
+    else:
+        total = torch.add(softmax_part, linear_part, alpha=cap)
+    y = (total[..., :dim] / total[..., dim:]).to(q.dtype)
+    kept.mark(tokens_seen + 1, *memory, rotary)
     return y, win_k, win_v

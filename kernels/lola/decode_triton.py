@@ -45,7 +45,8 @@ def _decode_blocks_kernel(
     blocks rather than after them).
 
     Only q and the new pair come from the kernel before this one (the projection); the memory it reads
-    (cache, window, hidden state) and the token count were last written by an earlier step, and the
+    (cache, window, hidden state) was last written by an earlier step, the token count before the
+    step's first dependent launch (by an ordinary launch, which a dependent one never overlaps), and the
     feature map is a weight. So all of those load before ``gdc_wait``, overlapping the projection's end,
     and only q and the new pair's round trip remain after it."""
     if PDL:
