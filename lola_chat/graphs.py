@@ -222,6 +222,11 @@ class CapturedDecoder:
             n: torch.arange(self.chunk, self.chunk + n, device=device) for n in lengths if n < self.chunk
         }
         self.graphs, self.outputs = self._capture() if capture else (None, {})
+        if capture:
+            # Replays need none of the step functions, which refer back to the decoder: without them a
+            # decoder nobody holds is freed with its graphs and their memory at once, not whenever a later
+            # garbage collection runs (which could be during another decoder's capture).
+            self.variants = {}
         self.last = "token"
 
     def _run(self, tokens: torch.Tensor, evicting: bool) -> torch.Tensor:
