@@ -89,16 +89,16 @@ def sample(
     at temperature 0, else nucleus sampling. ``argmax``: the logits' argmax where the caller has it
     already (the captured decoder computes it in its graph); greedy decoding without a penalty takes it
     unless the n-gram rule bans it, sparing a reduction and its launch per token."""
+    banned = repeated_ngram_followers(recent, settings.no_repeat_ngram)
     if argmax is not None and settings.temperature <= 0 and settings.repetition_penalty == 1.0:
         token = int(argmax)
-        if token not in repeated_ngram_followers(recent, settings.no_repeat_ngram):
+        if token not in banned:
             return token
     if recent and settings.repetition_penalty != 1.0:
         ids = torch.tensor(sorted(set(recent)), device=logits.device)
         picked = logits[ids]
         penalty = settings.repetition_penalty
         logits = logits.index_put((ids,), torch.where(picked > 0, picked / penalty, picked * penalty))
-    banned = repeated_ngram_followers(recent, settings.no_repeat_ngram)
     if banned:
         logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
     if settings.temperature <= 0:

@@ -55,7 +55,7 @@ def argmax(logits: torch.Tensor, row: int = 128) -> torch.Tensor:
     """logits (B, V) -> (B,) int64, the index of the first largest value of each sequence, as
     ``torch.argmax``. When ``row`` divides V, in two reductions: the maximum of each run of ``row`` values,
     then the first run holding the largest. One reduction over a whole vocabulary works on a single block
-    of threads on a GPU and takes several times as long."""
+    of threads on a GPU; the first of these spreads over many."""
     batch, vocab = logits.shape
     if vocab % row:
         return logits.argmax(dim=-1)

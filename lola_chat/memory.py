@@ -71,7 +71,8 @@ class LolaMemory:
         self._rotary: FrameRotary | None = None
         # Hedgehog features of the cached keys the reference keeps between evictions; never saved.
         self._features = KeyFeatures()
-        # What a CPU decode step keeps between tokens (see kernels/lola/decode_cpu); never saved.
+        # What a CPU decode step keeps between tokens (see kernels/lola/decode_cpu); never saved. It knows
+        # the tensors and rotary it was made from, so it needs no forgetting.
         self._decode = lola.DecodeFrame()
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
@@ -83,7 +84,6 @@ class LolaMemory:
         chunk = self.settings.chunk
         if self._rotary is None or self._rotary.inv_freq is not attn.inv_freq:
             self._rotary = FrameRotary(attn.inv_freq, chunk, self.settings.capacity)
-            self._decode.forget()
         outputs = []
         start = 0
         while start < q.shape[2]:
@@ -127,7 +127,6 @@ class LolaMemory:
         chunk = self.settings.chunk
         if self._rotary is not None:
             self._rotary.forget()
-        self._decode.forget()
         *memories, keep = lola.evict(
             self.win_k,
             self.win_v,
@@ -157,7 +156,6 @@ class LolaMemory:
         self.tokens_seen = tokens_seen
         if self._rotary is not None:
             self._rotary.forget()
-        self._decode.forget()
         self._features.forget()
 
     def recall_errors(self, attn) -> torch.Tensor:

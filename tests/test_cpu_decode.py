@@ -119,3 +119,19 @@ def test_a_decode_step_that_evicts_prepares_the_next_one(monkeypatch):
                 assert memory._decode.matches(memory.tokens_seen, *tensors, memory._rotary)
     # Built for the first step after the prefill, then by each step that closed a chunk, for the next.
     assert built == [5, 8, 16, 24]
+
+
+def test_new_rotary_frequencies_are_not_served_keys_rotated_with_the_old():
+    attn = fake_attention(6, 16)
+    settings = LolaSettings(chunk=8, capacity=8)
+    memories = [LolaMemory(1, 6, 2, 16, 32, settings, torch.float32, torch.device("cpu")) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for step in range(12):
+            if step == 6:  # mid-chunk, after decode steps
+                attn.inv_freq = inv_freq(16) * 0.5
+            q = torch.randn(1, 6, 1, 16, generator=g)
+            k, v = torch.randn(2, 1, 2, 1, 16, generator=g)
+            with force_reference():
+                expected = memories[0].attend(q, k, v, attn)
+            torch.testing.assert_close(memories[1].attend(q, k, v, attn), expected, atol=1e-5, rtol=1e-5)

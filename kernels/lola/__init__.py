@@ -80,7 +80,7 @@ def cpu_decode_applies(length: int, *tensors: torch.Tensor) -> bool:
 def prepare_decode(decode_frame, rotary, win_k, win_v, cache_k, cache_v, h, s, tokens_seen):
     """Make what ``decode_cpu`` keeps for the next token now, where a single token would go to it: after
     an eviction that a decode step made, so that the eviction step pays for it rather than the step after
-    (a step that builds takes several times as long as one that does not)."""
+    (building rotates and copies the whole frame; a step writes one pair)."""
     memory = (win_k, win_v, cache_k, cache_v, h, s)
     if cpu_decode_applies(1, *memory) and not decode_frame.matches(tokens_seen, *memory, rotary):
         decode_frame.build(*memory, tokens_seen, rotary)

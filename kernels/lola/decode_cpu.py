@@ -35,9 +35,6 @@ class DecodeFrame:
     def __init__(self):
         self.ready_for: tuple | None = None
 
-    def forget(self) -> None:
-        self.ready_for = None
-
     def matches(self, tokens_seen: int, *tensors: torch.Tensor) -> bool:
         kept = self.ready_for
         if kept is None or kept[0] != tokens_seen:
