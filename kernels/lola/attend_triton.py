@@ -1,16 +1,19 @@
-"""LoLA attention for one segment of new tokens in Triton.
+"""LoLA attention for a segment of new tokens (one, in a decode step, up to a chunk) in Triton, split over
+the keys: one program per (batch, query head, tile of queries, block of keys) writes a partial
+online-softmax result, one more per (batch, query head, tile) the linear term, and a second kernel,
+one program per (batch, query head, query), merges them into y.
 
-Segments of several tokens run fused in one kernel, one program per (batch, query head, tile of up to
-16 queries). It rotates queries and keys at attention time in the compact frame of ``reference.attend``
-(cache, previous chunk, current chunk), runs an online softmax over the three key ranges with fp32
-accumulation, adds the Hedgehog linear term phi(q)^T H over phi(q)^T s with the shared normalizer
-(optionally rescaled to the window's best score), and writes the new keys and values into the window.
-Unused slots (empty cache slots, window slots past the newest token) are never loaded. A single token
-(a decode step) runs split over the keys instead (``decode_triton``); both are built from the blocks
-of ``frame_triton``.
+Queries and keys are rotated at attention time in the compact frame of ``reference.attend`` (cache,
+previous chunk, current chunk, causal within the segment), sums accumulate in fp32, and the linear term
+phi(q)^T H over phi(q)^T s joins with the shared normalizer (optionally rescaled to the window's best
+score). The new keys and values are appended to the window. Unused slots (empty cache slots, window
+slots past the newest token) are never loaded.
 
-The token count can be a host integer or a device tensor, so a CUDA graph captured once serves
-every position.
+Fused, one program per (batch, query head, tile) walks every key block one after another: nine heads
+at batch 1 leave most of a GPU's SMs idle, and a chunk's attention was the larger part of a prefill.
+The split runs the blocks at once. Both kernels are programmatic dependent launches where the GPU has
+them (``dispatch.launch_options``). The token count can be a host integer or a device tensor, so a CUDA
+graph captured once serves every position.
 """
 
 from __future__ import annotations
@@ -18,78 +21,183 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lola_chat.kernels.lola.decode_triton import decode
+from lola_chat.kernels.dispatch import launch_options
 from lola_chat.kernels.lola.frame_triton import (
     append,
-    cache_keys,
-    current_keys,
+    cache_tile,
+    current_tile,
     finish,
     frame_counts,
     linear_cap_factor,
     linear_state,
     linear_term,
-    previous_keys,
+    load_rows,
+    new_keys,
+    previous_tile,
     queries,
+    rotate,
+    softmax_block,
 )
-from lola_chat.kernels.lola.hedgehog_triton import block_rows, load_feature_map
+from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
+
+# Queries per tile, keys per block and warps per key-block program. One query: a one-row block's
+# products are reduced across threads, so more threads over fewer keys finish sooner, and more blocks
+# spread over more SMs. A segment: tiles of 16 queries by 32 keys with 8 warps, the fastest of tiles of
+# 16 to 64 queries by 16 to 64 keys with 4 to 16 warps for a 64-token segment at the default shapes
+# in an ad-hoc timing on an H200.
+ONE_ROW_LAUNCH = dict(block_t=1, block_n=16, num_warps=8)
+TILE_LAUNCH = dict(block_t=16, block_n=32, num_warps=8)
 
 
 @triton.jit(do_not_specialize=["seen"])
-def _attend_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, gate_ptr, freq_ptr, y_ptr,
-    seen, seen_ptr, linear_cap, T,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr,
+def _key_blocks_kernel(
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """One tile of queries (``program_id(1)``), one block of keys (``program_id(2)``): the block's softmax
+    max, sum and weighted values per query (a partial). The program after the last block computes the
+    linear term instead: phi(q)^T H as its values and phi(q)^T s as its sum (it needs neither the
+    softmax's maximum nor its sum, so it runs beside the blocks rather than after them).
+
+    Only q and the new pairs come from the kernel before this one (the projection); the memory it reads
+    (cache, window, hidden state) was last written by an earlier step or by the eviction before this
+    segment (ordinary launches, which a dependent one never overlaps), the token count before the
+    step's first dependent launch, and the feature map is a weight. So all of those load before
+    ``gdc_wait``, overlapping the projection's end, and only q and the new pairs' round trip remain
+    after it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     ONE_ROW: tl.constexpr = BLOCK_T == 1
-    pid = tl.program_id(0)
+    CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
+    WINDOW_BLOCKS: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
+    LINEAR_BLOCK: tl.constexpr = CACHE_BLOCKS + 2 * WINDOW_BLOCKS
+    pid, tile, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch, head = pid // HQ, pid % HQ
     kv_head = head // (HQ // HKV)
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    # Partials are laid out (B * Hq, tiles, blocks + 1, BLOCK_T): a program writes BLOCK_T consecutive rows.
+    rows = ((pid * tl.num_programs(1) + tile) * (LINEAR_BLOCK + 1) + block) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, D)
+    if block == LINEAR_BLOCK:
+        w = load_feature_map(fq_ptr, head, D, E)
+        h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
+        linear, linear_norm = linear_term(q, w, h_up, h_down, s_up, s_down, ONE_ROW)
+        tl.store(part_total_ptr + rows, linear_norm)
+        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], linear)
+    else:
+        freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
+        # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
+        if SEEN_ON_DEVICE:
+            count = tl.load(seen_ptr)
+        else:
+            count = seen.to(tl.int64)
+        cached, previous, current = frame_counts(count, C, G)
+        win_row = (batch * HKV + kv_head) * 2 * C
+        window_block = block - CACHE_BLOCKS
+        current_block = window_block - WINDOW_BLOCKS
+        if block < CACHE_BLOCKS:
+            k, v, ok = cache_tile(
+                ck_ptr, cv_ptr, (batch * HQ + head) * G, block * BLOCK_N, cached, freq, G, D, BLOCK_N
+            )
+        elif window_block < WINDOW_BLOCKS:
+            k, v, ok = previous_tile(
+                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, freq, D, BLOCK_N
+            )
+        else:
+            k, v, ok = current_tile(
+                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, freq, C, D,
+                BLOCK_N,
+            )  # fmt: skip
+        # The queries' own slots in the current chunk, and their frame positions.
+        q_slot = current + t
+        position = cached + previous + q_slot
+        visible = ok[None, :] & t_ok[:, None]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if block >= CACHE_BLOCKS + WINDOW_BLOCKS:
+            new_base = batch * sk_b + kv_head * sk_h
+            slot = current_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            if ONE_ROW:
+                # The new pair as one row, rotated alone: a tile's worth of sines and cosines would now
+                # sit on the path that waited for the projection.
+                k_new, k_new_partner = load_rows(k_ptr + new_base, t, 0, t_ok, D)
+                v_new = tl.load(v_ptr + new_base + dims[None, :]).to(tl.float32)
+                is_new = slot == current
+                k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, position, freq), k)
+                v = tl.where(is_new[:, None], v_new, v)
+                ok = ok | is_new
+            else:
+                k, v, ok = new_keys(
+                    k, v, ok, k_ptr, v_ptr, new_base, sk_t, current_block * BLOCK_N, cached + previous,
+                    current, T, freq, D, BLOCK_N,
+                )  # fmt: skip
+            visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+            # The first current block of the first query head of each key/value head appends the tile's
+            # pairs: nothing in this kernel reads the window's slots from ``current`` on.
+            writes = t_ok & (t * 0 + current_block == 0) & (t * 0 + head % (HQ // HKV) == 0)
+            append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
+        q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D)
+        m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
+        # A block's best score is its m: ``top`` goes unused. Names, not ``_``: Triton's compiler, unlike its
+        # interpreter, refuses a name that the two branches bind with different types.
+        m, total, acc, top = softmax_block(
+            m, tl.zeros((BLOCK_T,), tl.float32), tl.zeros((BLOCK_T, D), tl.float32), q_rot, k, v, visible,
+            ONE_ROW,
+        )  # fmt: skip
+        tl.store(part_m_ptr + rows, m)
+        tl.store(part_total_ptr + rows, total)
+        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _merge_kernel(
+    gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, linear_cap, sy_b, sy_h, sy_t,
+    HQ: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCKS: tl.constexpr,
+    CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One query (``program_id(1)``): merge the partials of every key block with the linear term (the
+    partial after them) and store y. The token count and the gate load before ``gdc_wait``: only the
+    partials come from the kernel before."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid, row = tl.program_id(0), tl.program_id(1)
+    batch, head = pid // HQ, pid % HQ
     if SEEN_ON_DEVICE:
         seen = tl.load(seen_ptr)
-    cached, previous, current = frame_counts(seen, C, G)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < T
-    q_slot = current + t
-    freq = tl.load(freq_ptr + tl.arange(0, D) % (D // 2)).to(tl.float32)
-    q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, cached + previous + q_slot, freq, D)
-
-    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
-    total = tl.zeros((BLOCK_T,), tl.float32)
-    acc = tl.zeros((BLOCK_T, D), tl.float32)
-    # The window's best score: the linear term is measured against it (see reference.attend).
-    window_top = tl.full((BLOCK_T,), -1.0e30, tl.float32)
-    cache_row = (batch * HQ + head) * G
-    win_row = (batch * HKV + kv_head) * 2 * C
-    new_base = batch * sk_b + kv_head * sk_h
-    for start in range(0, G, BLOCK_N):
-        m, total, acc = cache_keys(
-            m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq, G, D, BLOCK_N, ONE_ROW
-        )
-    for start in range(0, C, BLOCK_N):
-        m, total, acc, window_top = previous_keys(
-            m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok, freq,
-            D, BLOCK_N, ONE_ROW,
-        )  # fmt: skip
-    for start in range(0, C, BLOCK_N):
-        m, total, acc, window_top = current_keys(
-            m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base, sk_t,
-            start, cached, previous, current, T, q_slot, t_ok, freq, C, D, BLOCK_N, ONE_ROW,
-        )  # fmt: skip
-    h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
-    linear, linear_norm = linear_term(
-        q, load_feature_map(fq_ptr, head, D, E), h_up, h_down, s_up, s_down, ONE_ROW
-    )
+    linear_factor = linear_cap_factor(seen, linear_cap, C, G)
+    gate = tl.load(gate_ptr + head).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    # This query's partials: one per block, BLOCK_T apart (the key blocks kernel's layout).
+    tiles = (tl.num_programs(1) + BLOCK_T - 1) // BLOCK_T
+    first = (pid * tiles + row // BLOCK_T) * (BLOCKS + 1) * BLOCK_T + row % BLOCK_T
+    dims = tl.arange(0, D)
+    at = first + blocks * BLOCK_T
+    part_m = tl.load(part_m_ptr + at, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + at, mask=ok, other=0.0)
+    part_acc = tl.load(part_acc_ptr + at[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+    t = tl.arange(0, 1)
+    linear_at = first + BLOCKS * BLOCK_T + t
+    linear_norm = tl.load(part_total_ptr + linear_at)
+    linear = tl.load(part_acc_ptr + linear_at[:, None] * D + dims[None, :])
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
     finish(
-        m, total, acc, window_top, linear, linear_norm, linear_cap_factor(seen, linear_cap, C, G),
-        tl.load(gate_ptr + head).to(tl.float32), t, t_ok, batch, head, y_ptr, sy_b, sy_h, sy_t, D,
-        WINDOW_NORMALIZER,
+        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm, linear_factor,
+        gate, row + t, t < 1, batch, head, y_ptr, sy_b, sy_h, sy_t, D, WINDOW_NORMALIZER,
     )  # fmt: skip
-    # The first query head of each key/value head appends (a tensor compare: scalar masks are not portable).
-    writes = t_ok & (t * 0 + head % (HQ // HKV) == 0)
-    append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
 
 
 def attend(
@@ -129,29 +237,33 @@ def attend(
     on_device = isinstance(tokens_seen, torch.Tensor)
     if not on_device:
         assert tokens_seen % chunk + length <= chunk, "a segment may not cross a chunk boundary"
-    assert length <= chunk and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    assert 1 <= length <= chunk and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     assert k.stride() == v.stride(), "k and v must share a layout"
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
-    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q, float(linear_cap))
-    if length == 1:
-        args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq)
-        decode(*args, seen, on_device, y, normalizer)
-        return y, win_k, win_v
-    # Query tiles of 16 rows: larger tiles spill registers, and more programs spread over more SMs.
-    block_t = 16
-    grid = (batch * n_heads, triton.cdiv(length, block_t))
-    # 8 warps: with 4, the fp32 tiles (keys, their rotation, H) exceed 255 registers per thread and
-    # spill to local memory (ptxas -v for sm_90); with 8 they fit.
-    _attend_kernel[grid](
-        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), window_factor, inv_freq, y,
-        *seen, length,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1],
-        BLOCK_T=block_t, BLOCK_N=block_rows(max(chunk, capacity), 32), SEEN_ON_DEVICE=on_device,
-        WINDOW_NORMALIZER=normalizer == "window",
-        num_warps=8,
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
+    config = ONE_ROW_LAUNCH if length == 1 else TILE_LAUNCH
+    block_t, block_n = config["block_t"], config["block_n"]
+    tiles = triton.cdiv(length, block_t)
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
+    # One partial per query, key block and tile, then the linear term's.
+    partials = batch * n_heads * tiles * (blocks + 1) * block_t
+    part_m = torch.empty(partials, dtype=torch.float32, device=q.device)
+    part_total = torch.empty_like(part_m)
+    part_acc = torch.empty(partials, dim, dtype=torch.float32, device=q.device)
+    shape = dict(HQ=n_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
+    launch = launch_options(q)
+    _key_blocks_kernel[(batch * n_heads, tiles, blocks + 1)](
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
+        part_acc, *seen, length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HKV=n_kv_heads, E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n, num_warps=config["num_warps"],
+        **shape, **launch,
+    )  # fmt: skip
+    _merge_kernel[(batch * n_heads, length)](
+        window_factor, y, part_m, part_total, part_acc, *seen, float(linear_cap), y.stride(0), y.stride(1),
+        y.stride(2), BLOCKS=blocks, CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks),
+        BLOCK_T=block_t, WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **shape, **launch,
     )  # fmt: skip
     return y, win_k, win_v

@@ -66,10 +66,12 @@ def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cache
 @triton.jit
 def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v, cached, previous,
                         N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_OTHER: tl.constexpr):  # fmt: skip
+                        BLOCK_OTHER: tl.constexpr, HALF_KEYS: tl.constexpr):  # fmt: skip
     """|| v_i - v_j || for the BLOCK_N candidates ``index`` (fp32 keys ``k`` and values ``v``), j the
     valid other candidate whose key is nearest to k_i, searched BLOCK_OTHER candidates at a time;
-    ||v_i|| where there is none (``evict_reference.cache_recall_error``)."""
+    ||v_i|| where there is none (``evict_reference.cache_recall_error``). ``HALF_KEYS``: the keys are
+    stored in a 16-bit float type, whose values TF32 holds exactly, so one TF32 product gives the
+    same fp32 sums as ``matmul``'s three."""
     nearest_distance = tl.full((BLOCK_N,), float("inf"), tl.float32)
     nearest = tl.zeros((BLOCK_N,), tl.int32)
     k_norm = tl.sum(k * k, axis=1)
@@ -77,7 +79,10 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
         other = start + tl.arange(0, BLOCK_OTHER)
         k_other, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, other, cached, previous, G, D)
         k_other = k_other.to(tl.float32)
-        cross = matmul(k, tl.trans(k_other), False)
+        if HALF_KEYS:
+            cross = tl.dot(k, tl.trans(k_other), input_precision="tf32")
+        else:
+            cross = matmul(k, tl.trans(k_other), False)
         # Squared distances: only their order matters, so no square root.
         distance = k_norm[:, None] + tl.sum(k_other * k_other, axis=1)[None, :] - 2.0 * cross
         distance = tl.where(valid[None, :] & (other[None, :] != index[:, None]), distance, float("inf"))
@@ -111,7 +116,7 @@ def _score_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, seen, seen_ptr, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OTHER: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    NOVELTY: tl.constexpr, RELATIVE: tl.constexpr,
+    NOVELTY: tl.constexpr, RELATIVE: tl.constexpr, HALF_KEYS: tl.constexpr,
 ):  # fmt: skip
     """Scores of the candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``, -inf
     for invalid ones."""
@@ -140,7 +145,7 @@ def _score_kernel(
         score = score / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), eps)
     if NOVELTY:
         recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
-                                     cached, previous, N, G, D, BLOCK_N, BLOCK_OTHER)  # fmt: skip
+                                     cached, previous, N, G, D, BLOCK_N, BLOCK_OTHER, HALF_KEYS)  # fmt: skip
         score = tl.minimum(score, recall)
     tl.store(score_ptr + pid * N + index, tl.where(valid, score, float("-inf")), mask=index < N)
 
@@ -290,8 +295,9 @@ def evict(
     Same contract as ``evict_reference.evict`` for ``policy`` in ``RECALL_POLICIES`` (the policies
     here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature
     parity and unused). Under the novelty policies the nearest key is chosen by squared distances whose
-    key products run as three TF32 products (fp32 accuracy), so of two candidates at nearly equal
-    distance the kernel and the reference may pick different ones.
+    key products are fp32 sums in another order than the reference's (one TF32 product for 16-bit keys,
+    which it holds exactly, three for fp32 keys), so of two candidates at nearly equal distance the
+    kernel and the reference may pick different ones.
     win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E)
     fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E powers of two >= 16.
     ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the
@@ -333,8 +339,8 @@ def evict(
             _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
                 win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
                 BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64),
-                NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"), num_warps=4,
-                **shape,
+                NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"),
+                HALF_KEYS=cache_k.dtype in (torch.bfloat16, torch.float16), num_warps=4, **shape,
             )  # fmt: skip
         features_dim = 2 * fmap_k.shape[-1]
         blocks = triton.cdiv(candidates, SELECT_ROWS)

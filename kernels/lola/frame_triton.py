@@ -1,8 +1,8 @@
-"""The building blocks of the LoLA attention kernels (``attend_triton``, ``decode_triton``) in Triton:
-the compact frame's counts, rotary embedding at attention time, one online-softmax step over each key
-range (cache, previous chunk, current chunk), the Hedgehog linear term, and the finish that adds it,
-stores y and appends the new pairs to the window. Queries and keys are rotated at attention time in the
-frame of ``reference.attend``; sums accumulate in fp32.
+"""The building blocks of the LoLA attention kernel (``attend_triton``) in Triton: the compact frame's
+counts, rotary embedding at attention time, the key tiles of each range (cache, previous chunk, current
+chunk) and one online-softmax step over a tile, the Hedgehog linear term, and the finish that adds it
+and stores y, and the append of the new pairs to the window. Queries and keys are rotated at attention
+time in the frame of ``reference.attend``; sums accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -111,41 +111,6 @@ def new_keys(k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, chunk_start, current
     )
     k_new = rotate(k_new, k_new_partner, chunk_start + slot, freq)
     return k + k_new, v + v_new.to(tl.float32), ok | is_new
-
-
-@triton.jit
-def cache_keys(m, total, acc, q_rot, ck_ptr, cv_ptr, cache_row, start, cached, t_ok, freq,
-                G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
-    """Online softmax over the cache slots start.. start + BLOCK_N (``cache_tile``)."""
-    k, v, ok = cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, freq, G, D, BLOCK_N)
-    m, total, acc, _ = softmax_block(m, total, acc, q_rot, k, v, ok[None, :] & t_ok[:, None], ONE_ROW)
-    return m, total, acc
-
-
-@triton.jit
-def previous_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, win_row, start, cached, previous, t_ok,
-                   freq, D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
-    """Online softmax over the previous chunk's slots start.. start + BLOCK_N (``previous_tile``),
-    tracking the window's best score."""
-    k, v, ok = previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, freq, D, BLOCK_N)
-    m, total, acc, block_top = softmax_block(m, total, acc, q_rot, k, v, ok[None, :] & t_ok[:, None], ONE_ROW)
-    return m, total, acc, tl.maximum(window_top, block_top)
-
-
-@triton.jit
-def current_keys(m, total, acc, window_top, q_rot, wk_ptr, wv_ptr, k_ptr, v_ptr, win_row, new_base,
-                  sk_t, start, cached, previous, current, T, q_slot, t_ok, freq, C: tl.constexpr,
-                  D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr):  # fmt: skip
-    """Online softmax over the current chunk's slots start.. start + BLOCK_N: the first ``current``
-    from the window, the next T from the new k, v; causal."""
-    k, v, ok = current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, freq, C, D, BLOCK_N)
-    k, v, ok = new_keys(
-        k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, cached + previous, current, T, freq, D, BLOCK_N
-    )
-    slot = start + tl.arange(0, BLOCK_N)
-    visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
-    m, total, acc, block_top = softmax_block(m, total, acc, q_rot, k, v, visible, ONE_ROW)
-    return m, total, acc, tl.maximum(window_top, block_top)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""The Triton attention (fused segments, decode split over key blocks) against ``reference.attend``."""
+"""The Triton attention (split over key blocks, for one token and for tiles of queries) against
+``reference.attend``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ CASES = [
     pytest.param(1000, 8, 16, 24, 3, 1, 32, 1, id="steady-state-fills-chunk"),
     pytest.param(997, 1, 16, 0, 3, 1, 16, 2, id="G0-decode"),
     pytest.param(64 * 3 + 1, 63, 64, 24, 3, 1, 16, 1, id="T63"),
-    # One token runs the split kernels: key blocks in parallel, then the merge.
     pytest.param(36, 1, 16, 24, 3, 1, 16, 2, id="decode-cache-partly-full"),
     pytest.param(1000, 1, 16, 24, 6, 2, 32, 1, id="decode-steady-state-G24"),
     pytest.param(64 * 40 + 63, 1, 64, 128, 9, 3, 64, 1, id="decode-default-shapes-last-slot"),
