@@ -45,11 +45,14 @@ class TokenFeeder:
         self.state: State | None = None
         self.decoder = None
         self._bound = False
+        # The host copy of the decoder's argmax of the last feed's logits, once read (``argmax``).
+        self._argmax: int | None = None
 
     def bind(self, state: State | None) -> None:
         """Feed ``state`` from now on; also after it was restored in place (the decoder's copy is dropped)."""
         self.state = state
         self._bound = False
+        self._argmax = None
 
     def uses_decoder(self) -> bool:
         if self.decoding == "auto":
@@ -79,17 +82,24 @@ class TokenFeeder:
             tokens = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
             return self.model(tokens, self.state, last_only=True)[0, -1]
         decoder = self._decoder()
+        argmax, self._argmax = self._argmax, None
         if len(ids) == 1:
             # A decoded token: one graph replay, without prefill's reply bookkeeping (the engine samples).
-            decoder.step(ids[0])
+            # The argmax the decoder computed is already its input buffer: feeding that buffer costs no
+            # copy from the host, which would wait for the copy before the replay launches.
+            decoder.step(decoder.token if ids[0] == argmax else ids[0])
         else:
             decoder.prefill(torch.tensor([ids], device=self.model.embed_tokens.weight.device))
         return decoder.logits[0]
 
-    def argmax(self) -> torch.Tensor | None:
-        """The argmax of the logits the last feed returned, a (1,) device tensor the decoder's greedy step
-        computed; None where the model's forward feeds."""
-        return self.decoder.token if self.decoder is not None and self._bound else None
+    def argmax(self) -> int | None:
+        """The argmax of the logits the last feed returned, as the decoder's greedy step computed it (reading
+        it waits for that step); None where the model's forward feeds."""
+        if self.decoder is None or not self._bound:
+            return None
+        if self._argmax is None:
+            self._argmax = int(self.decoder.token[0])
+        return self._argmax
 
     def sync(self) -> State:
         """Bring the State up to date with everything fed, and return it."""

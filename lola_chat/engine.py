@@ -75,7 +75,14 @@ def repeated_ngram_followers(tokens: list[int], n: int) -> list[int]:
     if n <= 1 or len(tokens) < n:
         return []
     prefix = tokens[len(tokens) - n + 1 :]
-    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == prefix]
+    last = prefix[-1]
+    # Runs once per generated token over the whole reply: a cheap test of one token first, so that only
+    # the few candidates that pass it make a slice to compare.
+    return [
+        tokens[i + n - 1]
+        for i in range(len(tokens) - n + 1)
+        if tokens[i + n - 2] == last and tokens[i : i + n - 1] == prefix
+    ]
 
 
 def sample(
@@ -83,16 +90,17 @@ def sample(
     settings: GenerationSettings,
     generator: torch.Generator | None,
     recent: list[int],
-    argmax: torch.Tensor | None = None,
+    argmax: Callable[[], int | None] | None = None,
 ) -> int:
     """logits: (vocab,). Tokens already in this reply (``recent``) are penalised (CTRL-style); then greedy
-    at temperature 0, else nucleus sampling. ``argmax``: the logits' argmax where the caller has it
-    already (the captured decoder computes it in its graph); greedy decoding without a penalty takes it
-    unless the n-gram rule bans it, sparing a reduction and its launch per token."""
+    at temperature 0, else nucleus sampling. ``argmax``: gives the logits' argmax where the caller has it
+    already (the captured decoder computes it in its graph), or None; greedy decoding without a penalty
+    takes it unless the n-gram rule bans it, sparing a reduction and its launch per token. It is called
+    only then, as reading it from a device waits for the device."""
     banned = repeated_ngram_followers(recent, settings.no_repeat_ngram)
     if argmax is not None and settings.temperature <= 0 and settings.repetition_penalty == 1.0:
-        token = int(argmax)
-        if token not in banned:
+        token = argmax()
+        if token is not None and token not in banned:
             return token
     if recent and settings.repetition_penalty != 1.0:
         ids = torch.tensor(sorted(set(recent)), device=logits.device)
@@ -298,7 +306,7 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 stopped = True
                 break
-            token = sample(logits, self.generation, generator, generated, self._feeder.argmax())
+            token = sample(logits, self.generation, generator, generated, self._feeder.argmax)
             if token in self.template.end_ids:
                 break
             generated.append(token)

@@ -212,6 +212,17 @@ def test_ngram_blocking_names_the_tokens_that_would_repeat():
     assert repeated_ngram_followers([1, 2, 3, 1, 2, 4, 1, 2], 3) == [3, 4]
     assert repeated_ngram_followers([1, 2, 3, 4], 3) == []
     assert repeated_ngram_followers([1, 1, 1], 0) == []
+    # Against the definition: every n-gram of the reply whose first n-1 tokens end it now.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tokens = torch.randint(
+            0, 3, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator
+        )
+        tokens = tokens.tolist()
+        for n in (2, 3, 4):
+            grams = [tokens[i : i + n] for i in range(len(tokens) - n + 1)]
+            expected = [gram[-1] for gram in grams if gram[:-1] == tokens[len(tokens) - n + 1 :]]
+            assert repeated_ngram_followers(tokens, n) == expected, (tokens, n)
 
 
 def test_command_line_settings_win_over_the_session_and_the_session_over_defaults(tiny_loaded, lola_home):
@@ -256,17 +267,19 @@ def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loa
 def test_sample_takes_a_given_argmax_only_where_greedy_would_pick_it():
     from lola_chat.engine import sample
 
+    def unread() -> int:
+        raise AssertionError("sampling read the argmax, which waits for the device")
+
     logits = torch.tensor([0.0, 5.0, 4.0, 1.0])
     greedy = GenerationSettings(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram=3)
     # A stale hint shows whether it was taken: greedy alone would pick 1.
-    assert sample(logits, greedy, None, [], argmax=torch.tensor([3])) == 3
+    assert sample(logits, greedy, None, [], argmax=lambda: 3) == 3
     assert sample(logits, greedy, None, [], argmax=None) == 1
+    assert sample(logits, greedy, None, [], argmax=lambda: None) == 1
     # The n-gram rule bans 3 after [7, 8] here: the hint is refused and the logits decide without it.
-    assert sample(logits, greedy, None, [7, 8, 3, 7, 8], argmax=torch.tensor([3])) == 1
+    assert sample(logits, greedy, None, [7, 8, 3, 7, 8], argmax=lambda: 3) == 1
     penalized = dataclasses.replace(greedy, repetition_penalty=1.5)
-    assert sample(logits, penalized, None, [0], argmax=torch.tensor([3])) == 1
+    assert sample(logits, penalized, None, [0], argmax=unread) == 1
     hot = dataclasses.replace(greedy, temperature=1.0, seed=0)
-    picks = {
-        sample(logits, hot, torch.Generator().manual_seed(i), [], argmax=torch.tensor([0])) for i in range(8)
-    }
+    picks = {sample(logits, hot, torch.Generator().manual_seed(i), [], argmax=unread) for i in range(8)}
     assert 0 not in picks

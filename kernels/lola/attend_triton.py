@@ -132,15 +132,16 @@ def _key_blocks_kernel(
                 k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, position, freq), k)
                 v = tl.where(is_new[:, None], v_new, v)
                 ok = ok | is_new
+                visible = ok[None, :] & t_ok[:, None]
             else:
                 k, v, ok = new_keys(
                     k, v, ok, k_ptr, v_ptr, new_base, sk_t, current_block * BLOCK_N, cached + previous,
                     current, T, freq, D, BLOCK_N,
                 )  # fmt: skip
-            visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
-            # The first current block of the first query head of each key/value head appends the tile's
-            # pairs: nothing in this kernel reads the window's slots from ``current`` on.
-            writes = t_ok & (t * 0 + current_block == 0) & (t * 0 + head % (HQ // HKV) == 0)
+                visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
+            # The block holding a query's slot, of the first query head of its key/value head, appends
+            # that query's pair: nothing in this kernel reads the window's slots from ``current`` on.
+            writes = t_ok & (q_slot // BLOCK_N == current_block) & (t * 0 + head % (HQ // HKV) == 0)
             append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
         q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D)
         m = tl.full((BLOCK_T,), -1.0e30, tl.float32)

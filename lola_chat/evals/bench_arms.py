@@ -167,7 +167,7 @@ class LolaArm(Arm):
             if logits is None:
                 token = int(tokens[0, -1])
             else:
-                token = sample(logits, settings, None, reply, self._feeder.argmax())
+                token = sample(logits, settings, None, reply, self._feeder.argmax)
                 reply.append(token)
             logits = self._feeder.feed([token])
 

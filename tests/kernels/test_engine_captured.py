@@ -109,3 +109,30 @@ def test_captured_steps_give_the_engine_the_same_turns(tiny_loaded, tmp_path, mo
     assert both(cancelled_feed) == 0
     both(lambda engine: (engine.chat("the capital").new_tokens, reply(engine)))
     assert captured._feeder.decoder is decoder
+
+
+def test_feeding_the_decoders_argmax_feeds_its_own_buffer(tiny_loaded):
+    from lola_chat.decoding import TokenFeeder
+
+    loaded = triton_shaped(tiny_loaded)
+    feeder = TokenFeeder(loaded.model, "uncaptured")
+    reference = TokenFeeder(loaded.model, "model")
+    for each in (feeder, reference):
+        each.bind(loaded.model.new_state("lola", loaded.lola))
+    assert feeder.argmax() is None, "nothing fed yet"
+    prompt = list(range(5, 25))
+    logits = feeder.feed(prompt)
+    expected = reference.feed(prompt)
+    fed = []
+    decoder = feeder.decoder
+    step = decoder.step
+    decoder.step = lambda token: fed.append(token) or step(token)
+    for _ in range(3):
+        token = feeder.argmax()
+        assert token == int(expected.argmax()) == int(logits.argmax())
+        logits, expected = feeder.feed([token]), reference.feed([token])
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    other = (feeder.argmax() + 1) % loaded.model.cfg.vocab_size
+    torch.testing.assert_close(feeder.feed([other]), reference.feed([other]), atol=1e-4, rtol=1e-4)
+    # The argmax went back as the decoder's own buffer, without a copy from the host; another token did not.
+    assert all(token is decoder.token for token in fed[:3]) and fed[3] == other
