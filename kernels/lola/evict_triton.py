@@ -18,8 +18,8 @@ their new slots in a fresh buffer and its folded ones' sums to a partial; a comm
 partials to H and s in a fixed order (the same sums on every run) and moves the new slots into the
 cache. Which candidates are kept follows from the G-th highest score (one in-register sort per
 program) and comparisons with it, so no host round trip is needed and the step can live inside a CUDA
-graph; the window shift is a last kernel, after every query head has read the
-leaving chunk.
+graph. The commit kernel also shifts the window, as it runs after every query head has read the
+leaving chunk; where nothing leaves the window (the first chunk closes) the shift is a kernel alone.
 """
 
 from __future__ import annotations
@@ -231,16 +231,31 @@ def _select_kernel(
 
 
 @triton.jit
+def _shift_rows(wk_ptr, wv_ptr, window, rows, C: tl.constexpr, D: tl.constexpr):
+    """Window ``window``'s current-chunk rows ``rows`` (slots C + rows) move to the previous chunk's."""
+    at = (window * 2 * C + rows[:, None]) * D + tl.arange(0, D)[None, :]
+    ok = (rows < C)[:, None]
+    tl.store(wk_ptr + at, tl.load(wk_ptr + at + C * D, mask=ok), mask=ok)
+    tl.store(wv_ptr + at, tl.load(wv_ptr + at + C * D, mask=ok), mask=ok)
+
+
+@triton.jit
 def _commit_kernel(
-    ck_ptr, cv_ptr, h_ptr, s_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr, ids_ptr, new_ids_ptr,
-    G: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
-    SLOTS: tl.constexpr, IDS: tl.constexpr,
+    ck_ptr, cv_ptr, h_ptr, s_ptr, wk_ptr, wv_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr, ids_ptr,
+    new_ids_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
+    SHIFT_ROWS: tl.constexpr, IDS: tl.constexpr,
 ):  # fmt: skip
     """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
     partial folds, summed in block order first (so the sum does not depend on scheduling, and H, which
     grows over the conversation, takes one rounding per eviction rather than one per block); the cache
-    (and with ``IDS`` its ids) takes the new slots (``SLOTS`` rows per part)."""
+    (and with ``IDS`` its ids) takes the new slots (``SLOTS`` rows per part); and the first query head
+    of each key/value head shifts that head's window (``SHIFT_ROWS`` rows per part)."""
     pid, part = tl.program_id(0), tl.program_id(1)
+    head = pid % HQ
+    if head % (HQ // HKV) == 0:
+        window = (pid // HQ) * HKV + head // (HQ // HKV)
+        _shift_rows(wk_ptr, wv_ptr, window, part * SHIFT_ROWS + tl.arange(0, SHIFT_ROWS), C, D)
     dims = tl.arange(0, D)
     rows = part * (F // SPLIT) + tl.arange(0, F // SPLIT)
     fold = tl.zeros((F // SPLIT, D), tl.float32)
@@ -266,14 +281,8 @@ def _commit_kernel(
 @triton.jit
 def _shift_window_kernel(wk_ptr, wv_ptr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The current chunk (window slots C..2C-1) becomes the previous one (slots 0..C-1)."""
-    base = tl.program_id(0) * 2 * C * D
-    dims = tl.arange(0, D)[None, :]
     for start in range(0, C, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)[:, None]
-        ok = rows < C
-        at = base + rows * D + dims
-        tl.store(wk_ptr + at, tl.load(wk_ptr + at + C * D, mask=ok), mask=ok)
-        tl.store(wv_ptr + at, tl.load(wv_ptr + at + C * D, mask=ok), mask=ok)
+        _shift_rows(wk_ptr, wv_ptr, tl.program_id(0), start + tl.arange(0, BLOCK_N), C, D)
 
 
 def evict(
@@ -362,13 +371,14 @@ def evict(
         )  # fmt: skip
         split = min(COMMIT_SPLIT, features_dim)
         _commit_kernel[(batch * n_heads, split)](
-            cache_k, cache_v, h, s, new_k, new_v, fold, fold_norm, cache_ids, new_ids, G=capacity, D=dim,
-            F=features_dim, BLOCKS=blocks, SPLIT=split, IDS=with_ids,
-            SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)), num_warps=4,
+            cache_k, cache_v, h, s, win_k, win_v, new_k, new_v, fold, fold_norm, cache_ids, new_ids,
+            HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, F=features_dim, BLOCKS=blocks,
+            SPLIT=split, IDS=with_ids, SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
+            SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, split)), num_warps=4,
         )  # fmt: skip
         if capacity == 0:
             keep = None
     else:
         assert tokens_seen == chunk, "eviction runs only when a chunk is full"
-    _shift_window_kernel[(batch * n_kv_heads,)](win_k, win_v, C=chunk, D=dim, BLOCK_N=block_rows(chunk))
+        _shift_window_kernel[(batch * n_kv_heads,)](win_k, win_v, C=chunk, D=dim, BLOCK_N=block_rows(chunk))
     return win_k, win_v, cache_k, cache_v, h, s, keep

@@ -31,6 +31,7 @@ CASES = [
     pytest.param(192, 64, 24, 3, 1, 16, 1, id="chunk64"),
     pytest.param(80, 16, 48, 6, 2, 16, 2, id="N-a-multiple-of-32-batch2"),
     pytest.param(160, 16, 2, 3, 1, 16, 1, id="G2-fewer-slots-than-commit-parts"),
+    pytest.param(60, 12, 20, 6, 2, 16, 1, id="chunk12-window-rows-not-a-multiple-of-commit-parts"),
 ]
 
 
