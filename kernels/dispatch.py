@@ -1,7 +1,8 @@
 """When an op in ``lola_chat.kernels`` runs its Triton kernel instead of its PyTorch reference: one rule
 for every op. ``LOLA_CHAT_REFERENCE=1`` in the environment, or ``force_reference()``, forces the
-reference everywhere. ``dependent_launch()`` chooses whether the Triton kernels of the decode step
-are launched as programmatic dependent launches (see ``launch_options``)."""
+reference everywhere. ``dependent_launch()`` chooses whether the Triton kernels that take a ``PDL``
+constexpr (the decode step's fused projections, and LoLA attention for every segment) are launched as
+programmatic dependent launches (see ``launch_options``)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def force_reference(enabled: bool = True):
 
 @contextlib.contextmanager
 def dependent_launch(enabled: bool = True):
-    """Within the block, launch the decode step's Triton kernels as programmatic dependent launches where
-    the GPU has them (``enabled``, the default) or one strictly after another (for comparison)."""
+    """Within the block, launch the Triton kernels that take a ``PDL`` constexpr as programmatic dependent
+    launches where the GPU has them (``enabled``, the default) or one strictly after another (for
+    comparison)."""
     token = _dependent.set(enabled)
     try:
         yield
@@ -50,10 +52,11 @@ def launch_options(tensor: torch.Tensor) -> dict:
     """Launch options for a Triton kernel that works on ``tensor``'s device and takes a ``PDL``
     constexpr. With programmatic dependent launch a kernel may start while the kernel before it in the
     stream is still running (inside a CUDA graph too): it signals its own dependents at once, reads
-    first what none of the dependent launches before it writes (weights; the memory a decode step last
-    wrote in an earlier step), and waits (``gdc_wait``) for its predecessor to finish before it reads
-    anything else or writes. Between the many small kernels of a decode step this hides
-    the launch gap and the first memory round trip. ``{"PDL": False}`` off CUDA, before Hopper, under
+    first what none of the dependent launches before it writes (weights; memory last written before
+    the last ordinary launch, which a dependent one never overlaps: by an earlier decode step, or by the
+    eviction between two segments), and waits (``gdc_wait``) for its predecessor to finish before it
+    reads anything else or writes. Between the many small kernels of a decode step this hides the
+    launch gap and the first memory round trip. ``{"PDL": False}`` off CUDA, before Hopper, under
     Triton's interpreter or outside ``dependent_launch()``."""
     enabled = tensor.is_cuda and _dependent.get() and _has_dependent_launch(tensor.device.index or 0)
     return {"PDL": True, "launch_pdl": True} if enabled else {"PDL": False}

@@ -45,14 +45,17 @@ class TokenFeeder:
         self.state: State | None = None
         self.decoder = None
         self._bound = False
-        # The host copy of the decoder's argmax of the last feed's logits, once read (``argmax``).
-        self._argmax: int | None = None
+        # The decoder's token count after this feeder's last feed (None: nothing fed since ``bind``), and
+        # the host copy of its argmax at that count, once read (``argmax``): both are checked against the
+        # decoder's count, so a decoder stepped by anyone else never has a stale argmax fed back.
+        self._fed_at: int | None = None
+        self._argmax: tuple[int, int] | None = None
 
     def bind(self, state: State | None) -> None:
         """Feed ``state`` from now on; also after it was restored in place (the decoder's copy is dropped)."""
         self.state = state
         self._bound = False
-        self._argmax = None
+        self._fed_at = self._argmax = None
 
     def uses_decoder(self) -> bool:
         if self.decoding == "auto":
@@ -82,24 +85,27 @@ class TokenFeeder:
             tokens = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
             return self.model(tokens, self.state, last_only=True)[0, -1]
         decoder = self._decoder()
-        argmax, self._argmax = self._argmax, None
+        computed = self._argmax == (decoder.tokens_seen, ids[0])
         if len(ids) == 1:
             # A decoded token: one graph replay, without prefill's reply bookkeeping (the engine samples).
             # The argmax the decoder computed is already its input buffer: feeding that buffer costs no
             # copy from the host, which would wait for the copy before the replay launches.
-            decoder.step(decoder.token if ids[0] == argmax else ids[0])
+            decoder.step(decoder.token if computed else ids[0])
         else:
             decoder.prefill(torch.tensor([ids], device=self.model.embed_tokens.weight.device))
+        self._fed_at, self._argmax = decoder.tokens_seen, None
         return decoder.logits[0]
 
     def argmax(self) -> int | None:
         """The argmax of the logits the last feed returned, as the decoder's greedy step computed it (reading
-        it waits for that step); None where the model's forward feeds."""
-        if self.decoder is None or not self._bound:
+        it waits for that step); None where the model's forward feeds, where nothing was fed since ``bind``,
+        and where the decoder was stepped by anything but this feeder since its last feed."""
+        decoder = self.decoder
+        if decoder is None or not self._bound or self._fed_at != decoder.tokens_seen:
             return None
         if self._argmax is None:
-            self._argmax = int(self.decoder.token[0])
-        return self._argmax
+            self._argmax = (decoder.tokens_seen, int(decoder.token[0]))
+        return self._argmax[1]
 
     def sync(self) -> State:
         """Bring the State up to date with everything fed, and return it."""

@@ -136,3 +136,10 @@ def test_feeding_the_decoders_argmax_feeds_its_own_buffer(tiny_loaded):
     torch.testing.assert_close(feeder.feed([other]), reference.feed([other]), atol=1e-4, rtol=1e-4)
     # The argmax went back as the decoder's own buffer, without a copy from the host; another token did not.
     assert all(token is decoder.token for token in fed[:3]) and fed[3] == other
+    # A decoder stepped directly, or a feeder bound again, has no argmax the feeder could vouch for.
+    assert feeder.argmax() is not None
+    step(decoder.token)
+    assert feeder.argmax() is None
+    feeder.bind(loaded.model.new_state("lola", loaded.lola))
+    feeder.prepare()
+    assert feeder.argmax() is None
