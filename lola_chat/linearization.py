@@ -15,9 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from lola_chat.errors import UsageError
-from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.memory import LolaSettings
-from lola_chat.model import Transformer
+from lola_chat.model import Transformer, lora_merged
 from lola_chat.storage import atomic_write_bytes
 
 LINEARIZATION_FILE = "linearization.safetensors"
@@ -87,19 +86,20 @@ def linearization_settings(directory: Path) -> LolaSettings:
         raise UsageError(f"{directory} has no readable LoLA settings: {error}") from None
 
 
-def lora_targets(directory: Path | None) -> frozenset[str]:
-    """The projections (``q_proj``, ...) whose weights a linearization's LoRA changes when it is loaded,
-    from its config.json; empty without one (a config that cannot be read fails in ``load_linearization``)."""
-    try:
-        return frozenset(json.loads((directory / "config.json").read_text())["lora"]["targets"])
-    except (TypeError, OSError, ValueError, KeyError):
-        return frozenset()
+@torch.no_grad()
+def merge_lora(linear: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """W += scale * B @ A in place, computed in fp32 or wider; ``linear`` keeps (A, B, scale) as
+    ``merged_low_rank`` (``Transformer.attach_int4`` adds them apart from a four-bit base)."""
+    linear.weight.copy_(lora_merged(linear.weight, a, b, scale))
+    linear.merged_low_rank = (a, b, scale)
 
 
 def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSettings]:
     """Install a linearization into ``model``: feature maps and gates replaced, LoRA merged into the
-    base projections (W += alpha/rank * B @ A, in fp32 or wider). Everything is checked before the
-    model is touched. Returns (fingerprint: 16 hex of the safetensors file's sha256, settings)."""
+    base projections (W += alpha/rank * B @ A, in fp32 or wider; each projection keeps (A, B, alpha/rank)
+    as ``merged_low_rank``, so that a four-bit form of its base weight can add them apart, see
+    ``Transformer.attach_int4``). Everything is checked before the model is touched. Returns
+    (fingerprint: 16 hex of the safetensors file's sha256, settings)."""
     from safetensors.torch import load as load_safetensors
 
     try:
@@ -137,7 +137,7 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
         if (a.shape[1], b.shape[0], a.shape[0], b.shape[1]) != (weight.shape[1], weight.shape[0], rank, rank):
             raise UsageError(f"{about}: {module} LoRA is {tuple(b.shape)} x {tuple(a.shape)}, "
                              f"the weight is {tuple(weight.shape)}")  # fmt: skip
-        merges.append((weight, a, b))
+        merges.append((module, a, b))
     for key in sorted(wanted):
         if key not in tensors or tensors[key].shape != params[key].shape:
             found = tuple(tensors[key].shape) if key in tensors else "missing"
@@ -145,8 +145,6 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
     with torch.no_grad():
         for key in wanted:
             params[key].copy_(tensors[key])
-        for weight, a, b in merges:
-            acc = accumulator(weight.dtype)
-            delta = b.to(weight.device, acc) @ a.to(weight.device, acc)
-            weight.copy_(weight.to(acc) + scale * delta)
+        for module, a, b in merges:
+            merge_lora(model.get_submodule(module), a, b, scale)
     return fingerprint(data), settings

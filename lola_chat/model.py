@@ -14,6 +14,7 @@ from torch import nn
 from lola_chat.kernels import int4
 from lola_chat.kernels.dispatch import reference_forced
 from lola_chat.kernels.gemv import fused_linear
+from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.kernels.rmsnorm import rms_norm
 from lola_chat.kernels.swiglu import swiglu
 from lola_chat.memory import MEMORY_KINDS, LolaSettings, State
@@ -59,6 +60,40 @@ class ModelConfig:
         return 2 * self.head_dim
 
 
+def lora_merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight + scale * B @ A, computed in fp32 or wider, in weight's dtype: how a linearization's LoRA
+    is merged (``linearization.merge_lora``)."""
+    acc = accumulator(weight.dtype)
+    return (weight.to(acc) + scale * (b.to(weight.device, acc) @ a.to(weight.device, acc))).to(weight.dtype)
+
+
+def _with_low_rank(
+    base: torch.Tensor, rows: list[int], merged: list
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``base`` (N, K), the stacked parts' weights (``rows`` each), with each part's merged LoRA
+    ((A, B, scale) or None) added as ``load_linearization`` adds it; and the LoRAs as one low-rank
+    correction (A stacked (R, K), B (N, R) block-diagonal with the scales folded in) for
+    ``int4.Int4Weight``."""
+    weights, a_parts, b_parts = [], [], []
+    start = 0
+    for part, low_rank in zip(base.split(rows), merged, strict=True):
+        if low_rank is None:
+            weights.append(part)
+        else:
+            a, b, scale = low_rank
+            weights.append(lora_merged(part, a, b, scale))
+            a_parts.append(a.float())
+            b_parts.append((start, scale * b.float()))
+        start += part.shape[0]
+    a = torch.cat(a_parts)
+    b = torch.zeros(base.shape[0], a.shape[0])
+    column = 0
+    for first, part in b_parts:
+        b[first : first + part.shape[0], column : column + part.shape[1]] = part
+        column += part.shape[1]
+    return torch.cat(weights), (a, b)
+
+
 class Linear(nn.Linear):
     """nn.Linear with the fastest CPU path measured for bf16 inference (no autograd, no bias), each
     accumulating in fp32 as ``F.linear`` does. One row (decoding) is ``torch.mv``, which reads the
@@ -72,6 +107,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self._packed = Derived()
         self._int4: tuple | None = None  # (the weight tensor, its version, its Int4Weight)
+        # (A, B, scale) of a LoRA merged into the weight (``load_linearization``): what a four-bit form of
+        # the base weight adds apart (``Transformer.attach_int4``).
+        self.merged_low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def attach_int4(self, weight: int4.Int4Weight) -> bool:
         """Multiply single bf16 rows on the CPU by ``weight``, the same weight in four bits, until this
@@ -321,7 +359,10 @@ class Transformer(nn.Module):
         """Give the decode projections their weights in four bits where the checkpoint held them so:
         ``recovered`` maps parameter names to ``int4.recover``'s (codes, scale, low). A projection takes
         them only if every weight stacked in it was recovered and, dequantized and rounded to its dtype,
-        they equal its weight (a weight the linearization changed, say, keeps its bf16 path). For a
+        they equal its weight; or, for weights a linearization's LoRA was merged into
+        (``merged_low_rank``), they and the LoRA merged as ``load_linearization`` merges it equal its
+        weight: the one-row product then reads the base in four bits and adds the LoRA's low-rank product
+        in fp32, which differs from the merged bf16 weight's product by that weight's rounding. For a
         bf16 model on the CPU, after ``pack_projections``; elsewhere nothing happens. Returns the number
         of projections given one."""
         weight = self.embed_tokens.weight
@@ -333,8 +374,15 @@ class Transformer(nn.Module):
                 continue
             parts = zip(*(recovered[name] for name in names), strict=True)
             codes, scale, low = (torch.cat(part) for part in parts)
-            if torch.equal(int4.exact(codes, scale, low).to(linear.weight.dtype), linear.weight):
-                attached += linear.attach_int4(int4.Int4Weight.pack(codes, scale, low))
+            base = int4.exact(codes, scale, low).to(linear.weight.dtype)
+            modules = [self.get_submodule(name.removesuffix(".weight")) for name in names]
+            merged = [getattr(module, "merged_low_rank", None) for module in modules]
+            low_rank = None
+            if any(merged):
+                rows = [module.weight.shape[0] for module in modules]
+                base, low_rank = _with_low_rank(base, rows, merged)
+            if torch.equal(base, linear.weight):
+                attached += linear.attach_int4(int4.Int4Weight.pack(codes, scale, low, low_rank=low_rank))
         return attached
 
     def new_state(self, kind: str = "lola", settings: LolaSettings | None = None, batch: int = 1) -> State:

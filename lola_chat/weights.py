@@ -26,7 +26,6 @@ from lola_chat.kernels.lola.reference import accumulator
 from lola_chat.linearization import (
     FEATURE_MAP_NAMES,
     load_linearization,
-    lora_targets,
     resolve_linearization,
 )
 from lola_chat.memory import LolaSettings
@@ -101,12 +100,10 @@ def _read_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     recovered: dict | None = None,
-    changed: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Tensors by Transformer parameter name, each moved to device and dtype as it is read. Into
     ``recovered``, when given, the four-bit form (``int4.recover``) of each projection weight stored
-    as float32 values that have one (the default model's, converted from its GGUF), except the
-    projections named in ``changed`` (``q_proj``, ...), whose weights change after loading."""
+    as float32 values that have one (the default model's, converted from its GGUF)."""
     state = {}
     for file in files:
         try:
@@ -115,8 +112,7 @@ def _read_checkpoint(
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
                     name, tensor = key.removeprefix("model."), reader.get_tensor(key)
-                    projection = name.removesuffix(".weight").rpartition(".")[2]
-                    if recovered is not None and name.endswith("_proj.weight") and projection not in changed:
+                    if recovered is not None and name.endswith("_proj.weight"):
                         form = int4.recover(tensor)
                         if form is not None:
                             recovered[name] = form
@@ -132,13 +128,12 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     recovered: dict | None = None,
-    changed: frozenset[str] = frozenset(),
 ) -> Transformer:
     """A Transformer holding the checkpoint's weights on ``device`` in ``dtype``. The linearization
     parameters, which a base checkpoint lacks, keep Transformer's initial values (identity feature
     maps); they and the buffers are kept in fp32 or wider, as the kernels compute with them in fp32.
-    ``recovered``, ``changed``: see ``_read_checkpoint``."""
-    state = _read_checkpoint(files, device, dtype, recovered, changed)
+    ``recovered``: see ``_read_checkpoint``."""
+    state = _read_checkpoint(files, device, dtype, recovered)
     if "tie_word_embeddings" not in hf:
         hf = {**hf, "tie_word_embeddings": "lm_head.weight" not in state}
     cfg = ModelConfig.from_hf(hf)
@@ -230,7 +225,7 @@ def load_model(
     four_bit = device.type == "cpu" and dtype == torch.bfloat16 and int4.available()
     recovered = {} if four_bit else None
     directory = resolve_linearization(config.linearization) if config.attention == "lola" else None
-    model = build_model(hf, files, device, dtype, recovered, lora_targets(directory))
+    model = build_model(hf, files, device, dtype, recovered)
     loaded = LoadedModel(
         model=model, tokenizer=load_tokenizer(model_dir), model_dir=model_dir,
         model_fingerprint=model_fingerprint(model_dir, files),

@@ -286,8 +286,11 @@ def one_token_logits(model: Transformer, forced: bool) -> torch.Tensor:
 def test_four_bit_weights_decode_one_row_close_to_bf16_and_leave_prefill_alone():
     model = four_bit_model()
     attached = [linear for linear, _ in model.decode_projections() if linear.int4_weight() is not None]
-    mlp = [linear for block in model.layers for linear in (block.mlp.gate_up_proj, block.mlp.down_proj)]
-    assert attached == mlp, "the MLP's projections, drawn as Q4_1; not the attention's or the lm_head"
+    assert attached == [linear for linear, _ in model.decode_projections()][:-1], "all but the lm_head"
+    # The attention's, with the LoRA merged into them (bench.random_model) kept as their correction.
+    corrected = [linear for linear in attached if linear.int4_weight().low_rank is not None]
+    attention = [(block.self_attn.qkv_proj, block.self_attn.o_proj) for block in model.layers]
+    assert corrected == [linear for pair in attention for linear in pair]
     four_bit, bf16 = one_token_logits(model, forced=False), one_token_logits(model, forced=True)
     assert not torch.equal(four_bit, bf16), "the one-row products ran in four bits"
     torch.testing.assert_close(four_bit, bf16, rtol=0.05, atol=0.05 * bf16.abs().max().item())
@@ -296,6 +299,40 @@ def test_four_bit_weights_decode_one_row_close_to_bf16_and_leave_prefill_alone()
     with torch.no_grad(), force_reference():
         expected = down(rows)
     assert torch.equal(down(rows), expected), "several rows keep the bf16 GEMM"
+
+
+@needs_int4
+def test_a_merged_lora_is_kept_apart_only_where_it_is_the_one_merged():
+    model = four_bit_model()
+    attn = model.layers[0].self_attn
+    qkv, o = attn.qkv_proj, attn.o_proj
+    x = torch.randn(1, qkv.in_features, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with torch.no_grad():
+        expected = torch.mv(qkv.weight.float(), x[0].float())
+        got = qkv(x)[0].float()
+        with force_reference():
+            bf16 = qkv(x)[0].float()
+    # The four-bit base plus the LoRA in fp32 differs from the merged bf16 weight's product by that
+    # weight's rounding (and the output's), no more.
+    assert not torch.equal(got, bf16)
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    # A fresh four-bit base with a LoRA merged into it attaches; claiming another LoRA (here another
+    # scale) than the one merged leaves the weight bf16.
+    from lola_chat.evals.bench import _four_bit_form
+    from lola_chat.linearization import merge_lora
+
+    form = _four_bit_form(*o.weight.shape)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        o.weight.copy_(int4.exact(*form))
+    a, b = torch.randn(8, o.in_features, generator=g), torch.randn(o.out_features, 8, generator=g)
+    merge_lora(o, a, b, 0.02)
+    recovered = {"layers.0.self_attn.o_proj.weight": form}
+    assert o.int4_weight() is None, "the merge changed the weight"
+    assert model.attach_int4(recovered) == 1 and o.int4_weight().low_rank is not None
+    o.merged_low_rank = (a, b, 0.03)
+    o._int4 = None
+    assert model.attach_int4(recovered) == 0 and o.int4_weight() is None
 
 
 @needs_int4

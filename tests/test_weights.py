@@ -161,7 +161,6 @@ def random_linearization(model, rank: int, seed: int = 0) -> dict:
 
 def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     write_llama(tmp_path / "ckpt", tokenizer)
-    assert linearization.lora_targets(None) == linearization.lora_targets(tmp_path) == frozenset()
     trained = load(tmp_path / "ckpt", "lola").model
     lora = random_linearization(trained, rank=4)
     settings = LolaSettings(chunk=16, capacity=32, policy="sre")
@@ -170,7 +169,6 @@ def test_linearization_round_trip(tmp_path, tokenizer, lola_home):
     meta = json.loads((out / "config.json").read_text())
     assert meta["format_version"] == 1 and meta["lola"] == settings.as_dict() and meta["steps"] == 3
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["k_proj", "o_proj", "q_proj", "v_proj"]}
-    assert linearization.lora_targets(out) == {"k_proj", "o_proj", "q_proj", "v_proj"}
 
     loaded = load(tmp_path / "ckpt", "lola", linearization=str(out))
     base = load(tmp_path / "ckpt", "softmax").model
@@ -349,13 +347,7 @@ def test_float32_q4_1_projections_are_decoded_in_four_bits_on_a_bf16_cpu(tmp_pat
     four_bit = {names[0].split(".")[-2] for linear, names in projections if linear.int4_weight()}
     assert four_bit == {"o_proj", "gate_proj", "down_proj"}, "k_proj is not Q4_1, so q/k/v stay bf16"
     assert not any(linear.int4_weight() for linear, _ in load(tmp_path / "ckpt").model.decode_projections())
-    # Projections a linearization's LoRA will change (o here) are not recovered at all; k is not Q4_1.
     recovered = {}
-    weights._read_checkpoint([path], torch.device("cpu"), torch.bfloat16, recovered, frozenset({"o_proj"}))
-    assert {name.split(".")[-2] for name in recovered} == {
-        "q_proj",
-        "v_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    }
+    weights._read_checkpoint([path], torch.device("cpu"), torch.bfloat16, recovered)
+    assert {name.split(".")[-2] for name in recovered} == {"q_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"}  # fmt: skip

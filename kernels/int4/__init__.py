@@ -51,30 +51,41 @@ def available() -> bool:
 @dataclass(frozen=True)
 class Int4Weight:
     """An (N, K) weight packed for the CPU product: ``packed`` (N, K / 2) uint8 in PyTorch's layout,
-    ``scales_zeros`` (K / group, N, 2) bfloat16 (``reference.scale_zero``)."""
+    ``scales_zeros`` (K / group, N, 2) bfloat16 (``reference.scale_zero``). ``low_rank``: (A (R, K),
+    B (N, R)) float32, a correction the product adds (x A^T B^T): a LoRA merged into a four-bit base
+    weight, kept apart so that the base is still read in four bits."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor
     group: int
     out_features: int
     in_features: int
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def pack(cls, codes, scale, low, group: int = GROUP) -> Int4Weight:
-        """From ``reference.recover``'s codes (N, K) uint8, scale and low (N, K / group); needs
-        ``available()`` and ``packable`` shapes."""
+    def pack(cls, codes, scale, low, group: int = GROUP, low_rank=None) -> Int4Weight:
+        """From ``reference.recover``'s codes (N, K) uint8, scale and low (N, K / group), and an optional
+        ``low_rank`` correction; needs ``available()`` and ``packable`` shapes."""
         if not packable(*codes.shape, group):
             raise ValueError(f"cannot pack a {tuple(codes.shape)} weight in groups of {group}")
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        return cls(packed, reference.scale_zero(scale, low), group, *codes.shape)
+        if low_rank is not None:
+            a, b = (factor.float().contiguous() for factor in low_rank)
+            assert a.shape[1] == codes.shape[1] and b.shape == (codes.shape[0], a.shape[0]), "low rank shapes"
+            low_rank = (a, b)
+        return cls(packed, reference.scale_zero(scale, low), group, *codes.shape, low_rank)
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     """x (..., K) bfloat16 on the CPU -> (..., N) bfloat16: x times the packed weight transposed, as
-    ``reference.int4_linear`` computes it from the codes (float32 accumulation). Raises where the
-    reference is forced (``dispatch.reference_forced``): callers then multiply by the bfloat16 weight."""
+    ``reference.int4_linear`` computes it from the codes (float32 accumulation), plus the weight's
+    low-rank correction (in float32, the sum rounded once more). Raises where the reference is forced
+    (``dispatch.reference_forced``): callers then multiply by the bfloat16 weight."""
     assert not reference_forced(), "the reference is forced: multiply by the bfloat16 weight instead"
     assert x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] == weight.in_features
     rows = x.reshape(-1, weight.in_features)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.packed, weight.group, weight.scales_zeros)
+    if weight.low_rank is not None:
+        a, b = weight.low_rank
+        out = torch.addmm(out.float(), rows.float() @ a.t(), b.t()).to(out.dtype)
     return out.view(*x.shape[:-1], weight.out_features)

@@ -60,14 +60,20 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+# The shipped linearization's LoRA: rank 8, alpha 16.
+LORA_RANK, LORA_SCALE = 8, 2.0
+
+
 def random_model(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, four_bit: bool = False
 ) -> Transformer:
-    """Random weights of ``cfg``'s shapes. ``four_bit``: the MLP's weights drawn as the default model
+    """Random weights of ``cfg``'s shapes. ``four_bit``: the projections drawn as the default model
     holds them (GGUF Q4_1, groups of 32 sharing a float16 scale and low, values of about the spread of
-    the other weights' normal(0, 0.02); its attention projections are four-bit in the GGUF too, but the
-    linearization's LoRA changes them), and the model returned packed (``pack_projections``) with
-    those weights attached for decoding in four bits (``attach_int4``)."""
+    the other weights' normal(0, 0.02)), a random LoRA of the shipped linearization's rank and scale
+    merged into the attention's as a linearization's is, and the model returned packed
+    (``pack_projections``) with those weights attached for decoding in four bits (``attach_int4``)."""
+    from lola_chat.linearization import merge_lora
+
     torch.manual_seed(0)
     model = Transformer(cfg)
     recovered = {}
@@ -75,7 +81,7 @@ def random_model(
         for name, param in model.named_parameters():
             if param.dim() != 2:
                 continue
-            if four_bit and ".mlp." in name:
+            if four_bit and name.endswith("_proj.weight"):
                 recovered[name] = _four_bit_form(*param.shape)
                 param.copy_(int4.exact(*recovered[name]))
             else:
@@ -88,6 +94,11 @@ def random_model(
             getattr(attn, name).data = getattr(attn, name).data.to(accumulator(dtype))
         attn.inv_freq = attn.inv_freq.to(accumulator(dtype))
     if four_bit:
+        for block in model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear = getattr(block.self_attn, name)
+                a = torch.randn(LORA_RANK, linear.in_features) * 0.02
+                merge_lora(linear, a, torch.randn(linear.out_features, LORA_RANK) * 0.02, LORA_SCALE)
         model.pack_projections().attach_int4(recovered)
     return model
 

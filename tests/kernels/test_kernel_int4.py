@@ -75,6 +75,23 @@ def test_packed_product_matches_the_reference(n, k, rows):
 
 
 @needs_op
+@pytest.mark.parametrize("rows", [(1,), (2, 3)])
+def test_the_packed_product_adds_its_low_rank_correction(rows):
+    n, k, rank = 48, 96, 5
+    codes, scale, low = q4_1(n, k, seed=3)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(rank, k, generator=g) * 0.1, torch.randn(n, rank, generator=g) * 0.1
+    corrected = int4.Int4Weight.pack(codes, scale, low, low_rank=(a, b))
+    x = torch.randn(*rows, k, generator=g).bfloat16()
+    got = int4.int4_linear(x, corrected)
+    plain = reference.int4_linear(x, codes, corrected.scales_zeros).float()
+    expected = plain + x.float() @ (b @ a).t()
+    assert got.shape == (*rows, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2**-7, atol=1e-3)
+    assert (got.float() - plain).abs().max() > 0.05, "the correction is not vacuous at this tolerance"
+
+
+@needs_op
 def test_the_packed_product_is_refused_where_the_reference_is_forced():
     weight = int4.Int4Weight.pack(*q4_1(16, 32))
     with force_reference(), pytest.raises(AssertionError, match="reference is forced"):
