@@ -51,11 +51,13 @@ def time_pass(linears: list[torch.nn.Linear], device: torch.device, project, rep
 
 
 def read_bytes(module: torch.nn.Linear) -> int:
-    """Bytes of this matrix one decoded token reads: its attached four-bit form's, else its weight's."""
+    """Bytes of this matrix one decoded token reads: its attached four-bit form's (with its low-rank
+    correction's), else its weight's."""
     four_bit = module.int4_weight() if hasattr(module, "int4_weight") else None
     if four_bit is None:
         return module.weight.nbytes
-    return four_bit.packed.nbytes + four_bit.scales_zeros.nbytes
+    correction = sum(factor.nbytes for factor in four_bit.low_rank or ())
+    return four_bit.packed.nbytes + four_bit.scales_zeros.nbytes + correction
 
 
 def weight_read_floor(model: torch.nn.Module, device: torch.device) -> dict:

@@ -42,11 +42,18 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert TINY_SHAPES.tie_embeddings
     assert floor["weight_bytes"] == sum(p.nbytes for p in model.parameters() if p.dim() == 2)
     assert floor["weight_matrices"] == 4 * TINY_SHAPES.n_layers + 1 and floor["gemv_pass_ms"] > 0
-    # The tiny bench's MLP decodes in four bits: a quarter of its bf16 bytes, plus a bf16 scale and zero
-    # (4 bytes) per 32 weights (64 bytes).
+    # The tiny bench's projections decode in four bits: a quarter of their bf16 bytes, plus a bf16 scale
+    # and zero (4 bytes) per 32 weights (64 bytes), plus the attention's LoRA factors in fp32.
     four_bit = random_model(TINY_SHAPES, torch.device("cpu"), torch.bfloat16, four_bit=True)
-    mlp = [linear for block in four_bit.layers for linear in (block.mlp.gate_up_proj, block.mlp.down_proj)]
-    saved = sum(m.weight.nbytes * (1 - 1 / 4 - 4 / 64) for m in mlp) if int4.available() else 0
+    projections = [linear for linear, _ in four_bit.decode_projections()][:-1]  # all but the lm_head
+
+    def correction(linear) -> int:
+        return sum(factor.numel() * 4 for factor in linear.int4_weight().low_rank or ())
+
+    saved = 0
+    if int4.available():
+        saved = sum(m.weight.nbytes * (1 - 1 / 4 - 4 / 64) - correction(m) for m in projections)
+        assert sum(map(correction, projections)) > 0
     assert floor["read_bytes"] == pytest.approx(floor["weight_bytes"] - saved)
     assert floor["floor_ms"] == pytest.approx(floor["read_bytes"] / floor["copy_bandwidth_gb_per_s"] / 1e6)
     assert floor["tokens_per_s"] == pytest.approx(1000.0 / floor["floor_ms"])
