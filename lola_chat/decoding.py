@@ -46,10 +46,10 @@ class TokenFeeder:
         self.decoder = None
         self._bound = False
         # The decoder's token count after this feeder's last feed (None: nothing fed since ``bind``), and
-        # the host copy of its argmax at that count, once read (``argmax``): both are checked against the
-        # decoder's count, so a decoder stepped by anyone else never has a stale argmax fed back.
+        # the host copy of its argmax then, once read (``argmax``): valid while the decoder's count is
+        # still ``_fed_at``, so a decoder stepped by anyone else never has a stale argmax fed back.
         self._fed_at: int | None = None
-        self._argmax: tuple[int, int] | None = None
+        self._argmax: int | None = None
 
     def bind(self, state: State | None) -> None:
         """Feed ``state`` from now on; also after it was restored in place (the decoder's copy is dropped)."""
@@ -85,7 +85,7 @@ class TokenFeeder:
             tokens = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
             return self.model(tokens, self.state, last_only=True)[0, -1]
         decoder = self._decoder()
-        computed = self._argmax == (decoder.tokens_seen, ids[0])
+        computed = self._argmax == ids[0] and self._fed_at == decoder.tokens_seen
         if len(ids) == 1:
             # A decoded token: one graph replay, without prefill's reply bookkeeping (the engine samples).
             # The argmax the decoder computed is already its input buffer: feeding that buffer costs no
@@ -104,8 +104,8 @@ class TokenFeeder:
         if decoder is None or not self._bound or self._fed_at != decoder.tokens_seen:
             return None
         if self._argmax is None:
-            self._argmax = (decoder.tokens_seen, int(decoder.token[0]))
-        return self._argmax[1]
+            self._argmax = int(decoder.token[0])
+        return self._argmax
 
     def sync(self) -> State:
         """Bring the State up to date with everything fed, and return it."""

@@ -86,6 +86,16 @@ def linearization_settings(directory: Path) -> LolaSettings:
         raise UsageError(f"{directory} has no readable LoLA settings: {error}") from None
 
 
+def linearization_lora(directory: Path) -> tuple[int, float]:
+    """(rank, scale = alpha / rank) of the LoRA a linearization's config.json names; (0, 0.0) for none."""
+    try:
+        lora = json.loads((directory / "config.json").read_text()).get("lora") or {}
+        rank = int(lora.get("rank", 0))
+        return rank, (float(lora["alpha"]) / rank if rank else 0.0)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:
+        raise UsageError(f"{directory} has no readable LoRA settings: {error}") from None
+
+
 @torch.no_grad()
 def merge_lora(linear: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
     """W += scale * B @ A in place, computed in fp32 or wider; ``linear`` keeps (A, B, scale) as

@@ -75,23 +75,16 @@ def _with_low_rank(
     correction (A stacked (R, K), B (N, R) block-diagonal with the scales folded in) for
     ``int4.Int4Weight``."""
     weights, a_parts, b_parts = [], [], []
-    start = 0
     for part, low_rank in zip(base.split(rows), merged, strict=True):
         if low_rank is None:
             weights.append(part)
+            b_parts.append(torch.zeros(part.shape[0], 0))
         else:
             a, b, scale = low_rank
             weights.append(lora_merged(part, a, b, scale))
             a_parts.append(a.float())
-            b_parts.append((start, scale * b.float()))
-        start += part.shape[0]
-    a = torch.cat(a_parts)
-    b = torch.zeros(base.shape[0], a.shape[0])
-    column = 0
-    for first, part in b_parts:
-        b[first : first + part.shape[0], column : column + part.shape[1]] = part
-        column += part.shape[1]
-    return torch.cat(weights), (a, b)
+            b_parts.append(scale * b.float())
+    return torch.cat(weights), (torch.cat(a_parts), torch.block_diag(*b_parts))
 
 
 class Linear(nn.Linear):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lola_chat.config import Config, default_dtype, resolve_device
+from lola_chat.config import DEFAULT_LINEARIZATION, Config, default_dtype, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
@@ -26,7 +26,12 @@ from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.evals.weights_pass import gemv_sweep, weight_read_floor
 from lola_chat.kernels import int4
 from lola_chat.kernels.lola.reference import accumulator
-from lola_chat.linearization import linearization_settings, resolve_linearization
+from lola_chat.linearization import (
+    linearization_lora,
+    linearization_settings,
+    merge_lora,
+    resolve_linearization,
+)
 from lola_chat.memory import LolaSettings
 from lola_chat.model import ModelConfig, Transformer
 
@@ -60,10 +65,6 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-# The shipped linearization's LoRA: rank 8, alpha 16.
-LORA_RANK, LORA_SCALE = 8, 2.0
-
-
 def random_model(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, four_bit: bool = False
 ) -> Transformer:
@@ -72,8 +73,6 @@ def random_model(
     the other weights' normal(0, 0.02)), a random LoRA of the shipped linearization's rank and scale
     merged into the attention's as a linearization's is, and the model returned packed
     (``pack_projections``) with those weights attached for decoding in four bits (``attach_int4``)."""
-    from lola_chat.linearization import merge_lora
-
     torch.manual_seed(0)
     model = Transformer(cfg)
     recovered = {}
@@ -94,11 +93,14 @@ def random_model(
             getattr(attn, name).data = getattr(attn, name).data.to(accumulator(dtype))
         attn.inv_freq = attn.inv_freq.to(accumulator(dtype))
     if four_bit:
+        shipped = resolve_linearization(DEFAULT_LINEARIZATION)
+        rank, scale = linearization_lora(shipped) if shipped is not None else (0, 0.0)
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj") if rank else ()
         for block in model.layers:
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for name in attention:
                 linear = getattr(block.self_attn, name)
-                a = torch.randn(LORA_RANK, linear.in_features) * 0.02
-                merge_lora(linear, a, torch.randn(linear.out_features, LORA_RANK) * 0.02, LORA_SCALE)
+                a = torch.randn(rank, linear.in_features) * 0.02
+                merge_lora(linear, a, torch.randn(linear.out_features, rank) * 0.02, scale)
         model.pack_projections().attach_int4(recovered)
     return model
 
