@@ -20,6 +20,7 @@ import torch
 
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
+from lola_chat.kernels.argmax import argmax
 from lola_chat.memory import LolaMemory, State
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
@@ -33,35 +34,24 @@ def sample(
     settings: GenerationSettings,
     generator: torch.Generator | None,
     penalized: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation. Tokens marked in
-    ``penalized`` (B, vocab) bool get the engine's repetition penalty; then greedy at temperature 0,
-    else nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
+    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation, written into
+    ``out`` ((B,) int64) when given. Tokens marked in ``penalized`` (B, vocab) bool get the engine's
+    repetition penalty; then greedy at temperature 0 (one kernel on a GPU, ``kernels.argmax``), else
+    nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
     if penalized is not None and settings.repetition_penalty != 1.0:
         penalty = settings.repetition_penalty
         logits = torch.where(penalized, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     if settings.temperature <= 0:
-        return argmax(logits)
+        return argmax(logits, out=out)
     probs = torch.softmax(logits / settings.temperature, dim=-1)
     if settings.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
-
-
-def argmax(logits: torch.Tensor, row: int = 128) -> torch.Tensor:
-    """logits (B, V) -> (B,) int64, the index of the first largest value of each sequence, as
-    ``torch.argmax``. When ``row`` divides V, in two reductions: the maximum of each run of ``row`` values,
-    then the first run holding the largest. One reduction over a whole vocabulary works on a single block
-    of threads on a GPU; the first of these spreads over many."""
-    batch, vocab = logits.shape
-    if vocab % row:
-        return logits.argmax(dim=-1)
-    values, within = logits.view(batch, vocab // row, row).max(dim=-1)
-    run = values.argmax(dim=-1, keepdim=True)
-    return (run * row + within.gather(1, run)).squeeze(1)
+    return argmax(probs / noise, out=out)
 
 
 def require_capture(device: torch.device) -> None:
@@ -104,20 +94,33 @@ class _Counter:
     """Device-side token counts shared by the layers during one captured step. A step feeds one or more
     segments (one token, or whole chunks); ``marks`` (segments + 1,) holds the tokens seen before each
     segment and after the last, ``leaving`` (B, segments * C) the ids of the chunk each segment's eviction
-    pushes out of the window."""
+    pushes out of the window. ``positions`` holds [seen, seen + 1], a one-token step's marks, so that such a
+    step computes none; ``seen`` is its first element."""
 
     def __init__(self, tokens_seen: int, device: torch.device):
-        self.seen = torch.tensor([tokens_seen], dtype=torch.int64, device=device)
-        self.marks = self.seen
+        self.positions = torch.tensor([tokens_seen, tokens_seen + 1], dtype=torch.int64, device=device)
+        self.seen = self.positions[:1]
+        self.marks = self.positions
         self.leaving: torch.Tensor | None = None
         self.evicting = False
+
+    def set(self, tokens_seen: int) -> None:
+        """Set the count (between steps, from the host)."""
+        self.positions.copy_(torch.tensor([tokens_seen, tokens_seen + 1]))
+
+    def advance(self, length: int) -> None:
+        """Count ``length`` more tokens (the end of a captured step)."""
+        self.positions.add_(length)
 
 
 class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
-    static copies of its tensors, updated in place by the Triton kernels."""
+    static copies of its tensors, updated in place by the Triton kernels, and the attention kernel's
+    arrival counters (see ``attend_triton.attend``), allocated once for every step."""
 
     def __init__(self, memory: LolaMemory, counter: _Counter):
+        from lola_chat.kernels.lola import attend_triton
+
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -125,6 +128,9 @@ class _StaticLayer:
         self.counter = counter
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
+        batch, n_heads = memory.cache_k.shape[:2]
+        needed = attend_triton.arrivals_needed(batch, n_heads, self.chunk)
+        self.arrivals = torch.zeros(needed, dtype=torch.int32, device=memory.cache_k.device)
 
     def load(self, memory: LolaMemory) -> None:
         for name in LolaMemory.memory_names + ("cache_ids",):
@@ -144,7 +150,7 @@ class _StaticLayer:
             y, _, _ = attend_triton.attend(
                 q[:, :, part], k[:, :, part], v[:, :, part], self.win_k, self.win_v, self.cache_k,
                 self.cache_v, self.h, self.s, attn.fmap_q, attn.window_factor(), attn.inv_freq,
-                counter.marks[i : i + 1], self.normalizer, self.linear_cap,
+                counter.marks[i : i + 1], self.normalizer, self.linear_cap, self.arrivals,
             )  # fmt: skip
             outputs.append(y)
             if counter.evicting:
@@ -212,14 +218,11 @@ class CapturedDecoder:
         }
         for name, tokens in self.prefill_variants:
             self.variants[name] = partial(self._run, tokens, True)
-        # Per step length, the token counts before each of its segments and after the last, relative to
-        # the step's start: one token is one segment, whole chunks are a segment each.
-        lengths = {1, *(tokens.shape[1] for _, tokens in self.prefill_variants)}
-        self.offsets = {n: torch.arange(0, n + 1, min(n, self.chunk), device=device) for n in lengths}
-        # Per step shorter than a chunk, where its tokens go in the window's current half, after the
-        # chunk's tokens seen before it.
-        self.window_slots = {
-            n: torch.arange(self.chunk, self.chunk + n, device=device) for n in lengths if n < self.chunk
+        # Per prefill step, the token counts before each of its segments (whole chunks) and after the last,
+        # relative to the step's start (a one-token step's are the counter's ``positions``).
+        self.offsets = {
+            n: torch.arange(0, n + 1, self.chunk, device=device)
+            for n in (tokens.shape[1] for _, tokens in self.prefill_variants)
         }
         self.graphs, self.outputs = self._capture() if capture else (None, {})
         if capture:
@@ -234,13 +237,14 @@ class CapturedDecoder:
         Returns the last position's logits (B, vocab)."""
         counter, chunk, length = self.counter, self.chunk, tokens.shape[1]
         counter.evicting = evicting
-        counter.marks = counter.seen + self.offsets[length]
+        counter.marks = counter.positions if length == 1 else counter.seen + self.offsets[length]
         # The chunk each segment's eviction pushes out: the window's previous one, then each segment's.
         counter.leaving = self.window_ids[:, :chunk]
         if length > chunk:
             counter.leaving = torch.cat([counter.leaving, tokens[:, : length - chunk]], dim=1)
-        if length < chunk:
-            self.window_ids.index_copy_(1, counter.seen % chunk + self.window_slots[length], tokens)
+        if length == 1:
+            # The token's slot in the window's current half (every other step is whole chunks).
+            self.window_ids[:, chunk:].index_copy_(1, counter.seen % chunk, tokens)
         logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
         if length >= chunk:
             self.window_ids[:, :chunk] = tokens[:, -chunk:]
@@ -248,13 +252,13 @@ class CapturedDecoder:
         elif evicting:
             self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
             self.window_ids[:, chunk:] = -1
-        counter.seen.copy_(counter.marks[-1:])
+        counter.advance(length)
         penalized = None
         if self.sampling.repetition_penalty != 1.0:
             fed = tokens[:, -1:]
             self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
             penalized = self.penalized
-        self.token.copy_(sample(logits, self.sampling, self.generator, penalized))
+        sample(logits, self.sampling, self.generator, penalized, out=self.token)
         return logits
 
     def _capture(self) -> tuple[dict, dict]:
@@ -262,7 +266,7 @@ class CapturedDecoder:
             def warm_up_or_capture() -> torch.Tensor:
                 # Warm-up runs from position 0 so that a whole-chunk step starts at a chunk boundary.
                 if not torch.cuda.is_current_stream_capturing():
-                    self.counter.seen.zero_()
+                    self.counter.set(0)
                 return run()
 
             return warm_up_or_capture
@@ -291,7 +295,7 @@ class CapturedDecoder:
             layer.load(memory)
         self.window_ids.copy_(self.state.layers[0].win_ids)
         self.tokens_seen = self.state.tokens_seen
-        self.counter.seen.fill_(self.tokens_seen)
+        self.counter.set(self.tokens_seen)
         self.penalized.zero_()
         self.in_reply.zero_()
         self.evictions = 0
@@ -389,12 +393,12 @@ class SoftmaxDecoder:
         self.token = torch.zeros(batch, dtype=torch.int64, device=weight.device)
         self.tokens_seen = tokens_seen
         self.graphs, self.outputs = capture_graphs({"token": self._run})
-        self.counter.seen.fill_(tokens_seen)
+        self.counter.set(tokens_seen)
 
     def _run(self) -> torch.Tensor:
         logits = self.model(self.token[:, None], self.static_state, last_only=True)[:, -1]
-        self.counter.seen.add_(1)
-        self.token.copy_(logits.argmax(dim=-1))
+        self.counter.advance(1)
+        argmax(logits, out=self.token)
         return logits
 
     def nbytes(self) -> int:

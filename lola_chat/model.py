@@ -197,14 +197,16 @@ def fused(
     norm: RMSNorm | None = None,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """residual + linear(norm(x) or swiglu of x = [gate | up]) through ``fused_linear``: one GEMV kernel
     where it dispatches to one (decoding on a GPU), else the same ops one by one, ``linear`` itself the
-    GEMM (its CPU weight layout, cuBLAS, its hooks)."""
+    GEMM (its CPU weight layout, cuBLAS, its hooks); converted to ``out_dtype`` when given."""
     norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
     return fused_linear(
-        x, linear.weight, norm_weight=norm_weight, eps=eps, gated=gated, residual=residual, matmul=linear
-    )
+        x, linear.weight, norm_weight=norm_weight, eps=eps, gated=gated, residual=residual, matmul=linear,
+        out_dtype=out_dtype,
+    )  # fmt: skip
 
 
 class RMSNorm(nn.Module):
@@ -410,4 +412,4 @@ class Transformer(nn.Module):
             x = block(x, memory, tokens if ids is None else ids)
         if last_only:
             x = x[:, -1:]
-        return fused(self.lm_head, x, self.norm).float()
+        return fused(self.lm_head, x, self.norm, out_dtype=torch.float32)

@@ -32,8 +32,10 @@ def fused_linear(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     matmul: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """residual + prologue(x) @ weight.T, computed in x's dtype with fp32 accumulation.
+    """residual + prologue(x) @ weight.T, computed in x's dtype with fp32 accumulation, then converted to
+    ``out_dtype`` when given (the fp32 logits of a bf16 model, in the GEMV's own store).
 
     x: (..., K); weight: (N, K). Prologue, at most one: with ``norm_weight`` (K,), ``rms_norm(x,
     norm_weight, eps)``; with ``gated``, x is (..., 2K) = [gate | up] and becomes ``swiglu(gate, up)``.
@@ -56,9 +58,8 @@ def fused_linear(
     if fusable:
         kernel = triton_module("lola_chat.kernels.gemv.gemv_triton")
         if kernel is not None:
-            return kernel.fused_linear(
-                x, weight, norm_weight=norm_weight, eps=eps, gated=gated, residual=residual
-            )
+            options = dict(norm_weight=norm_weight, eps=eps, gated=gated, residual=residual)
+            return kernel.fused_linear(x, weight, **options, out_dtype=out_dtype)
     return reference.compose(
         x,
         matmul if matmul is not None else lambda rows: F.linear(rows, weight),
@@ -68,4 +69,5 @@ def fused_linear(
         residual=residual,
         rms_norm=rms_norm,
         swiglu=swiglu,
+        out_dtype=out_dtype,
     )

@@ -58,7 +58,7 @@ def _fused_linear_kernel(
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(1).to(tl.int64)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     x_row = x_ptr + row * stride_x
@@ -101,7 +101,7 @@ def _fused_linear_kernel(
     y = y.to(dtype)
     if RESIDUAL:
         y = (residual + y.to(tl.float32)).to(dtype)
-    tl.store(out_ptr + row * N + cols, y, mask=col_ok)
+    tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def fused_linear(
@@ -113,10 +113,12 @@ def fused_linear(
     gated: bool = False,
     residual: torch.Tensor | None = None,
     config: triton.Config | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Same contract as ``reference.fused_linear``: x (..., K), or (..., 2K) = [gate | up] with ``gated``;
     weight (N, K); norm_weight (K,) (not with ``gated``); residual (..., N); all of one dtype with a unit
-    stride in the last dim. Returns a new contiguous (..., N) tensor of that dtype. ``config`` (one of
+    stride in the last dim. Returns a new contiguous (..., N) tensor of that dtype, or of ``out_dtype``
+    (the result rounded to x's dtype first, as the reference converts it). ``config`` (one of
     ``CONFIGS``, say) launches with that tiling instead of ``config_for``'s."""
     n, k = weight.shape
     assert norm_weight is None or not gated, "an RMSNorm and a SwiGLU prologue at once are not supported"
@@ -124,7 +126,7 @@ def fused_linear(
     tensors = [t for t in (x, weight, norm_weight, residual) if t is not None]
     assert all(t.dtype == x.dtype and t.stride(-1) == 1 for t in tensors), "one dtype, unit last stride"
     assert norm_weight is None or norm_weight.shape == (k,)
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    out = torch.empty(*x.shape[:-1], n, dtype=out_dtype or x.dtype, device=x.device)
     assert residual is None or residual.shape == out.shape, "residual (..., N)"
     rows = x.reshape(-1, x.shape[-1])
     residual_rows = residual.reshape(-1, n) if residual is not None else out.view(-1, n)

@@ -23,17 +23,20 @@ def compose(
     residual: torch.Tensor | None = None,
     rms_norm: Callable = rmsnorm_reference.rms_norm,
     swiglu: Callable = swiglu_reference.swiglu,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """residual + matmul(prologue(x)), one op after the other. The prologue is ``rms_norm(x, norm_weight,
-    eps)`` with ``norm_weight``, or with ``gated`` ``swiglu(gate, up)`` of x = [gate | up] (..., 2K); not
-    both. ``rms_norm`` and ``swiglu`` are the references unless the caller passes the dispatched ops."""
+    """residual + matmul(prologue(x)), one op after the other, converted to ``out_dtype`` when given. The
+    prologue is ``rms_norm(x, norm_weight, eps)`` with ``norm_weight``, or with ``gated`` ``swiglu(gate,
+    up)`` of x = [gate | up] (..., 2K); not both. ``rms_norm`` and ``swiglu`` are the references unless the
+    caller passes the dispatched ops."""
     assert norm_weight is None or not gated, "an RMSNorm and a SwiGLU prologue at once are not supported"
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     elif gated:
         x = swiglu(*x.chunk(2, dim=-1))
     y = matmul(x)
-    return y if residual is None else residual + y
+    y = y if residual is None else residual + y
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def fused_linear(
@@ -44,9 +47,11 @@ def fused_linear(
     eps: float = 0.0,
     gated: bool = False,
     residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """residual + prologue(x) @ weight.T in x's dtype, with the references (see ``compose``).
-    x (..., K), or (..., 2K) with ``gated``; weight (N, K); norm_weight (K,); residual (..., N)."""
+    """residual + prologue(x) @ weight.T in x's dtype, then converted to ``out_dtype`` when given, with the
+    references (see ``compose``). x (..., K), or (..., 2K) with ``gated``; weight (N, K); norm_weight (K,);
+    residual (..., N)."""
     return compose(
         x,
         lambda rows: F.linear(rows, weight),
@@ -54,4 +59,5 @@ def fused_linear(
         eps=eps,
         gated=gated,
         residual=residual,
+        out_dtype=out_dtype,
     )

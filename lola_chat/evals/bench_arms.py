@@ -286,7 +286,7 @@ class SoftmaxCapturedArm(Arm):
                 self._decoder = SoftmaxDecoder(self.model, 1, length + count + 1, length)
                 self._decoder.start = length
             decoder = self._decoder
-            decoder.counter.seen.fill_(length)
+            decoder.counter.set(length)
             decoder.tokens_seen = length
             token = tokens[:, -1]
             for _ in range(count):

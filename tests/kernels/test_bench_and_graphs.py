@@ -71,20 +71,6 @@ def test_bench_rejects_unknown_arms(tmp_path, monkeypatch, capsys):
     assert "unknown arm" in capsys.readouterr().err
 
 
-def test_argmax_in_runs_matches_torch_argmax_with_ties():
-    from lola_chat.graphs import argmax
-
-    torch.manual_seed(0)
-    # Few distinct values, so that the largest occurs several times, in one run and across runs.
-    logits = torch.randint(0, 6, (5, 4 * 128)).float()
-    logits[3] = 0.0
-    logits[4, 130] = logits[4, 7] = 9.0
-    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
-    assert argmax(logits)[4] == 7 and argmax(logits)[3] == 0
-    ragged = torch.randn(3, 100)
-    assert torch.equal(argmax(ragged), ragged.argmax(dim=-1))
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_captured_decoder_needs_a_gpu():
     from lola_chat.graphs import CapturedDecoder

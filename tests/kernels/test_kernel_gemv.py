@@ -161,3 +161,14 @@ def test_both_prologues_at_once_are_refused():
     args = operands("cpu", torch.float32, (1,), 4, 4, "norm", residual=False)
     with pytest.raises(AssertionError, match="at once"):
         gemv.fused_linear(**{**args, "x": torch.randn(1, 8), "gated": True})
+
+
+@pytest.mark.parametrize("prologue", ["norm", "gated"])
+def test_fp32_output_is_the_rounded_result_converted(device, prologue):
+    # The logits of a bf16 model: rounded to bf16 as the reference rounds, then stored as fp32.
+    args = operands(device, torch.bfloat16, (1,), 63, 200, prologue, residual=False)
+    got = gemv_triton.fused_linear(**args, out_dtype=torch.float32, config=SMALL_TILES)
+    expected = reference.fused_linear(**args, out_dtype=torch.float32)
+    assert got.dtype == expected.dtype == torch.float32 and not got.isnan().any()
+    torch.testing.assert_close(got, expected, **TOLERANCE[torch.bfloat16])
+    assert torch.equal(got, got.bfloat16().float()), "not rounded to x's dtype first"
