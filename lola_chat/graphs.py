@@ -115,12 +115,9 @@ class _Counter:
 
 class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
-    static copies of its tensors, updated in place by the Triton kernels, and the attention kernel's
-    arrival counters (see ``attend_triton.attend``), allocated once for every step."""
+    static copies of its tensors, updated in place by the Triton kernels."""
 
     def __init__(self, memory: LolaMemory, counter: _Counter):
-        from lola_chat.kernels.lola import attend_triton
-
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -128,9 +125,6 @@ class _StaticLayer:
         self.counter = counter
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
-        batch, n_heads = memory.cache_k.shape[:2]
-        needed = attend_triton.arrivals_needed(batch, n_heads, self.chunk)
-        self.arrivals = torch.zeros(needed, dtype=torch.int32, device=memory.cache_k.device)
 
     def load(self, memory: LolaMemory) -> None:
         for name in LolaMemory.memory_names + ("cache_ids",):
@@ -150,7 +144,7 @@ class _StaticLayer:
             y, _, _ = attend_triton.attend(
                 q[:, :, part], k[:, :, part], v[:, :, part], self.win_k, self.win_v, self.cache_k,
                 self.cache_v, self.h, self.s, attn.fmap_q, attn.window_factor(), attn.inv_freq,
-                counter.marks[i : i + 1], self.normalizer, self.linear_cap, self.arrivals,
+                counter.marks[i : i + 1], self.normalizer, self.linear_cap,
             )  # fmt: skip
             outputs.append(y)
             if counter.evicting:

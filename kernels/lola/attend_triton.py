@@ -1,7 +1,7 @@
 """LoLA attention for a segment of new tokens (one, in a decode step, up to a chunk) in Triton, split over
 the keys: one program per (batch, query head, tile of queries, block of keys) writes a partial
-online-softmax result, one more per (batch, query head, tile) the linear term, and the last of a tile's
-programs to finish merges them into y.
+online-softmax result, one more per (batch, query head, tile) the linear term, and a second kernel,
+one program per (batch, query head, query), merges them into y.
 
 Queries and keys are rotated at attention time in the compact frame of ``reference.attend`` (cache,
 previous chunk, current chunk, causal within the segment), sums accumulate in fp32, and the linear term
@@ -11,12 +11,9 @@ slots past the newest token) are never loaded.
 
 Fused, one program per (batch, query head, tile) walks every key block one after another: nine heads
 at batch 1 leave most of a GPU's SMs idle, and a chunk's attention was the larger part of a prefill.
-The split runs the blocks at once. A merge kernel after it cost a decode step one more dependent launch
-per layer, about as long as the merge itself; so each program counts its arrival on a per-tile counter
-instead, and the one that arrives last merges (the counter is left at zero for the next call). The
-kernel is a programmatic dependent launch where the GPU has them (``dispatch.launch_options``). The
-token count can be a host integer or a device tensor, so a CUDA graph captured once serves every
-position.
+The split runs the blocks at once. Both kernels are programmatic dependent launches where the GPU has
+them (``dispatch.launch_options``). The token count can be a host integer or a device tensor, so a CUDA
+graph captured once serves every position.
 """
 
 from __future__ import annotations
@@ -52,61 +49,24 @@ ONE_ROW_LAUNCH = dict(block_t=1, block_n=16, num_warps=8)
 TILE_LAUNCH = dict(block_t=16, block_n=32, num_warps=8)
 
 
-@triton.jit
-def _merge(part_m_ptr, part_total_ptr, part_acc_ptr, first, gate, linear_factor, t, t_ok, batch, head, y_ptr,
-           sy_b, sy_h, sy_t, D: tl.constexpr, BLOCKS: tl.constexpr, CACHE_BLOCKS: tl.constexpr,
-           BLOCK_T: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr):  # fmt: skip
-    """Merge one tile's partials (``first`` its first, ``BLOCKS`` blocks of ``BLOCK_T`` rows, then the
-    linear term's) and store y. Other programs wrote them: they are read from L2 (``.cg``), past any
-    stale line of this SM's L1."""
-    ALL_BLOCKS: tl.constexpr = triton.next_power_of_2(BLOCKS)
-    blocks = tl.arange(0, ALL_BLOCKS)
-    ok = blocks < BLOCKS
-    within = tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, D)
-    at = first + blocks[:, None] * BLOCK_T + within[None, :]
-    part_m = tl.load(part_m_ptr + at, mask=ok[:, None], other=-1.0e30, cache_modifier=".cg")
-    part_total = tl.load(part_total_ptr + at, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-    part_acc = tl.load(
-        part_acc_ptr + at[:, :, None] * D + dims[None, None, :], mask=ok[:, None, None], other=0.0,
-        cache_modifier=".cg",
-    )  # fmt: skip
-    linear_at = first + BLOCKS * BLOCK_T + within
-    linear_norm = tl.load(part_total_ptr + linear_at, cache_modifier=".cg")
-    linear = tl.load(part_acc_ptr + linear_at[:, None] * D + dims[None, :], cache_modifier=".cg")
-    m = tl.max(part_m, axis=0)
-    scale = tl.exp(part_m - m[None, :])
-    total = tl.sum(part_total * scale, axis=0)
-    acc = tl.sum(part_acc * scale[:, :, None], axis=0)
-    window_top = tl.max(tl.where(blocks[:, None] >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
-    finish(
-        m, total, acc, window_top, linear, linear_norm, linear_factor, gate, t, t_ok, batch, head, y_ptr,
-        sy_b, sy_h, sy_t, D, WINDOW_NORMALIZER,
-    )  # fmt: skip
-
-
 @triton.jit(do_not_specialize=["seen"])
 def _key_blocks_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr, gate_ptr, y_ptr,
-    part_m_ptr, part_total_ptr, part_acc_ptr, arrivals_ptr, seen, seen_ptr, T, linear_cap,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sy_b, sy_h, sy_t,
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
+    part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One tile of queries (``program_id(1)``), one block of keys (``program_id(2)``): the block's softmax
     max, sum and weighted values per query (a partial). The program after the last block computes the
     linear term instead: phi(q)^T H as its values and phi(q)^T s as its sum (it needs neither the
-    softmax's maximum nor its sum, so it runs beside the blocks rather than after them). The tile's last
-    program to store its partial merges them all into y.
+    softmax's maximum nor its sum, so it runs beside the blocks rather than after them).
 
     Only q and the new pairs come from the kernel before this one (the projection); the memory it reads
     (cache, window, hidden state) was last written by an earlier step or by the eviction before this
     segment (ordinary launches, which a dependent one never overlaps), the token count before the
     step's first dependent launch, and the feature map is a weight. So all of those load before
     ``gdc_wait``, overlapping the projection's end, and only q and the new pairs' round trip remain
-    after it. The arrival counters are touched only after ``gdc_wait``: the call before this one on the
-    stream has finished with them."""
+    after it."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     ONE_ROW: tl.constexpr = BLOCK_T == 1
@@ -119,14 +79,8 @@ def _key_blocks_kernel(
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     # Partials are laid out (B * Hq, tiles, blocks + 1, BLOCK_T): a program writes BLOCK_T consecutive rows.
-    first = (pid * tl.num_programs(1) + tile) * (LINEAR_BLOCK + 1) * BLOCK_T
-    rows = first + block * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = ((pid * tl.num_programs(1) + tile) * (LINEAR_BLOCK + 1) + block) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, D)
-    # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
-    if SEEN_ON_DEVICE:
-        count = tl.load(seen_ptr)
-    else:
-        count = seen.to(tl.int64)
     if block == LINEAR_BLOCK:
         w = load_feature_map(fq_ptr, head, D, E)
         h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
@@ -138,6 +92,11 @@ def _key_blocks_kernel(
         tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], linear)
     else:
         freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
+        # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
+        if SEEN_ON_DEVICE:
+            count = tl.load(seen_ptr)
+        else:
+            count = seen.to(tl.int64)
         cached, previous, current = frame_counts(count, C, G)
         win_row = (batch * HKV + kv_head) * 2 * C
         window_block = block - CACHE_BLOCKS
@@ -195,18 +154,51 @@ def _key_blocks_kernel(
         tl.store(part_m_ptr + rows, m)
         tl.store(part_total_ptr + rows, total)
         tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], acc)
-    # Every thread's stores precede the arrival (the barrier), and the arrival releases them to the
-    # program that arrives last, which acquires them (one atomic add, acquire and release).
-    tl.debug_barrier()
-    counter = arrivals_ptr + pid * tl.num_programs(1) + tile
-    if tl.atomic_add(counter, 1, sem="acq_rel") == LINEAR_BLOCK:
-        gate = tl.load(gate_ptr + head).to(tl.float32)
-        _merge(
-            part_m_ptr, part_total_ptr, part_acc_ptr, first, gate, linear_cap_factor(count, linear_cap, C, G),
-            t, t_ok, batch, head, y_ptr, sy_b, sy_h, sy_t, D, LINEAR_BLOCK, CACHE_BLOCKS, BLOCK_T,
-            WINDOW_NORMALIZER,
-        )  # fmt: skip
-        tl.store(counter, 0)
+
+
+@triton.jit(do_not_specialize=["seen"])
+def _merge_kernel(
+    gate_ptr, y_ptr, part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, linear_cap, sy_b, sy_h, sy_t,
+    HQ: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCKS: tl.constexpr,
+    CACHE_BLOCKS: tl.constexpr, ALL_BLOCKS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SEEN_ON_DEVICE: tl.constexpr, WINDOW_NORMALIZER: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One query (``program_id(1)``): merge the partials of every key block with the linear term (the
+    partial after them) and store y. The token count and the gate load before ``gdc_wait``: only the
+    partials come from the kernel before."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid, row = tl.program_id(0), tl.program_id(1)
+    batch, head = pid // HQ, pid % HQ
+    if SEEN_ON_DEVICE:
+        seen = tl.load(seen_ptr)
+    linear_factor = linear_cap_factor(seen, linear_cap, C, G)
+    gate = tl.load(gate_ptr + head).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    blocks = tl.arange(0, ALL_BLOCKS)
+    ok = blocks < BLOCKS
+    # This query's partials: one per block, BLOCK_T apart (the key blocks kernel's layout).
+    tiles = (tl.num_programs(1) + BLOCK_T - 1) // BLOCK_T
+    first = (pid * tiles + row // BLOCK_T) * (BLOCKS + 1) * BLOCK_T + row % BLOCK_T
+    dims = tl.arange(0, D)
+    at = first + blocks * BLOCK_T
+    part_m = tl.load(part_m_ptr + at, mask=ok, other=-1.0e30)
+    part_total = tl.load(part_total_ptr + at, mask=ok, other=0.0)
+    part_acc = tl.load(part_acc_ptr + at[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+    t = tl.arange(0, 1)
+    linear_at = first + BLOCKS * BLOCK_T + t
+    linear_norm = tl.load(part_total_ptr + linear_at)
+    linear = tl.load(part_acc_ptr + linear_at[:, None] * D + dims[None, :])
+    m = tl.max(part_m, axis=0)
+    scale = tl.exp(part_m - m)
+    total = tl.sum(part_total * scale, axis=0)
+    acc = tl.sum(part_acc * scale[:, None], axis=0)
+    window_top = tl.max(tl.where(blocks >= CACHE_BLOCKS, part_m, -1.0e30), axis=0)
+    finish(
+        m + t * 0.0, total + t * 0.0, acc[None, :], window_top + t * 0.0, linear, linear_norm, linear_factor,
+        gate, row + t, t < 1, batch, head, y_ptr, sy_b, sy_h, sy_t, D, WINDOW_NORMALIZER,
+    )  # fmt: skip
 
 
 def attend(
@@ -225,7 +217,6 @@ def attend(
     tokens_seen: int | torch.Tensor,
     normalizer: str = "shared",
     linear_cap: int = 0,
-    arrivals: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens inside the current chunk and append them to the window, in place.
 
@@ -235,9 +226,7 @@ def attend(
     inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
     ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
     checked on the host, and a CUDA graph can replay the call at any position). ``normalizer``:
-    "shared" or "window", and ``linear_cap``, as in the reference. ``arrivals``: int32 zeros of at
-    least ``arrivals_needed(B, Hq, T)`` elements on q's device, which the kernel counts on and leaves
-    zero again (a captured step keeps one buffer for all its calls); new ones when None.
+    "shared" or "window", and ``linear_cap``, as in the reference.
 
     Unlike the reference, win_k and win_v are updated in place and returned as the same tensors.
     Returns (y (B, Hq, T, D) in q's dtype, laid out (B, T, Hq, D) in memory, win_k, win_v).
@@ -253,33 +242,29 @@ def attend(
     assert k.stride() == v.stride(), "k and v must share a layout"
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
-    needed = arrivals_needed(batch, n_heads, length)
-    if arrivals is None:
-        arrivals = torch.zeros(needed, dtype=torch.int32, device=q.device)
-    assert arrivals.dtype == torch.int32 and arrivals.numel() >= needed and arrivals.device == q.device
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
     config = ONE_ROW_LAUNCH if length == 1 else TILE_LAUNCH
     block_t, block_n = config["block_t"], config["block_n"]
     tiles = triton.cdiv(length, block_t)
-    blocks = triton.cdiv(capacity, block_n) + 2 * triton.cdiv(chunk, block_n)
+    cache_blocks = triton.cdiv(capacity, block_n)
+    blocks = cache_blocks + 2 * triton.cdiv(chunk, block_n)
     # One partial per query, key block and tile, then the linear term's.
     partials = batch * n_heads * tiles * (blocks + 1) * block_t
     part_m = torch.empty(partials, dtype=torch.float32, device=q.device)
     part_total = torch.empty_like(part_m)
     part_acc = torch.empty(partials, dim, dtype=torch.float32, device=q.device)
+    shape = dict(HQ=n_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
+    launch = launch_options(q)
     _key_blocks_kernel[(batch * n_heads, tiles, blocks + 1)](
-        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, window_factor, y,
-        part_m, part_total, part_acc, arrivals, *seen, length, float(linear_cap), q.stride(0), q.stride(1),
-        q.stride(2), k.stride(0), k.stride(1), k.stride(2), y.stride(0), y.stride(1), y.stride(2), HQ=n_heads,
-        HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n,
-        SEEN_ON_DEVICE=on_device, WINDOW_NORMALIZER=normalizer == "window", num_warps=config["num_warps"],
-        **launch_options(q),
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
+        part_acc, *seen, length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HKV=n_kv_heads, E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n, num_warps=config["num_warps"],
+        **shape, **launch,
+    )  # fmt: skip
+    _merge_kernel[(batch * n_heads, length)](
+        window_factor, y, part_m, part_total, part_acc, *seen, float(linear_cap), y.stride(0), y.stride(1),
+        y.stride(2), BLOCKS=blocks, CACHE_BLOCKS=cache_blocks, ALL_BLOCKS=triton.next_power_of_2(blocks),
+        BLOCK_T=block_t, WINDOW_NORMALIZER=normalizer == "window", num_warps=4, **shape, **launch,
     )  # fmt: skip
     return y, win_k, win_v
-
-
-def arrivals_needed(batch: int, n_heads: int, length: int) -> int:
-    """The arrival counters ``attend`` needs for a segment of ``length`` tokens: one per tile."""
-    config = ONE_ROW_LAUNCH if length == 1 else TILE_LAUNCH
-    return batch * n_heads * triton.cdiv(length, config["block_t"])

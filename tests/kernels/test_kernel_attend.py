@@ -31,16 +31,7 @@ CASES = [
 ]
 
 
-def run_both(
-    states,
-    tokens_seen,
-    length,
-    device_seen=False,
-    normalizer="shared",
-    packed=False,
-    linear_cap=0,
-    arrivals=None,
-):
+def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared", packed=False, linear_cap=0):
     clean, poisoned = states.memory(tokens_seen)
     b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
     if packed:
@@ -56,15 +47,15 @@ def run_both(
     gate = torch.sigmoid(states.randn(hq, scale=2.0))
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=states.device) / d)
 
-    def call(fn, memory, seen, **extra):
+    def call(fn, memory, seen):
         m = memory
-        return fn(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"], fmap, gate,
-                  inv_freq, seen, normalizer=normalizer, linear_cap=linear_cap, **extra)  # fmt: skip
+        return fn(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"],
+                  fmap, gate, inv_freq, seen, normalizer=normalizer, linear_cap=linear_cap)  # fmt: skip
 
     expected = call(reference.attend, clean, tokens_seen)
     seen = torch.tensor([tokens_seen], device=states.device) if device_seen else tokens_seen
     before = {name: tensor.clone() for name, tensor in poisoned.items()}
-    got = call(attend_triton.attend, poisoned, seen, arrivals=arrivals)
+    got = call(attend_triton.attend, poisoned, seen)
     return expected, got, (poisoned, before)
 
 
@@ -144,20 +135,3 @@ def test_attend_reads_position_from_device_tensor(device, lola_states):
     states = lola_states(device, torch.float32, seed=7)
     expected, got, kernel_memory = run_both(states, 53, 1, device_seen=True)
     check(expected, got, kernel_memory, states, 53, 1, torch.float32)
-
-
-@pytest.mark.parametrize(
-    "tokens_seen,length", [(53, 1), (36, 5), (64 * 3 + 1, 63)], ids=["decode", "segment", "T63"]
-)
-def test_attend_leaves_its_arrival_counters_at_zero(device, lola_states, tokens_seen, length):
-    # The last program of each tile merges; a counter left off zero would make the next call's merge run
-    # early (on partials not yet written) or never.
-    chunk = 64 if length == 63 else 16
-    states = lola_states(device, torch.float32, heads=6, kv_heads=2, chunk=chunk, seed=tokens_seen + 4)
-    needed = attend_triton.arrivals_needed(states.batch, states.heads, length)
-    arrivals = torch.zeros(needed + 3, dtype=torch.int32, device=device)
-    arrivals[needed:] = 7
-    for _ in range(2):
-        expected, got, kernel_memory = run_both(states, tokens_seen, length, arrivals=arrivals)
-        check(expected, got, kernel_memory, states, tokens_seen, length, torch.float32)
-        assert arrivals[:needed].eq(0).all() and arrivals[needed:].eq(7).all()
