@@ -67,6 +67,9 @@ class LolaMemory:
         self.cache_ids = torch.full((batch, n_heads, g), -1, dtype=torch.int64, device=device)
         self.tokens_seen = 0
         self.evictions = 0
+        # (first (B,), count (B,)): the ids first[b] .. first[b] + count[b] - 1 of sequence b are kept
+        # through every eviction (``pin_ids``); never saved.
+        self.pinned_ids: tuple[torch.Tensor, torch.Tensor] | None = None
         # Rotary tables and rotated keys the reference keeps between calls (see FrameRotary).
         self._rotary: FrameRotary | None = None
         # Hedgehog features of the cached keys the reference keeps between evictions; never saved.
@@ -123,6 +126,23 @@ class LolaMemory:
             return outputs[0]
         return torch.cat(outputs, dim=2) if outputs else q[:, :, :0]
 
+    def pin_ids(self, first: torch.Tensor, count: torch.Tensor) -> None:
+        """Keep the pairs whose recorded ids (the ids ``attend`` is given) fall in first[b] ..
+        first[b] + count[b] - 1 in the sparse cache through every eviction of sequence b, ahead of any
+        score (the earliest, where more than its capacity are pinned). For an evaluation's oracle: what
+        the memory recalls when a span is never evicted. Eviction then runs the PyTorch reference."""
+        self.pinned_ids = (first, count)
+
+    def _pinned_candidates(self) -> torch.Tensor | None:
+        """(B, Hq, G + C) bool: which eviction candidates (cache slots, then the leaving chunk) are pinned."""
+        if self.pinned_ids is None:
+            return None
+        first, count = (x.to(self.cache_ids.device)[:, None, None] for x in self.pinned_ids)
+        chunk = self.settings.chunk
+        leaving = self.win_ids[:, None, :chunk].expand(-1, self.cache_ids.shape[1], -1)
+        ids = torch.cat([self.cache_ids, leaving], dim=2)
+        return (ids >= first) & (ids < first + count)
+
     def _evict(self, attn) -> None:
         chunk = self.settings.chunk
         if self._rotary is not None:
@@ -138,6 +158,7 @@ class LolaMemory:
             self.tokens_seen,
             self.settings.policy,
             features=self._features,
+            pinned=self._pinned_candidates(),
         )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:

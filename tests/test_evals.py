@@ -117,10 +117,13 @@ def test_parse_arms_and_lengths():
     assert shipped.settings(64) == LolaSettings(64, 256, "relative-novelty", "window", linear_cap=2048)
     with pytest.raises(UsageError, match="window-relative-sre<G>, window-relative-novelty<G>"):
         parse_arms("relative-sre64")
+    oracle = parse_arms("window-relative-novelty256-cap2048-oracle")[0]
+    assert oracle.oracle and oracle.settings(64) == shipped.settings(64) and not shipped.oracle
+    assert "oracle" in oracle.label and "oracle" not in shipped.label
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
     for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g", "window-128",
                 "windowg128", "windowrandom128", "window-sre64", "window128-cap",
-                "window128cap64"):  # fmt: skip
+                "window128cap64", "window128-oracle-cap64", "softmax-oracle"):  # fmt: skip
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):
@@ -280,3 +283,22 @@ def test_memory_holds_locates_what_the_memory_keeps(tiny_loaded, capacity):
     with torch.inference_mode():
         running.prefill(model, softmax, tokens, 32, positions=True)
     assert running.memory_holds(softmax, window, torch.tensor([8, 8])) is None
+
+
+def test_pinned_ids_survive_every_eviction(tiny_loaded):
+    """An oracle arm's pinned span stays in every head's cache through every eviction; the other
+    sequence of the batch pins another span, and an unpinned memory keeps less of them."""
+    model = tiny_loaded.model
+    tokens = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(1))
+    first, count = torch.tensor([10, 40]), torch.tensor([4, 10])
+    held = {}
+    for pinned in (False, True):
+        state = model.new_state("lola", LolaSettings(chunk=8, capacity=16), batch=2)
+        if pinned:
+            for memory in state.layers:
+                memory.pin_ids(first, count)
+        with torch.inference_mode():
+            running.prefill(model, state, tokens, 32, positions=True)
+        held[pinned] = running.memory_holds(state, first, count)
+    assert held[True] == [1.0, 1.0]
+    assert held[False][0] < 1.0 and held[False][1] < 1.0

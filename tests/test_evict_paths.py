@@ -238,3 +238,24 @@ def test_cache_recall_error_with_runs_of_candidates_matches_the_definition():
     valid = torch.arange(64) >= 5
     error = evict_reference.cache_recall_error(k, v, valid)
     torch.testing.assert_close(error, cache_recall_by_definition(k, v, valid).float())
+
+
+def test_pinned_candidates_are_kept_whatever_their_scores():
+    # Head 0 pins a cached slot, and two leaving pairs, that its scores alone would not all keep; head 1
+    # pins every candidate, more than G, and keeps the earliest of them.
+    g = torch.Generator().manual_seed(2)
+    batch, heads, chunk, capacity, dim = 1, 2, 8, 6, 16
+    win_k, win_v = torch.randn(2, batch, 1, 2 * chunk, dim, generator=g)
+    cache_k, cache_v = torch.randn(2, batch, heads, capacity, dim, generator=g)
+    h = torch.randn(batch, heads, 2 * dim, dim, generator=g).abs()
+    s = torch.randn(batch, heads, 2 * dim, generator=g).abs()
+    fmap_k = torch.randn(heads, dim, dim, generator=g)
+    memory = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, 4 * chunk)
+    pinned = torch.zeros(batch, heads, capacity + chunk, dtype=torch.bool)
+    pinned[0, 0, [1, 7, 9]] = True
+    pinned[0, 1, :] = True
+    *_, keep = evict_reference.evict(*memory, "relative-novelty", pinned=pinned)
+    assert {1, 7, 9} <= set(keep[0, 0].tolist())
+    assert keep[0, 1].tolist() == list(range(capacity))
+    *_, unpinned = evict_reference.evict(*memory, "relative-novelty")
+    assert not {1, 7, 9} <= set(unpinned[0, 0].tolist()), "the case would pass without pinning"

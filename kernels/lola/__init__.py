@@ -107,18 +107,19 @@ def attend(
 
 
 def evict(
-    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
-):
+    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None,
+    pinned=None,
+):  # fmt: skip
     """See ``evict_reference.evict``; dispatched as described in this module's docstring (Triton runs
-    ``TRITON_POLICIES`` only). ``features`` (a
-    ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
-    cache in place."""
+    ``TRITON_POLICIES`` without ``pinned`` candidates only). ``features`` (a ``KeyFeatures``) serves the
+    reference only; the Triton path forgets what it kept, as it writes the cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
-    if policy in TRITON_POLICIES and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
+    fast = pinned is None and policy in TRITON_POLICIES
+    if fast and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
         if features is not None:
             features.forget()
         return _triton_module("evict").evict(*args)
-    return evict_reference.evict(*args, features)
+    return evict_reference.evict(*args, features, pinned)
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

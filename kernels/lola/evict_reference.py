@@ -126,6 +126,7 @@ def evict(
     policy: str = "sre",
     generator: torch.Generator | None = None,
     features: KeyFeatures | None = None,
+    pinned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Close the current chunk (it must be full): the previous chunk leaves the window.
 
@@ -138,6 +139,8 @@ def evict(
     when nothing left the window or G = 0.
     ``features``: the caller's ``KeyFeatures`` (it reuses the cached keys' features and keeps the new
     cache's), or None to compute every candidate's features afresh.
+    ``pinned``: (B, Hq, G + C) bool, candidates kept before any other whatever their scores (the
+    earliest where more than G are pinned), or None.
     """
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
@@ -171,6 +174,8 @@ def evict(
                 score = score.expand(cand_v.shape[:3])
             else:
                 raise ValueError(f"unknown eviction policy {policy!r}")
+            if pinned is not None:
+                score = score.masked_fill(pinned, float("inf"))
             score = score.masked_fill(~valid, float("-inf"))
             # A stable sort keeps the earlier of two equal scores (repeated tokens give exact ties).
             order = score.sort(dim=-1, descending=True, stable=True).indices

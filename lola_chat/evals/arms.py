@@ -19,7 +19,7 @@ DEFAULT_ARMS = (
     "softmax,g0,g64,g128,g256,window128,window256,random128,recent128,window-random128,window-recent128"
 )
 LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
-ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)(?:-cap(\d+))?$")
+ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)(?:-cap(\d+))?(-oracle)?$")
 # An arm name's prefix -> (eviction policy, normalizer).
 ARM_KINDS = {
     "g": ("sre", "shared"),
@@ -52,6 +52,9 @@ class Arm:
     policy: str = "sre"
     normalizer: str = "shared"
     linear_cap: int = 0
+    # Needle prompts only: the needle's tokens are never evicted (``LolaMemory.pin_ids``), an upper bound
+    # on what any eviction policy could recall.
+    oracle: bool = False
 
     def settings(self, chunk: int) -> LolaSettings:
         return LolaSettings(
@@ -70,7 +73,8 @@ class Arm:
             return "linearized, G=0 (window + linear)"
         window = ", window normalizer" if self.normalizer == "window" else ""
         cap = f", hidden state capped at {self.linear_cap} pairs" if self.linear_cap else ""
-        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window}{cap})"
+        oracle = ", needle never evicted (oracle)" if self.oracle else ""
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window}{cap}{oracle})"
 
 
 def parse_arms(text: str) -> list[Arm]:
@@ -78,7 +82,8 @@ def parse_arms(text: str) -> list[Arm]:
     with the window normalizer: "window<G>" (self-recall error), "window-random<G>", "window-recent<G>";
     "novelty<G>" and "window-novelty<G>" for the novelty policy; "window-relative-sre<G>" and
     "window-relative-novelty<G>" for the relative policies (window normalizer only); any LoLA arm may
-    end in "-cap<R>" (the hidden state's weight capped at R folded pairs). Comma-separated."""
+    end in "-cap<R>" (the hidden state's weight capped at R folded pairs), then in "-oracle" (needle
+    prompts: the needle is never evicted). Comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
@@ -89,10 +94,10 @@ def parse_arms(text: str) -> list[Arm]:
             kinds = ", ".join(f"{kind}<G>" for kind in ARM_KINDS)
             raise UsageError(
                 f"unknown configuration {name!r}; use softmax or one of {kinds}, each optionally "
-                "followed by -cap<R>"
+                "followed by -cap<R> and -oracle"
             )
         policy, normalizer = ARM_KINDS[match[1]]
-        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer, int(match[3] or 0)))
+        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer, int(match[3] or 0), bool(match[4])))
     if not arms:
         raise UsageError("--configs is empty")
     return arms

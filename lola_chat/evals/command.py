@@ -138,11 +138,14 @@ def run(args, config: Config) -> int:
             )
         elif name == "ppl":
             windows = _option(args, "ppl_windows")
-            rows = ppl.evaluate(models, arms, contexts, books, windows)
+            # An oracle pins a needle, and text has none: it would repeat its arm's rows.
+            rows = ppl.evaluate(models, [arm for arm in arms if not arm.oracle], contexts, books, windows)
             settings = {"contexts": contexts, "books": [b.name for b in books], "max_windows": windows}
         else:
             model = models.loaded("lola").model
-            rows = footprint.evaluate(model.cfg, arms, lengths, models.chunk, model.embed_tokens.weight.dtype)
+            measured = [arm for arm in arms if not arm.oracle]
+            dtype = model.embed_tokens.weight.dtype
+            rows = footprint.evaluate(model.cfg, measured, lengths, models.chunk, dtype)
             settings = {"lengths": lengths, "dtype": str(model.embed_tokens.weight.dtype)}
         save(name, settings, rows)
     report.write_plots(out)

@@ -193,6 +193,10 @@ def run_arm(
         first = torch.tensor([p.needle_start for p in batch], device=device)
         count = torch.tensor([p.needle_tokens for p in batch], device=device)
         state = model.new_state(arm.attention, arm.settings(models.chunk), batch=len(batch))
+        if arm.oracle:
+            # The memory records positions (``running.greedy`` with ``after_prompt``): the needle's.
+            for memory in state.layers:
+                memory.pin_ids(first, count)
 
         def measure_needle(state, first=first, count=count):
             held.append(running.memory_holds(state, first, count))
