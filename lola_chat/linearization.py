@@ -86,12 +86,17 @@ def linearization_settings(directory: Path) -> LolaSettings:
         raise UsageError(f"{directory} has no readable LoLA settings: {error}") from None
 
 
+def _lora_rank_scale(meta: dict) -> tuple[int, float]:
+    """(rank, scale = alpha / rank) of the LoRA a linearization's config names; (0, 0.0) for none."""
+    lora = meta.get("lora") or {}
+    rank = lora.get("rank", 0)
+    return rank, (lora["alpha"] / rank if rank else 0.0)
+
+
 def linearization_lora(directory: Path) -> tuple[int, float]:
     """(rank, scale = alpha / rank) of the LoRA a linearization's config.json names; (0, 0.0) for none."""
     try:
-        lora = json.loads((directory / "config.json").read_text()).get("lora") or {}
-        rank = int(lora.get("rank", 0))
-        return rank, (float(lora["alpha"]) / rank if rank else 0.0)
+        return _lora_rank_scale(json.loads((directory / "config.json").read_text()))
     except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:
         raise UsageError(f"{directory} has no readable LoRA settings: {error}") from None
 
@@ -124,9 +129,7 @@ def load_linearization(model: Transformer, directory: Path) -> tuple[str, LolaSe
                 f"linearization {directory} is format {meta['format_version']}; update lola-chat"
             )
         settings = LolaSettings(**meta.get("lola", {}))
-        lora = meta.get("lora") or {}
-        rank = lora.get("rank", 0)
-        scale = lora["alpha"] / rank if rank else 0.0
+        rank, scale = _lora_rank_scale(meta)
     except (AttributeError, KeyError, TypeError) as error:
         raise UsageError(f"linearization {directory} has a malformed config.json ({error!r})") from None
     cfg = model.cfg

@@ -133,14 +133,17 @@ class LolaMemory:
         the memory recalls when a span is never evicted. Eviction then runs the PyTorch reference."""
         self.pinned_ids = (first, count)
 
+    def _candidate_ids(self) -> torch.Tensor:
+        """(B, Hq, G + C): the ids of an eviction's candidates, the cache slots, then the leaving chunk."""
+        leaving = self.win_ids[:, None, : self.settings.chunk].expand(-1, self.cache_ids.shape[1], -1)
+        return torch.cat([self.cache_ids, leaving], dim=2)
+
     def _pinned_candidates(self) -> torch.Tensor | None:
-        """(B, Hq, G + C) bool: which eviction candidates (cache slots, then the leaving chunk) are pinned."""
+        """(B, Hq, G + C) bool: which eviction candidates are pinned (``pin_ids``)."""
         if self.pinned_ids is None:
             return None
         first, count = (x.to(self.cache_ids.device)[:, None, None] for x in self.pinned_ids)
-        chunk = self.settings.chunk
-        leaving = self.win_ids[:, None, :chunk].expand(-1, self.cache_ids.shape[1], -1)
-        ids = torch.cat([self.cache_ids, leaving], dim=2)
+        ids = self._candidate_ids()
         return (ids >= first) & (ids < first + count)
 
     def _evict(self, attn) -> None:
@@ -162,8 +165,7 @@ class LolaMemory:
         )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:
-            leaving = self.win_ids[:, None, :chunk].expand(-1, self.cache_ids.shape[1], -1)
-            self.cache_ids = torch.cat([self.cache_ids, leaving], dim=2).gather(2, keep)
+            self.cache_ids = self._candidate_ids().gather(2, keep)
         self.win_ids = torch.cat([self.win_ids[:, chunk:], torch.full_like(self.win_ids[:, chunk:], -1)], 1)
         self.evictions += 1
 

@@ -113,6 +113,8 @@ def run(args, config: Config) -> int:
         }
         print(f"wrote {report.write_result(out, name, payload)}", file=sys.stderr)
 
+    # An oracle pins a needle: text and state sizes have none, so there it would repeat its arm's rows.
+    without_oracles = [arm for arm in arms if not arm.oracle]
     for name in which:
         tokenizer = models.loaded("lola").tokenizer
         if name == "niah":
@@ -138,14 +140,12 @@ def run(args, config: Config) -> int:
             )
         elif name == "ppl":
             windows = _option(args, "ppl_windows")
-            # An oracle pins a needle, and text has none: it would repeat its arm's rows.
-            rows = ppl.evaluate(models, [arm for arm in arms if not arm.oracle], contexts, books, windows)
+            rows = ppl.evaluate(models, without_oracles, contexts, books, windows)
             settings = {"contexts": contexts, "books": [b.name for b in books], "max_windows": windows}
         else:
             model = models.loaded("lola").model
-            measured = [arm for arm in arms if not arm.oracle]
             dtype = model.embed_tokens.weight.dtype
-            rows = footprint.evaluate(model.cfg, measured, lengths, models.chunk, dtype)
+            rows = footprint.evaluate(model.cfg, without_oracles, lengths, models.chunk, dtype)
             settings = {"lengths": lengths, "dtype": str(model.embed_tokens.weight.dtype)}
         save(name, settings, rows)
     report.write_plots(out)
