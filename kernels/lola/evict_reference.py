@@ -43,21 +43,6 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 
-def _first_minimum(x: torch.Tensor, run: int = 32) -> torch.Tensor:
-    """The index of the first smallest value along x's last dim (as ``argmin``). When ``run`` divides
-    that dim, in two steps: the smallest of each run of ``run`` values without indices, then indices
-    within the first run holding the smallest. On a CPU a reduction that returns indices is several
-    times slower per element than one that does not, and this runs it over one run per row."""
-    *lead, width = x.shape
-    if width % run:
-        return x.min(dim=-1).indices
-    runs = x.reshape(-1, width // run, run)
-    first_run = runs.amin(dim=-1).min(dim=-1).indices
-    rows = torch.arange(runs.shape[0], device=x.device) * (width // run) + first_run
-    within = runs.reshape(-1, run).index_select(0, rows).min(dim=-1).indices
-    return (first_run * run + within).view(*lead)
-
-
 def cache_recall_error(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """|| v_i - v_j || for the valid candidate j != i whose key is nearest to k_i (Euclidean): how badly
     the other candidates would stand in for pair i. A pair the cache would hold twice (the same token
@@ -77,7 +62,8 @@ def cache_recall_error(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) ->
     flat = k.reshape(-1, n, d)
     distance = torch.baddbmm(squares.reshape(-1, 1, n), flat, flat.transpose(1, 2), alpha=-2.0)
     distance.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    nearest = _first_minimum(distance).reshape(*batch, n)
+    # min's indices, like argmin, take the first of equal values, and run several times faster on a CPU.
+    nearest = distance.min(dim=-1).indices.reshape(*batch, n)
     error = torch.linalg.vector_norm(v - _take_rows(v, nearest), dim=-1)
     alone = valid.sum() - valid.long() == 0
     return torch.where(alone, torch.linalg.vector_norm(v, dim=-1), error)
