@@ -21,6 +21,7 @@ import torch
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.kernels.argmax import argmax
+from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.memory import LolaMemory, State
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
@@ -117,7 +118,10 @@ class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
     static copies of its tensors, updated in place by the Triton kernels."""
 
+    kind = "lola"
+
     def __init__(self, memory: LolaMemory, counter: _Counter):
+        self.settings = memory.settings
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -183,6 +187,10 @@ class CapturedDecoder:
             require_capture(device)
         if state.kind != "lola":
             raise LolaError("captured decoding runs LoLA memory only")
+        policy = state.layers[0].settings.policy
+        if policy not in TRITON_POLICIES:
+            known = ", ".join(TRITON_POLICIES)
+            raise LolaError(f"captured decoding runs the eviction policies {known}, not {policy}")
         self.model, self.state, self.sampling = model, state, sampling
         first = state.layers[0]
         self.chunk = first.settings.chunk

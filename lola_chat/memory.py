@@ -9,12 +9,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lola_chat.errors import UsageError
+from lola_chat.errors import LolaError, UsageError
 from lola_chat.kernels import lola
 from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
 from lola_chat.kernels.lola.reference import FrameRotary, accumulator
 
-POLICIES = (*RECALL_POLICIES, "random", "recent")
+# "joint-" before a recall policy: one choice for the whole model. Every layer and query head keeps the
+# same positions, ranked by the mean of their scores, so a span is held in every layer or in none: recall
+# needs a needle in (nearly) every layer, and choices made apart hold it whole in almost none.
+JOINT = "joint-"
+POLICIES = (*RECALL_POLICIES, *(JOINT + policy for policy in RECALL_POLICIES), "random", "recent")
 NORMALIZERS = ("shared", "window")
 
 
@@ -45,6 +49,15 @@ class LolaSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def joint(self) -> bool:
+        return self.policy.startswith(JOINT)
+
+    @property
+    def scoring(self) -> str:
+        """The policy each memory scores its candidates by (a joint policy's scores are then pooled)."""
+        return self.policy.removeprefix(JOINT)
 
 
 class LolaMemory:
@@ -77,6 +90,9 @@ class LolaMemory:
         # What a CPU decode step keeps between tokens (see kernels/lola/decode_cpu); never saved. It knows
         # the tensors and rotary it was made from, so it needs no forgetting.
         self._decode = lola.DecodeFrame()
+        # Under a joint policy: the length of the segment that filled the chunk, until the whole model's
+        # eviction closes it (``close_chunk_jointly``); None otherwise.
+        self.pending: int | None = None
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
     memory_names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
@@ -90,6 +106,8 @@ class LolaMemory:
         outputs = []
         start = 0
         while start < q.shape[2]:
+            if self.pending is not None:
+                raise LolaError("a joint eviction must close the full chunk before more tokens are attended")
             length = min(q.shape[2] - start, chunk - self.tokens_seen % chunk)
             end = start + length
             y, self.win_k, self.win_v = lola.attend(
@@ -117,10 +135,10 @@ class LolaMemory:
                 self.win_ids[:, slot : slot + length] = ids[:, start:end]
             self.tokens_seen += length
             if self.tokens_seen % chunk == 0:
-                self._evict(attn)
-                if length == 1:
-                    memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
-                    lola.prepare_decode(self._decode, self._rotary, *memory, self.tokens_seen)
+                if self.settings.joint:
+                    self.pending = length
+                else:
+                    self.close_chunk(attn, length)
             start = end
         if len(outputs) == 1:
             return outputs[0]
@@ -146,7 +164,24 @@ class LolaMemory:
         ids = self._candidate_ids()
         return (ids >= first) & (ids < first + count)
 
-    def _evict(self, attn) -> None:
+    def close_chunk(self, attn, length: int, score: torch.Tensor | None = None) -> None:
+        """Evict at the end of a full chunk that a segment of ``length`` tokens completed, ranking the
+        candidates by ``score`` where given (``evict_reference.evict``)."""
+        self._evict(attn, score)
+        self.pending = None
+        if length == 1:
+            memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
+            lola.prepare_decode(self._decode, self._rotary, *memory, self.tokens_seen)
+
+    def candidate_scores(self, attn) -> torch.Tensor | None:
+        """(B, Hq, G + C): how this memory's eviction would rank its candidates now, by its settings'
+        ``scoring`` (``evict_reference.candidate_scores``); None where it ranks nothing."""
+        memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
+        return lola.candidate_scores(
+            *memory, attn.fmap_k, self.tokens_seen, self.settings.scoring, features=self._features
+        )
+
+    def _evict(self, attn, score: torch.Tensor | None = None) -> None:
         chunk = self.settings.chunk
         if self._rotary is not None:
             self._rotary.forget()
@@ -159,9 +194,10 @@ class LolaMemory:
             self.s,
             attn.fmap_k,
             self.tokens_seen,
-            self.settings.policy,
+            self.settings.scoring,
             features=self._features,
             pinned=self._pinned_candidates(),
+            score=score,
         )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:
@@ -180,6 +216,7 @@ class LolaMemory:
         if self._rotary is not None:
             self._rotary.forget()
         self._features.forget()
+        self.pending = None
 
     def recall_errors(self, attn) -> torch.Tensor:
         """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN
@@ -286,3 +323,36 @@ class State:
 
     def evictions(self) -> int:
         return sum(layer.evictions for layer in self.layers)
+
+    @property
+    def joint(self) -> bool:
+        return self.kind == "lola" and self.layers[0].settings.joint
+
+    def segments(self, length: int) -> list[tuple[int, int]]:
+        """How a forward pass over ``length`` new tokens is cut: under a joint policy at every chunk end
+        (each chunk goes through every layer before the whole model's eviction), else in one piece."""
+        if not self.joint or length == 0:
+            return [(0, length)]
+        chunk = self.layers[0].settings.chunk
+        ends = range(chunk - self.tokens_seen % chunk, length, chunk)
+        cuts = [0, *ends, length]
+        return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+    def close_chunk(self, attentions: list) -> None:
+        """After a segment went through every layer: where it filled a chunk of a joint policy's memory,
+        that chunk's eviction (``close_chunk_jointly``). ``attentions``: each layer's attention module."""
+        if self.joint and self.layers[0].pending is not None:
+            close_chunk_jointly(self.layers, attentions)
+
+
+def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
+    """Close the chunk every layer has just filled with one choice for all of them: the candidates'
+    scores averaged over layers and query heads rank the candidates of every layer and head alike. The
+    candidates are the same positions everywhere as long as every eviction was joint (equal rankings
+    keep equal slots)."""
+    scores = [memory.candidate_scores(attn) for memory, attn in zip(memories, attentions, strict=True)]
+    shared = None
+    if scores[0] is not None:
+        shared = torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
+    for memory, attn in zip(memories, attentions, strict=True):
+        memory.close_chunk(attn, memory.pending, shared)

@@ -22,7 +22,7 @@ from lola_chat.linearize.tiny import tiny_tokenizer, write_tiny_checkpoint, writ
 from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
-CONFIGS = "softmax,g0,g64,random64"
+CONFIGS = "softmax,g0,g64,random64,window-joint-relative-novelty64"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,9 @@ def test_parse_arms_and_lengths():
     assert shipped.settings(64) == LolaSettings(64, 256, "relative-novelty", "window", linear_cap=2048)
     with pytest.raises(UsageError, match="window-relative-sre<G>, window-relative-novelty<G>"):
         parse_arms("relative-sre64")
+    joint = parse_arms("window-joint-relative-novelty256-cap2048")[0]
+    assert joint.settings(64) == LolaSettings(64, 256, "joint-relative-novelty", "window", linear_cap=2048)
+    assert "one choice for all layers and heads" in joint.label
     oracle = parse_arms("window-relative-novelty256-cap2048-oracle")[0]
     assert oracle.oracle and oracle.settings(64) == shipped.settings(64) and not shipped.oracle
     assert "oracle" in oracle.label and "oracle" not in shipped.label
@@ -178,7 +181,8 @@ def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, 
         assert payload["versions"]["torch"] == torch.__version__
         assert payload["model"]["linearization_fingerprint"] == card.fingerprint(linearization)
     niah_rows = results["niah"]["rows"]
-    assert len(niah_rows) == 4 * 2 * 2
+    arms = len(parse_arms(CONFIGS))
+    assert len(niah_rows) == arms * 2 * 2
     assert {(r["haystack"], r["length"]) for r in niah_rows} == {
         (h, n) for h in ("noise", "prose") for n in (200, 256)
     }
@@ -191,7 +195,7 @@ def test_eval_all_writes_results_tables_plots_and_the_card(tmp_path, lola_home, 
     assert all(("needle_held" in r) == (r["config"] != "softmax") for r in run)
     assert all(0 <= r["needle_held"] <= 1 for r in run if r["config"] != "softmax")
     assert all(r["perplexity"] > 1 and r["windows"] == 2 for r in results["ppl"]["rows"])
-    assert len(results["memory"]["rows"]) == 4 * 2
+    assert len(results["memory"]["rows"]) == arms * 2
 
     readme = (out / "README.md").read_text()
     for arm in parse_arms(CONFIGS):

@@ -100,6 +100,70 @@ class KeyFeatures:
         self._kept = None
 
 
+def _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features):
+    """(cand_k, cand_v, phi_k, valid) of the eviction that closes the current chunk: the cache slots, then
+    the leaving chunk (expanded to the query heads); None when nothing leaves the window."""
+    chunk = win_k.shape[2] // 2
+    capacity = cache_k.shape[2]
+    assert tokens_seen % chunk == 0 and tokens_seen > 0, "eviction runs only when a chunk is full"
+    cached, previous, _ = frame(tokens_seen - 1, chunk, capacity)
+    if not previous:
+        return None
+    n_heads = cache_k.shape[1]
+    leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
+    leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
+    cand_k = torch.cat([cache_k, leaving_k], dim=2)
+    cand_v = torch.cat([cache_v, leaving_v], dim=2)
+    valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached
+    cached_features = features.get(cache_k, fmap_k) if features is not None else None
+    if cached_features is None:
+        phi_k = hedgehog(cand_k, fmap_k)
+    else:
+        phi_k = torch.cat([cached_features, hedgehog(leaving_k, fmap_k)], dim=2)
+    return cand_k, cand_v, phi_k, valid
+
+
+def _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator) -> torch.Tensor:
+    if policy in RECALL_POLICIES:
+        score = self_recall_error(phi_k, cand_v, h, s)
+        if policy.startswith("relative-"):
+            size = torch.linalg.vector_norm(cand_v.to(score.dtype), dim=-1)
+            score = score / size.clamp_min(SRE_EPS)
+        if policy.endswith("novelty"):
+            score = torch.minimum(score, cache_recall_error(cand_k, cand_v, valid))
+        return score
+    if policy == "random":
+        return torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
+    if policy == "recent":
+        score = torch.arange(valid.shape[0], device=cand_k.device, dtype=torch.float32)
+        return score.expand(cand_v.shape[:3])
+    raise ValueError(f"unknown eviction policy {policy!r}")
+
+
+def candidate_scores(
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    h: torch.Tensor,
+    s: torch.Tensor,
+    fmap_k: torch.Tensor,
+    tokens_seen: int,
+    policy: str = "sre",
+    generator: torch.Generator | None = None,
+    features: KeyFeatures | None = None,
+) -> torch.Tensor | None:
+    """The scores ``evict`` would rank its candidates by (same arguments): (B, Hq, G + C), -inf for
+    candidates that are not there (empty cache slots), higher kept first; None where ``evict`` ranks
+    nothing (nothing leaves the window, or G = 0). For a selection made from several memories' scores
+    at once (``evict``'s ``score``)."""
+    found = _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features)
+    if found is None or cache_k.shape[2] == 0:
+        return None
+    score = _policy_score(*found, h, s, policy, generator)
+    return score.masked_fill(~found[3], float("-inf"))
+
+
 def evict(
     win_k: torch.Tensor,
     win_v: torch.Tensor,
@@ -113,6 +177,7 @@ def evict(
     generator: torch.Generator | None = None,
     features: KeyFeatures | None = None,
     pinned: torch.Tensor | None = None,
+    score: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Close the current chunk (it must be full): the previous chunk leaves the window.
 
@@ -127,39 +192,19 @@ def evict(
     cache's), or None to compute every candidate's features afresh.
     ``pinned``: (B, Hq, G + C) bool, candidates kept before any other whatever their scores (the
     earliest where more than G are pinned), or None.
+    ``score``: (B, Hq, G + C), the candidates' ranking given instead of computed from ``policy`` (see
+    ``candidate_scores``), or None.
     """
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
-    n_heads = cache_k.shape[1]
-    assert tokens_seen % chunk == 0 and tokens_seen > 0, "eviction runs only when a chunk is full"
-    cached, previous, _ = frame(tokens_seen - 1, chunk, capacity)
+    cached, _, _ = frame(tokens_seen - 1, chunk, capacity)
     keep = None
-    if previous:
-        leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
-        leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
-        cand_k = torch.cat([cache_k, leaving_k], dim=2)
-        cand_v = torch.cat([cache_v, leaving_v], dim=2)
-        valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached
-        cached_features = features.get(cache_k, fmap_k) if features is not None else None
-        if cached_features is None:
-            phi_k = hedgehog(cand_k, fmap_k)
-        else:
-            phi_k = torch.cat([cached_features, hedgehog(leaving_k, fmap_k)], dim=2)
+    found = _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features)
+    if found is not None:
+        cand_k, cand_v, phi_k, valid = found
         if capacity > 0:
-            if policy in RECALL_POLICIES:
-                score = self_recall_error(phi_k, cand_v, h, s)
-                if policy.startswith("relative-"):
-                    size = torch.linalg.vector_norm(cand_v.to(score.dtype), dim=-1)
-                    score = score / size.clamp_min(SRE_EPS)
-                if policy.endswith("novelty"):
-                    score = torch.minimum(score, cache_recall_error(cand_k, cand_v, valid))
-            elif policy == "random":
-                score = torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
-            elif policy == "recent":
-                score = torch.arange(capacity + chunk, device=cand_k.device, dtype=torch.float32)
-                score = score.expand(cand_v.shape[:3])
-            else:
-                raise ValueError(f"unknown eviction policy {policy!r}")
+            if score is None:
+                score = _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator)
             if pinned is not None:
                 score = score.masked_fill(pinned, float("inf"))
             score = score.masked_fill(~valid, float("-inf"))

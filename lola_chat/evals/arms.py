@@ -33,6 +33,8 @@ ARM_KINDS = {
     "window-recent": ("recent", "window"),
     "window-relative-sre": ("relative-sre", "window"),
     "window-relative-novelty": ("relative-novelty", "window"),
+    "window-joint-sre": ("joint-sre", "window"),
+    "window-joint-relative-novelty": ("joint-relative-novelty", "window"),
 }
 POLICY_LABELS = {
     "sre": "self-recall error",
@@ -41,6 +43,10 @@ POLICY_LABELS = {
     "recent": "keep most recent",
     "relative-sre": "self-recall error relative to the value",
     "relative-novelty": "relative self-recall or cache-recall error",
+    "joint-sre": "self-recall error, one choice for all layers and heads",
+    "joint-relative-novelty": (
+        "relative self-recall or cache-recall error, one choice for all layers and heads"
+    ),
 }
 
 
@@ -81,7 +87,9 @@ def parse_arms(text: str) -> list[Arm]:
     """ "softmax", "g<G>" (or "sre<G>"), "random<G>", "recent<G>" (the shared normalizer), and the same
     with the window normalizer: "window<G>" (self-recall error), "window-random<G>", "window-recent<G>";
     "novelty<G>" and "window-novelty<G>" for the novelty policy; "window-relative-sre<G>" and
-    "window-relative-novelty<G>" for the relative policies (window normalizer only); any LoLA arm may
+    "window-relative-novelty<G>" for the relative policies (window normalizer only), and
+    "window-joint-sre<G>" and "window-joint-relative-novelty<G>" for their joint forms (one choice of
+    positions for every layer and head, ``memory.JOINT``); any LoLA arm may
     end in "-cap<R>" (the hidden state's weight capped at R folded pairs), then in "-oracle" (needle
     prompts: the needle is never evicted). Comma-separated."""
     arms = []
