@@ -58,6 +58,13 @@ def common_options() -> argparse.ArgumentParser:
         help="how the linear term is weighed against the exact pairs: shared (the paper's) or window "
         "(against the window's best score); default: the linearization's (shared where it names none)",
     )
+    group.add_argument(
+        "--policy",
+        help="how the sparse cache is chosen (default: the linearization's); the joint-* policies make one "
+        "choice for every layer and keep the cache per KV head, so three times the pairs fit in the same "
+        "bytes (use --capacity 768 for the default's size): better recall of facts in prose, but on a GPU "
+        "they run the uncaptured, slower step",
+    )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)
@@ -167,7 +174,9 @@ def load_engine(config, args, progress: bool = True):
     device = resolve_device(config.device)
     loaded = load_model(config, device, default_dtype(device), progress=progress)
     overrides = {
-        k: getattr(args, k) for k in ("capacity", "chunk", "normalizer") if getattr(args, k, None) is not None
+        k: getattr(args, k)
+        for k in ("capacity", "chunk", "normalizer", "policy")
+        if getattr(args, k, None) is not None
     }
     if overrides.get("chunk") == 0:
         raise UsageError("--chunk must be at least 1")

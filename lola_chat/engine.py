@@ -158,7 +158,7 @@ class Engine:
         except the eviction policy: it decides only which pairs later evictions fold, so a state made
         under one policy is a valid state under another (and a new default policy does not refuse a
         user's conversations)."""
-        settings = self.loaded.lola.as_dict()
+        settings = self._recorded_settings()
         del settings["policy"]
         return {
             "model": self.loaded.model_fingerprint,
@@ -231,10 +231,18 @@ class Engine:
             self.session.unlock()
         self.session, self.state = None, None
 
+    def _recorded_settings(self) -> dict:
+        """The LoLA settings a snapshot records. A joint policy keeps its sparse cache per KV head, so its
+        snapshots also say so: a state of the other layout has other shapes (``LolaMemory.load``)."""
+        settings = self.loaded.lola.as_dict()
+        if self.loaded.lola.joint:
+            settings["cache"] = "per KV head"
+        return settings
+
     def save(self, note: str = "") -> str:
         meta = {
             **self.expectations(),
-            "lola": json.dumps(self.loaded.lola.as_dict(), sort_keys=True),
+            "lola": json.dumps(self._recorded_settings(), sort_keys=True),
             "tokens_seen": str(self.state.tokens_seen),
         }
         return self.session.save_snapshot(self.state.tensors(), meta, note=note)

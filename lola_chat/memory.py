@@ -70,14 +70,16 @@ class LolaMemory:
         c, g = settings.chunk, settings.capacity
         self.win_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
-        self.cache_k = torch.zeros(batch, n_heads, g, head_dim, dtype=dtype, device=device)
+        # Under a joint policy every query head of a KV group keeps the same pairs: one copy per KV head.
+        cache_heads = n_kv_heads if settings.joint else n_heads
+        self.cache_k = torch.zeros(batch, cache_heads, g, head_dim, dtype=dtype, device=device)
         self.cache_v = torch.zeros_like(self.cache_k)
         acc = accumulator(dtype)
         self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=acc, device=device)
         self.s = torch.zeros(batch, n_heads, feature_dim, dtype=acc, device=device)
         # Token ids of what the window and cache hold, so a user can read what is remembered exactly.
         self.win_ids = torch.full((batch, 2 * c), -1, dtype=torch.int64, device=device)
-        self.cache_ids = torch.full((batch, n_heads, g), -1, dtype=torch.int64, device=device)
+        self.cache_ids = torch.full((batch, cache_heads, g), -1, dtype=torch.int64, device=device)
         self.tokens_seen = 0
         self.evictions = 0
         # (first (B,), count (B,)): the ids first[b] .. first[b] + count[b] - 1 of sequence b are kept
@@ -162,7 +164,11 @@ class LolaMemory:
             return None
         first, count = (x.to(self.cache_ids.device)[:, None, None] for x in self.pinned_ids)
         ids = self._candidate_ids()
-        return (ids >= first) & (ids < first + count)
+        return self._per_query_head((ids >= first) & (ids < first + count))
+
+    def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cache heads, ...) -> (B, Hq, ...): a cache kept per KV head serves each head of its group."""
+        return x.repeat_interleave(self.h.shape[1] // x.shape[1], dim=1)
 
     def close_chunk(self, attn, length: int, score: torch.Tensor | None = None) -> None:
         """Evict at the end of a full chunk that a segment of ``length`` tokens completed, ranking the
@@ -201,7 +207,9 @@ class LolaMemory:
         )
         self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s = memories
         if keep is not None:
-            self.cache_ids = self._candidate_ids().gather(2, keep)
+            # A cache per KV head kept what the first query head of each group kept (all of them alike).
+            group = keep.shape[1] // self.cache_ids.shape[1]
+            self.cache_ids = self._candidate_ids().gather(2, keep[:, ::group])
         self.win_ids = torch.cat([self.win_ids[:, chunk:], torch.full_like(self.win_ids[:, chunk:], -1)], 1)
         self.evictions += 1
 
@@ -209,6 +217,13 @@ class LolaMemory:
         return {name: getattr(self, name) for name in self.names}
 
     def load(self, tensors: dict[str, torch.Tensor], tokens_seen: int) -> None:
+        for name in self.names:
+            if tensors[name].shape != getattr(self, name).shape:
+                raise LolaError(
+                    f"the saved memory's {name} is shaped {tuple(tensors[name].shape)}, this memory's "
+                    f"{tuple(getattr(self, name).shape)}: it was made with other LoLA settings "
+                    "(a joint eviction policy keeps its cache per KV head)"
+                )
         for name in self.names:
             current = getattr(self, name)
             setattr(self, name, tensors[name].to(dtype=current.dtype, device=current.device).clone())
@@ -222,8 +237,8 @@ class LolaMemory:
         """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN
         where a slot is empty. For inspection; eviction recomputes these itself."""
         cached, _, _ = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
-        phi = lola.hedgehog(self.cache_k, attn.fmap_k)
-        error = lola.self_recall_error(phi, self.cache_v, self.h, self.s)
+        phi = lola.hedgehog(self._per_query_head(self.cache_k), attn.fmap_k)
+        error = lola.self_recall_error(phi, self._per_query_head(self.cache_v), self.h, self.s)
         empty = torch.arange(error.shape[-1], device=error.device) < error.shape[-1] - cached
         return error.masked_fill(empty, float("nan"))
 

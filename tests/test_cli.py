@@ -41,6 +41,16 @@ def test_ask_twice_continues_the_same_memory(tiny_cli, capsys):
     )
 
 
+def test_the_policy_flag_chooses_the_eviction_and_names_the_known_ones(tiny_cli, capsys):
+    argv = ("ask", "--session", "j", "--max-new-tokens", "3", "--policy")
+    assert run(capsys, *argv, "joint-relative-novelty", "hello world")[0] == 0
+    report = json.loads(run(capsys, "memory", "j", "--json", "--policy", "joint-relative-novelty")[1])
+    assert report["tokens_seen"] > 0
+    code, out, err = run(capsys, *argv, "bogus", "hello")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "unknown eviction policy 'bogus'" in err and "joint-relative-novelty" in err
+
+
 def test_no_save_leaves_the_session_unchanged(tiny_cli, capsys):
     run(capsys, "ask", "--session", "t", "--max-new-tokens", "3", "hello")
     before = session_files(tiny_cli)

@@ -174,6 +174,29 @@ def test_snapshot_from_other_settings_is_refused_and_rebuild_recovers(tiny_loade
     assert other.state.tokens_seen == expected and tokens > 0
 
 
+def test_a_joint_policys_snapshots_and_a_per_head_policys_refuse_each_other(tiny_loaded, lola_home):
+    tiny_loaded.lola = LolaSettings(chunk=8, capacity=12, policy="joint-relative-novelty")
+    engine = make_engine(tiny_loaded, lola_home)
+    engine.open("joint")
+    engine.chat("hello world")
+    engine.close()
+    reopened = make_engine(tiny_loaded, lola_home)
+    reopened.open("joint")
+    assert reopened.state.layers[0].cache_k.shape[1] == tiny_loaded.model.cfg.n_kv_heads
+    reopened.close()
+
+    tiny_loaded.lola = LolaSettings(chunk=8, capacity=12, policy="relative-novelty")
+    per_head = make_engine(tiny_loaded, lola_home)
+    with pytest.raises(LolaError, match="joint eviction policy keeps its cache per KV head"):
+        per_head.open("joint")
+    per_head.open("apart")
+    per_head.chat("hello world")
+    per_head.close()
+    tiny_loaded.lola = LolaSettings(chunk=8, capacity=12, policy="joint-sre")
+    with pytest.raises(SnapshotError, match="cache"):
+        make_engine(tiny_loaded, lola_home).open("apart")
+
+
 def test_softmax_baseline_runs_the_same_turns(tiny_loaded, lola_home):
     engine = make_engine(tiny_loaded, lola_home, attention="softmax")
     engine.open("s")
@@ -260,6 +283,8 @@ def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loa
     assert not decoding.captured_decoding_applies(model, model.new_state("softmax"))
     random_policy = LolaSettings(chunk=8, capacity=12, policy="random")
     assert not decoding.captured_decoding_applies(model, model.new_state("lola", random_policy))
+    joint_policy = LolaSettings(chunk=8, capacity=12, policy="joint-relative-novelty")
+    assert not decoding.captured_decoding_applies(model, model.new_state("lola", joint_policy))
     with pytest.raises(LolaError, match="unknown decoding"):
         decoding.TokenFeeder(model, "fast")
 

@@ -52,7 +52,7 @@ def test_a_joint_eviction_keeps_the_top_mean_score_of_every_layer_and_head():
         scores.append(evict_reference.self_recall_error(cand[2], cand[1], memory.h, memory.s))
     mean = torch.stack(scores).mean(dim=(0, 2))
     keep = mean.topk(capacity, dim=-1).indices.sort(dim=-1).values
-    expected = [memory._candidate_ids().gather(2, keep[:, None].expand(-1, HQ, -1)) for memory in memories]
+    expected = [memory._candidate_ids().gather(2, keep[:, None].expand(-1, HKV, -1)) for memory in memories]
     close_chunk_jointly(memories, attns)
     for memory, ids in zip(memories, expected, strict=True):
         assert torch.equal(memory.cache_ids, ids)
@@ -117,3 +117,27 @@ def test_captured_decoding_refuses_a_joint_policy():
     model = tiny_model()
     with pytest.raises(LolaError, match="captured decoding runs the eviction policies"):
         CapturedDecoder(model, model.new_state("lola", JOINT), capture=False)
+
+
+def test_a_joint_cache_is_kept_once_per_kv_head():
+    joint = new_memory(4, 3 * 6, policy="joint-sre")
+    per_head = new_memory(4, 6, policy="sre")
+    assert joint.cache_k.shape == (2, HKV, 18, D) and joint.cache_ids.shape == (2, HKV, 18)
+    assert joint.nbytes() == per_head.nbytes()
+
+
+def test_a_joint_state_attends_as_its_cache_copied_to_every_query_head():
+    model = tiny_model(seed=6)
+    tokens = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        joint = model.new_state("lola", JOINT)
+        model(tokens, joint)
+        copied = model.new_state("lola", LolaSettings(chunk=4, capacity=6, policy="relative-novelty"))
+        for memory, source in zip(copied.layers, joint.layers, strict=True):
+            tensors = source.tensors()
+            for name in ("cache_k", "cache_v", "cache_ids"):
+                tensors[name] = tensors[name].repeat_interleave(HQ // HKV, dim=1)
+            memory.load(tensors, source.tokens_seen)
+        # Three tokens stay inside the chunk: no eviction, only attention reads the cache.
+        nxt = tokens[:, :3]
+        torch.testing.assert_close(model(nxt, copied), model(nxt, joint), rtol=1e-12, atol=1e-12)

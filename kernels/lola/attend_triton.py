@@ -53,8 +53,9 @@ TILE_LAUNCH = dict(block_t=16, block_n=32, num_warps=8)
 def _key_blocks_kernel(
     q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
     part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One tile of queries (``program_id(1)``), one block of keys (``program_id(2)``): the block's softmax
     max, sum and weighted values per query (a partial). The program after the last block computes the
@@ -102,9 +103,8 @@ def _key_blocks_kernel(
         window_block = block - CACHE_BLOCKS
         current_block = window_block - WINDOW_BLOCKS
         if block < CACHE_BLOCKS:
-            k, v, ok = cache_tile(
-                ck_ptr, cv_ptr, (batch * HQ + head) * G, block * BLOCK_N, cached, freq, G, D, BLOCK_N
-            )
+            cache_row = (batch * HC + head // (HQ // HC)) * G
+            k, v, ok = cache_tile(ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, freq, G, D, BLOCK_N)
         elif window_block < WINDOW_BLOCKS:
             k, v, ok = previous_tile(
                 wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, freq, D, BLOCK_N
@@ -221,7 +221,8 @@ def attend(
     """Attend T new tokens inside the current chunk and append them to the window, in place.
 
     Same contract as ``reference.attend``: q (B, Hq, T, D); k, v (B, Hkv, T, D) un-rotated, with
-    T <= C - tokens_seen % C; win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D);
+    T <= C - tokens_seen % C; win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D) or, kept
+    per KV head (a joint eviction policy's), (B, Hkv, G, D);
     h (B, Hq, F, D) and s (B, Hq, F) fp32 with F = 2E; fmap_q (Hq, D, E); window_factor (Hq,);
     inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
     ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
@@ -259,8 +260,8 @@ def attend(
     _key_blocks_kernel[(batch * n_heads, tiles, blocks + 1)](
         q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
         part_acc, *seen, length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        HKV=n_kv_heads, E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n, num_warps=config["num_warps"],
-        **shape, **launch,
+        HKV=n_kv_heads, HC=cache_k.shape[1], E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n,
+        num_warps=config["num_warps"], **shape, **launch,
     )  # fmt: skip
     _merge_kernel[(batch * n_heads, length)](
         window_factor, y, part_m, part_total, part_acc, *seen, float(linear_cap), y.stride(0), y.stride(1),

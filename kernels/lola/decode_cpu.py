@@ -20,6 +20,7 @@ from lola_chat.kernels.lola.reference import (
     FrameRotary,
     accumulator,
     apply_rotary,
+    expand_heads,
     frame,
     hedgehog,
     layout,
@@ -45,17 +46,19 @@ class DecodeFrame:
         self.ready_for = (tokens_seen, tensors)
 
     def build(self, win_k, win_v, cache_k, cache_v, h, s, tokens_seen: int, rotary: FrameRotary) -> None:
-        n_heads, capacity = cache_k.shape[1:3]
+        n_heads, capacity = h.shape[1], cache_k.shape[2]
         chunk = win_k.shape[2] // 2
         group = n_heads // win_k.shape[1]
         acc = accumulator(cache_k.dtype)
         where = layout(chunk, capacity, tokens_seen, 1, cache_k.device)
         # The token's own slot counts as seen: ``decode`` writes its key, value and mask before scoring.
         unseen = where.hidden[0][:, None]
-        cache_rot = rotary.rotate(cache_k, where.key_start).to(acc)
+        cache_rot = expand_heads(rotary.rotate(cache_k, where.key_start).to(acc), n_heads)
         window_rot = rotary.rotate(win_k, where.key_start + capacity).to(acc)
         keys = torch.cat([cache_rot, window_rot.repeat_interleave(group, dim=1)], dim=2)
-        values = torch.cat([cache_v, win_v.repeat_interleave(group, dim=1)], dim=2).to(acc)
+        values = torch.cat([expand_heads(cache_v, n_heads), win_v.repeat_interleave(group, dim=1)], dim=2).to(
+            acc
+        )
         # Unseen slots hold zeros: their weight is zero, and stale or empty slots (NaN, inf) must not turn
         # a score or a zero weight into NaN.
         self.keys_t = keys.masked_fill(unseen, 0.0).transpose(-1, -2).contiguous()

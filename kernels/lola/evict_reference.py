@@ -7,7 +7,7 @@ tensors are described in ``reference.py``). Out-of-place, like ``reference.py``.
 from __future__ import annotations
 
 import torch
-from lola_chat.kernels.lola.reference import accumulator, frame, hedgehog
+from lola_chat.kernels.lola.reference import accumulator, expand_heads, frame, hedgehog
 
 SRE_EPS = 1e-6
 # Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
@@ -102,18 +102,19 @@ class KeyFeatures:
 
 def _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features):
     """(cand_k, cand_v, phi_k, valid) of the eviction that closes the current chunk: the cache slots, then
-    the leaving chunk (expanded to the query heads); None when nothing leaves the window."""
+    the leaving chunk, each expanded to the query heads (``fmap_k``'s); None when nothing leaves the
+    window."""
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
     assert tokens_seen % chunk == 0 and tokens_seen > 0, "eviction runs only when a chunk is full"
     cached, previous, _ = frame(tokens_seen - 1, chunk, capacity)
     if not previous:
         return None
-    n_heads = cache_k.shape[1]
+    n_heads = fmap_k.shape[0]
     leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
     leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
-    cand_k = torch.cat([cache_k, leaving_k], dim=2)
-    cand_v = torch.cat([cache_v, leaving_v], dim=2)
+    cand_k = torch.cat([expand_heads(cache_k, n_heads), leaving_k], dim=2)
+    cand_v = torch.cat([expand_heads(cache_v, n_heads), leaving_v], dim=2)
     valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached
     cached_features = features.get(cache_k, fmap_k) if features is not None else None
     if cached_features is None:
@@ -193,7 +194,8 @@ def evict(
     ``pinned``: (B, Hq, G + C) bool, candidates kept before any other whatever their scores (the
     earliest where more than G are pinned), or None.
     ``score``: (B, Hq, G + C), the candidates' ranking given instead of computed from ``policy`` (see
-    ``candidate_scores``), or None.
+    ``candidate_scores``), or None. A cache kept per KV head (cache_k (B, Hkv, G, D)) needs a ranking
+    that is the same for every query head of a group (a joint policy's).
     """
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
@@ -211,7 +213,13 @@ def evict(
             # A stable sort keeps the earlier of two equal scores (repeated tokens give exact ties).
             order = score.sort(dim=-1, descending=True, stable=True).indices
             keep = order[..., :capacity].sort(dim=-1).values
-            cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
+            if cache_k.shape[1] == keep.shape[1]:
+                cache_k, cache_v = _take_rows(cand_k, keep), _take_rows(cand_v, keep)
+            else:
+                # A cache per KV head: every query head of a group ranked alike; its first head's choice.
+                kept = keep[:, :: keep.shape[1] // cache_k.shape[1]]
+                cache_k = _take_rows(torch.cat([cache_k, win_k[:, :, :chunk]], dim=2), kept)
+                cache_v = _take_rows(torch.cat([cache_v, win_v[:, :, :chunk]], dim=2), kept)
             if features is not None:
                 features.keep(cache_k, fmap_k, _take_rows(phi_k, keep))
             # Invalid slots score -inf and sort last, so the valid candidates not kept are these.

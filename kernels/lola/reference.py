@@ -3,7 +3,9 @@
 One layer's memory is a set of fixed-size tensors (see ``lola_chat.memory``):
 
     win_k, win_v     (B, Hkv, 2C, D)  sliding window: slots [0, C) the previous chunk, [C, 2C) the current
-    cache_k, cache_v (B, Hq, G, D)    sparse cache; valid entries are right-aligned and in time order
+    cache_k, cache_v (B, Hc, G, D)    sparse cache; valid entries are right-aligned and in time order;
+                                      Hc = Hq, or Hkv under a joint eviction policy (every query head of
+                                      a KV group keeps the same pairs, stored once)
     h                (B, Hq, F, D)    hidden state  sum phi(k) v^T   (fp32, or float64 for float64 inputs)
     s                (B, Hq, F)       normalizer    sum phi(k)
 
@@ -28,6 +30,11 @@ import torch.nn.functional as F
 def accumulator(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs; float64 stays float64 (so tests can check exactly)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, H, ...) -> (B, n_heads, ...), each of the H heads serving n_heads / H consecutive heads."""
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -267,7 +274,7 @@ def attend(
     acc = accumulator(q.dtype)
     group = n_heads // win_k.shape[1]
     q_rot = rotary.rotate(q, where.query_start).to(acc)
-    cache_rot = rotary.prepared("cache_k", cache_k, acc, where.key_start)
+    cache_rot = expand_heads(rotary.prepared("cache_k", cache_k, acc, where.key_start), n_heads)
     win_start = where.key_start + capacity
     win_rot = rotary.prepared("win_k", win_k, acc, win_start, (keys_before, k, chunk + current))
     q_grouped = q_rot.reshape(batch, -1, group * length, dim)
@@ -284,7 +291,9 @@ def attend(
     elif normalizer != "shared":
         raise ValueError(f"unknown normalizer {normalizer!r}")
     linear_scale = linear_scale * linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
-    cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
+    cache_values = _zero_outside(
+        expand_heads(rotary.prepared("cache_v", cache_v, acc), n_heads), *where.cache_seen
+    )
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
     win_values = _zero_outside(win_values, *where.window_seen)
     win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)

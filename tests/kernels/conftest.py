@@ -45,16 +45,17 @@ class LolaStates:
         x = torch.randn(*shape, generator=self.gen) * scale
         return x.to(dtype=dtype or self.dtype, device=self.device)
 
-    def memory(self, tokens_seen: int) -> tuple[dict, dict]:
-        """(clean, poisoned) dicts of win_k, win_v, cache_k, cache_v, h, s after ``tokens_seen``."""
+    def memory(self, tokens_seen: int, cache_heads: int | None = None) -> tuple[dict, dict]:
+        """(clean, poisoned) dicts of win_k, win_v, cache_k, cache_v, h, s after ``tokens_seen``; the cache
+        has ``cache_heads`` heads (the query heads by default)."""
         b, hq, hkv, d, c, g = self.batch, self.heads, self.kv_heads, self.dim, self.chunk, self.capacity
         cache_used, window_used = occupied(tokens_seen, c, g)
         clean, poisoned = {}, {}
         for name, shape, used in (
             ("win_k", (b, hkv, 2 * c, d), window_used),
             ("win_v", (b, hkv, 2 * c, d), window_used),
-            ("cache_k", (b, hq, g, d), cache_used),
-            ("cache_v", (b, hq, g, d), cache_used),
+            ("cache_k", (b, cache_heads or hq, g, d), cache_used),
+            ("cache_v", (b, cache_heads or hq, g, d), cache_used),
         ):
             x = self.randn(*shape)
             mask = used.to(self.device)[None, None, :, None]

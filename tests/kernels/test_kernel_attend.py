@@ -31,8 +31,17 @@ CASES = [
 ]
 
 
-def run_both(states, tokens_seen, length, device_seen=False, normalizer="shared", packed=False, linear_cap=0):
-    clean, poisoned = states.memory(tokens_seen)
+def run_both(
+    states,
+    tokens_seen,
+    length,
+    device_seen=False,
+    normalizer="shared",
+    packed=False,
+    linear_cap=0,
+    cache_heads=None,
+):
+    clean, poisoned = states.memory(tokens_seen, cache_heads)
     b, hq, hkv, d = states.batch, states.heads, states.kv_heads, states.dim
     if packed:
         # As Transformer.pack_projections makes them: views into one (B, T, (Hq + 2 Hkv) D) GEMM output.
@@ -135,3 +144,36 @@ def test_attend_reads_position_from_device_tensor(device, lola_states):
     states = lola_states(device, torch.float32, seed=7)
     expected, got, kernel_memory = run_both(states, 53, 1, device_seen=True)
     check(expected, got, kernel_memory, states, 53, 1, torch.float32)
+
+
+KV_CACHE_CASES = [
+    case for case in CASES if case.id in ("segment-several-cache-blocks", "decode-steady-state-G24", "T63")
+]
+
+
+@pytest.mark.parametrize("tokens_seen,length,chunk,capacity,heads,kv_heads,dim,batch", KV_CACHE_CASES)
+def test_attend_with_a_cache_per_kv_head_matches_reference(
+    device, lola_states, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
+):
+    dtype = torch.float32
+    states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 5)
+    expected, got, kernel_memory = run_both(
+        states, tokens_seen, length, normalizer="window", cache_heads=kv_heads
+    )
+    check(expected, got, kernel_memory, states, tokens_seen, length, dtype)
+    # The reference reads a cache per KV head as that cache copied to each query head of the group.
+    clean, _ = states.memory(tokens_seen, kv_heads)
+    fmap = states.feature_map()
+    q = states.randn(batch, heads, length, dim)
+    k, v = states.randn(batch, kv_heads, length, dim), states.randn(batch, kv_heads, length, dim)
+    gate = torch.sigmoid(states.randn(heads))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32, device=states.device) / dim)
+    copied = {
+        name: reference.expand_heads(x, heads) if name.startswith("cache") else x for name, x in clean.items()
+    }
+    ys = [
+        reference.attend(q, k, v, m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"], fmap,
+                         gate, inv_freq, tokens_seen, normalizer="window")[0]
+        for m in (clean, copied)
+    ]  # fmt: skip
+    assert torch.equal(ys[0], ys[1])
