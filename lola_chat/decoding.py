@@ -25,8 +25,8 @@ DECODINGS = ("auto", "model", "captured", "uncaptured")
 def captured_decoding_applies(model, state: State) -> bool:
     """Whether ``state`` is fed by graph replay: LoLA memory whose kernels dispatch to Triton (kernels/lola's
     rule: CUDA tensors, Triton importable, LOLA_CHAT_REFERENCE unset, suitable shapes). The captured step
-    calls the Triton eviction, which runs ``lola.TRITON_POLICIES`` only."""
-    if state.kind != "lola" or state.layers[0].settings.policy not in lola.TRITON_POLICIES:
+    calls the Triton eviction, which runs ``lola.TRITON_POLICIES`` (and their joint forms) only."""
+    if state.kind != "lola" or state.layers[0].settings.scoring not in lola.TRITON_POLICIES:
         return False
     memory, attn = state.layers[0], model.layers[0].self_attn
     with torch.no_grad():

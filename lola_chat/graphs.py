@@ -125,7 +125,9 @@ class _StaticLayer:
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
-        self.policy = memory.settings.policy
+        # A joint policy's layers score alike and are evicted together by the decoder (``_evict_jointly``).
+        self.policy = memory.settings.scoring
+        self.joint = memory.settings.joint
         self.counter = counter
         for name in LolaMemory.memory_names + ("cache_ids",):
             setattr(self, name, getattr(memory, name).clone())
@@ -151,13 +153,24 @@ class _StaticLayer:
                 counter.marks[i : i + 1], self.normalizer, self.linear_cap,
             )  # fmt: skip
             outputs.append(y)
-            if counter.evicting:
+            if counter.evicting and not self.joint:
                 evict_triton.evict(
                     self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s, attn.fmap_k,
                     counter.marks[i + 1 : i + 2], self.policy, cache_ids=self.cache_ids,
                     leaving_ids=counter.leaving[:, i * chunk : (i + 1) * chunk],
                 )  # fmt: skip
         return outputs[0] if segments == 1 else torch.cat(outputs, dim=2)
+
+
+class _StaticState(State):
+    """Static layers as the model's forward pass sees them: a step is one piece (it never crosses a chunk
+    end), and the State evicts nothing itself (the layers do, or the decoder for a joint policy)."""
+
+    def segments(self, length: int) -> list[tuple[int, int]]:
+        return [(0, length)]
+
+    def close_chunk(self, attentions: list) -> None:
+        pass
 
 
 class CapturedDecoder:
@@ -187,10 +200,14 @@ class CapturedDecoder:
             require_capture(device)
         if state.kind != "lola":
             raise LolaError("captured decoding runs LoLA memory only")
-        policy = state.layers[0].settings.policy
-        if policy not in TRITON_POLICIES:
+        settings = state.layers[0].settings
+        if settings.scoring not in TRITON_POLICIES:
             known = ", ".join(TRITON_POLICIES)
-            raise LolaError(f"captured decoding runs the eviction policies {known}, not {policy}")
+            raise LolaError(f"captured decoding runs the eviction policies {known}, not {settings.policy}")
+        # A joint eviction needs every layer's scores of a chunk first: one chunk per step (no blocks).
+        self.joint = settings.joint
+        if self.joint:
+            block_chunks = 1
         self.model, self.state, self.sampling = model, state, sampling
         first = state.layers[0]
         self.chunk = first.settings.chunk
@@ -200,7 +217,7 @@ class CapturedDecoder:
         self.counter = _Counter(self.tokens_seen, device)
         self.window_ids = first.win_ids.clone()
         self.layers = [_StaticLayer(memory, self.counter) for memory in state.layers]
-        self.static_state = State(self.layers)
+        self.static_state = _StaticState(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
         sizes = ([("block", block_chunks)] if block_chunks > 1 else []) + [("chunk", 1)]
@@ -248,6 +265,8 @@ class CapturedDecoder:
             # The token's slot in the window's current half (every other step is whole chunks).
             self.window_ids[:, chunk:].index_copy_(1, counter.seen % chunk, tokens)
         logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
+        if evicting and self.joint:
+            self._evict_jointly()
         if length >= chunk:
             self.window_ids[:, :chunk] = tokens[:, -chunk:]
             self.window_ids[:, chunk:] = -1
@@ -262,6 +281,28 @@ class CapturedDecoder:
             penalized = self.penalized
         sample(logits, self.sampling, self.generator, penalized, out=self.token)
         return logits
+
+    def _evict_jointly(self) -> None:
+        """Close the chunk in every layer with one ranking: the Triton scores of every layer and query
+        head averaged per candidate (``memory.close_chunk_jointly``'s rule)."""
+        from lola_chat.kernels.lola import evict_triton
+
+        counter, chunk = self.counter, self.chunk
+        seen = counter.marks[1:2]
+        attentions = [block.self_attn for block in self.model.layers]
+        memories = [(x.win_k, x.win_v, x.cache_k, x.cache_v, x.h, x.s) for x in self.layers]
+        scores = [
+            evict_triton.candidate_scores(*memory, attn.fmap_k, seen, layer.policy)
+            for memory, attn, layer in zip(memories, attentions, self.layers, strict=True)
+        ]
+        shared = None
+        if scores[0] is not None:
+            shared = torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
+        for memory, attn, layer in zip(memories, attentions, self.layers, strict=True):
+            evict_triton.evict(
+                *memory, attn.fmap_k, seen, layer.policy, cache_ids=layer.cache_ids,
+                leaving_ids=counter.leaving[:, :chunk], scores=shared,
+            )  # fmt: skip
 
     def _capture(self) -> tuple[dict, dict]:
         def from_start(run):
@@ -391,7 +432,7 @@ class SoftmaxDecoder:
             )
             for _ in range(cfg.n_layers)
         ]
-        self.static_state = State(self.layers)
+        self.static_state = _StaticState(self.layers)
         self.token = torch.zeros(batch, dtype=torch.int64, device=weight.device)
         self.tokens_seen = tokens_seen
         self.graphs, self.outputs = capture_graphs({"token": self._run})

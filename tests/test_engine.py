@@ -284,7 +284,7 @@ def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loa
     random_policy = LolaSettings(chunk=8, capacity=12, policy="random")
     assert not decoding.captured_decoding_applies(model, model.new_state("lola", random_policy))
     joint_policy = LolaSettings(chunk=8, capacity=12, policy="joint-relative-novelty")
-    assert not decoding.captured_decoding_applies(model, model.new_state("lola", joint_policy))
+    assert decoding.captured_decoding_applies(model, model.new_state("lola", joint_policy))
     with pytest.raises(LolaError, match="unknown decoding"):
         decoding.TokenFeeder(model, "fast")
 

@@ -113,10 +113,12 @@ def test_given_scores_rank_the_candidates_as_the_policy_does(policy):
         assert torch.equal(a, b)
 
 
-def test_captured_decoding_refuses_a_joint_policy():
+def test_captured_decoding_refuses_the_ablation_policies():
     model = tiny_model()
     with pytest.raises(LolaError, match="captured decoding runs the eviction policies"):
-        CapturedDecoder(model, model.new_state("lola", JOINT), capture=False)
+        CapturedDecoder(
+            model, model.new_state("lola", LolaSettings(chunk=4, capacity=6, policy="random")), capture=False
+        )
 
 
 def test_a_joint_cache_is_kept_once_per_kv_head():

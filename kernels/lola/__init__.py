@@ -20,7 +20,7 @@ from lola_chat.kernels.dispatch import (
 )
 from lola_chat.kernels.lola import decode_cpu, evict_reference, reference
 from lola_chat.kernels.lola.decode_cpu import DecodeFrame
-from lola_chat.kernels.lola.evict_reference import KeyFeatures, candidate_scores, self_recall_error
+from lola_chat.kernels.lola.evict_reference import KeyFeatures, self_recall_error
 from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate
 
 __all__ = [
@@ -112,16 +112,29 @@ def evict(
     pinned=None, score=None,
 ):  # fmt: skip
     """See ``evict_reference.evict``; dispatched as described in this module's docstring (Triton runs
-    ``TRITON_POLICIES`` without ``pinned`` candidates or a given ``score`` only). ``features`` (a
+    ``TRITON_POLICIES`` without ``pinned`` candidates only). ``features`` (a
     ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
     cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
-    fast = pinned is None and score is None and policy in TRITON_POLICIES
+    fast = pinned is None and policy in TRITON_POLICIES
     if fast and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
         if features is not None:
             features.forget()
-        return _triton_module("evict").evict(*args)
+        return _triton_module("evict").evict(*args, scores=score)
     return evict_reference.evict(*args, features, pinned, score)
+
+
+def candidate_scores(
+    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
+):  # fmt: skip
+    """See ``evict_reference.candidate_scores``; dispatched as ``evict`` is."""
+    if policy in TRITON_POLICIES and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
+        return _triton_module("evict").candidate_scores(
+            win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy
+        )
+    return evict_reference.candidate_scores(
+        win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator, features
+    )
 
 
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

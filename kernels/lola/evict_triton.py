@@ -101,20 +101,22 @@ def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, inde
 
 
 @triton.jit
-def _frame(pid, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-           SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
-    """(cached, previous, cache_row, win_row) of the candidates of ``pid`` = batch * HQ + query head."""
+def _frame(pid, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr,
+           G: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
+    """(cached, previous, cache_row, win_row) of the candidates of ``pid`` = batch * HQ + query head; the
+    cache has HC heads (HQ, or HKV for a cache kept per KV head)."""
     kv_head = (pid % HQ) // (HQ // HKV)
     if SEEN_ON_DEVICE:
         seen = tl.load(seen_ptr)
     cached, previous, _ = frame_counts(seen - 1, C, G)
-    return cached, previous, pid * G, ((pid // HQ) * HKV + kv_head) * 2 * C
+    cache_row = ((pid // HQ) * HC + (pid % HQ) // (HQ // HC)) * G
+    return cached, previous, cache_row, ((pid // HQ) * HKV + kv_head) * 2 * C
 
 
 @triton.jit(do_not_specialize=["seen"])
 def _score_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, seen, seen_ptr, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OTHER: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
     NOVELTY: tl.constexpr, RELATIVE: tl.constexpr, HALF_KEYS: tl.constexpr,
 ):  # fmt: skip
@@ -122,7 +124,7 @@ def _score_kernel(
     for invalid ones."""
     N: tl.constexpr = G + C
     pid = tl.program_id(0)
-    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
+    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, HC, C, G, SEEN_ON_DEVICE)
     w = load_feature_map(fk_ptr, pid % HQ, D, E)
     feats = tl.arange(0, E)
     state_row = pid * 2 * E
@@ -173,7 +175,7 @@ def _kept(score, index, every_score, every, threshold, ties, N: tl.constexpr):
 def _select_kernel(
     wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, keep_ptr, new_k_ptr, new_v_ptr, fold_ptr,
     fold_norm_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
     IDS: tl.constexpr,
 ):  # fmt: skip
@@ -183,7 +185,7 @@ def _select_kernel(
     block's partial fold. Nothing is written in place: other programs still read the candidates."""
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
-    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, C, G, SEEN_ON_DEVICE)
+    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, HC, C, G, SEEN_ON_DEVICE)
     n = tl.arange(0, BLOCK_N)
     index = block * BLOCK_N + n
     k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
@@ -210,7 +212,7 @@ def _select_kernel(
         tl.store(keep_ptr + pid * G + slot, index.to(tl.int64), mask=kept)
         if IDS:
             # Every kept candidate's id, invalid ones' too (an empty slot's -1), as a gather by ``keep``.
-            ids = tl.load(ids_ptr + pid * G + index, mask=kept & (index < G), other=0)
+            ids = tl.load(ids_ptr + cache_row + index, mask=kept & (index < G), other=0)
             leaving = leaving_ptr + (pid // HQ) * leaving_stride + index - G
             ids += tl.load(leaving, mask=kept & (index >= G), other=0)
             tl.store(new_ids_ptr + pid * G + slot, ids, mask=kept)
@@ -242,8 +244,8 @@ def _shift_rows(wk_ptr, wv_ptr, window, rows, C: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _commit_kernel(
     ck_ptr, cv_ptr, h_ptr, s_ptr, wk_ptr, wv_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr, ids_ptr,
-    new_ids_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
+    new_ids_ptr, HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
     SHIFT_ROWS: tl.constexpr, IDS: tl.constexpr,
 ):  # fmt: skip
     """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
@@ -267,15 +269,18 @@ def _commit_kernel(
     h_at = h_ptr + (pid * F + rows[:, None]) * D + dims[None, :]
     tl.store(h_at, tl.load(h_at) + fold)
     tl.store(s_ptr + pid * F + rows, tl.load(s_ptr + pid * F + rows) + fold_norm)
-    if G > 0:
+    # A cache kept per KV head takes the new slots of its group's first query head (all chose alike).
+    if G > 0 and head % (HQ // HC) == 0:
         slot = part * SLOTS + tl.arange(0, SLOTS)
         ok = (slot < G)[:, None]
+        cache_row = ((pid // HQ) * HC + head // (HQ // HC)) * G
         at = (pid * G + slot[:, None]) * D + dims[None, :]
-        tl.store(ck_ptr + at, tl.load(new_k_ptr + at, mask=ok), mask=ok)
-        tl.store(cv_ptr + at, tl.load(new_v_ptr + at, mask=ok), mask=ok)
+        to = (cache_row + slot[:, None]) * D + dims[None, :]
+        tl.store(ck_ptr + to, tl.load(new_k_ptr + at, mask=ok), mask=ok)
+        tl.store(cv_ptr + to, tl.load(new_v_ptr + at, mask=ok), mask=ok)
         if IDS:
-            at = pid * G + slot
-            tl.store(ids_ptr + at, tl.load(new_ids_ptr + at, mask=slot < G), mask=slot < G)
+            ok = slot < G
+            tl.store(ids_ptr + cache_row + slot, tl.load(new_ids_ptr + pid * G + slot, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -283,6 +288,46 @@ def _shift_window_kernel(wk_ptr, wv_ptr, C: tl.constexpr, D: tl.constexpr, BLOCK
     """The current chunk (window slots C..2C-1) becomes the previous one (slots 0..C-1)."""
     for start in range(0, C, BLOCK_N):
         _shift_rows(wk_ptr, wv_ptr, tl.program_id(0), start + tl.arange(0, BLOCK_N), C, D)
+
+
+def _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, policy, shape) -> None:
+    batch, n_heads, candidates = scores.shape
+    # 4 warps: the faster of 4 and 8 in an ad-hoc timing of the nearest-key search on an H200.
+    _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
+        win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
+        BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64),
+        NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"),
+        HALF_KEYS=cache_k.dtype in (torch.bfloat16, torch.float16), num_warps=4, **shape,
+    )  # fmt: skip
+
+
+def candidate_scores(
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    h: torch.Tensor,
+    s: torch.Tensor,
+    fmap_k: torch.Tensor,
+    tokens_seen: int | torch.Tensor,
+    policy: str = "sre",
+) -> torch.Tensor | None:
+    """``evict_reference.candidate_scores`` for ``policy`` in ``RECALL_POLICIES`` (shapes as ``evict``):
+    (B, Hq, G + C) fp32, -inf for absent candidates. With a tensor ``tokens_seen`` it is None only for
+    G = 0 (where nothing leaves the window, every score is -inf)."""
+    if policy not in TRITON_POLICIES:
+        raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
+    batch, n_kv_heads, window, dim = win_k.shape
+    chunk, capacity = window // 2, cache_k.shape[2]
+    on_device = isinstance(tokens_seen, torch.Tensor)
+    if capacity == 0 or not (on_device or tokens_seen > chunk):
+        return None
+    scores = torch.empty(batch, h.shape[1], capacity + chunk, dtype=torch.float32, device=h.device)
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
+    shape = dict(HQ=h.shape[1], HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim,
+                 E=fmap_k.shape[-1], SEEN_ON_DEVICE=on_device)  # fmt: skip
+    _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), scores, seen, policy, shape)
+    return scores
 
 
 def evict(
@@ -298,6 +343,7 @@ def evict(
     generator: torch.Generator | None = None,
     cache_ids: torch.Tensor | None = None,
     leaving_ids: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Close the full current chunk, in place: the previous chunk leaves the window.
 
@@ -307,8 +353,11 @@ def evict(
     key products are fp32 sums in another order than the reference's (one TF32 product for 16-bit keys,
     which it holds exactly, three for fp32 keys), so of two candidates at nearly equal distance the
     kernel and the reference may pick different ones.
-    win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D); h (B, Hq, 2E, D) and s (B, Hq, 2E)
-    fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E powers of two >= 16.
+    win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D), or (B, Hkv, G, D) for a cache kept per
+    KV head (then ``scores`` must rank alike for every query head of a group: a joint policy's); h
+    (B, Hq, 2E, D) and s (B, Hq, 2E) fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E
+    powers of two >= 16. ``scores`` (B, Hq, G + C): the ranking to keep by, as ``candidate_scores``
+    gives it, instead of the policy's own (``evict_reference.evict``'s ``score``), or None.
     ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the
     state's device.
 
@@ -320,8 +369,8 @@ def evict(
     identity when nothing left the window). Slots that are empty after an eviction hold zeros (they
     are never read; zeros keep snapshots deterministic).
 
-    ``cache_ids`` (B, Hq, G) int64 contiguous, with ``leaving_ids`` (B, C) int64 (unit stride in C): the
-    token ids the cache and the leaving chunk hold, updated in place as the cache is, so that
+    ``cache_ids`` (B, cache heads, G) int64 contiguous, with ``leaving_ids`` (B, C) int64 (unit stride in
+    C): the token ids the cache and the leaving chunk hold, updated in place as the cache is, so that
     ``cache_ids`` becomes ``cat(cache_ids, leaving_ids per head).gather(2, keep)`` without further
     kernels (unchanged where ``keep`` is None).
     """
@@ -329,7 +378,7 @@ def evict(
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
     batch, n_kv_heads, window, dim = win_k.shape
     chunk = window // 2
-    n_heads, capacity = cache_k.shape[1], cache_k.shape[2]
+    n_heads, capacity = h.shape[1], cache_k.shape[2]
     for state in (win_k, win_v, cache_k, cache_v, h, s):
         assert state.is_contiguous(), "state tensors must be contiguous"
     on_device = isinstance(tokens_seen, torch.Tensor)
@@ -337,30 +386,30 @@ def evict(
     if on_device or tokens_seen > chunk:
         assert on_device or tokens_seen % chunk == 0, "eviction runs only when a chunk is full"
         candidates = capacity + chunk
-        scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
         keep = torch.empty(batch, n_heads, capacity, dtype=torch.int64, device=h.device)
         fmap = fmap_k.contiguous()
         seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
-        shape = dict(HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, E=fmap_k.shape[-1],
-                     SEEN_ON_DEVICE=on_device)  # fmt: skip
-        if capacity > 0:
-            # 4 warps: the faster of 4 and 8 in an ad-hoc timing of the nearest-key search on an H200.
-            _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
-                win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
-                BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64),
-                NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"),
-                HALF_KEYS=cache_k.dtype in (torch.bfloat16, torch.float16), num_warps=4, **shape,
-            )  # fmt: skip
+        shape = dict(HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim,
+                     E=fmap_k.shape[-1], SEEN_ON_DEVICE=on_device)  # fmt: skip
+        if scores is None:
+            scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
+            if capacity > 0:
+                _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, policy, shape)
+        else:
+            scores = scores.to(torch.float32).contiguous()
         features_dim = 2 * fmap_k.shape[-1]
         blocks = triton.cdiv(candidates, SELECT_ROWS)
         fold = torch.empty(batch * n_heads, blocks, features_dim, dim, dtype=torch.float32, device=h.device)
         fold_norm = torch.empty(batch * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
-        new_k = torch.empty_like(cache_k)
-        new_v = torch.empty_like(cache_v)
+        # The new slots per query head, whatever the cache's heads (``_commit_kernel``).
+        new_k = torch.empty(batch, n_heads, capacity, dim, dtype=cache_k.dtype, device=h.device)
+        new_v = torch.empty_like(new_k)
         with_ids = cache_ids is not None and capacity > 0
         if with_ids:
-            assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, "ids: (B, Hq, G), (B, C)"
-            new_ids = torch.empty_like(cache_ids)
+            assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, (
+                "ids: (B, cache heads, G), (B, C)"
+            )
+            new_ids = torch.empty(batch, n_heads, capacity, dtype=cache_ids.dtype, device=h.device)
         else:  # the kernels take pointers they do not read
             cache_ids = leaving_ids = new_ids = keep
         # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
@@ -372,7 +421,8 @@ def evict(
         split = min(COMMIT_SPLIT, features_dim)
         _commit_kernel[(batch * n_heads, split)](
             cache_k, cache_v, h, s, win_k, win_v, new_k, new_v, fold, fold_norm, cache_ids, new_ids,
-            HQ=n_heads, HKV=n_kv_heads, C=chunk, G=capacity, D=dim, F=features_dim, BLOCKS=blocks,
+            HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim, F=features_dim,
+            BLOCKS=blocks,
             SPLIT=split, IDS=with_ids, SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
             SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, split)), num_warps=4,
         )  # fmt: skip

@@ -117,7 +117,9 @@ def _four_bit_form(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
-    overrides = {k: getattr(args, k) for k in ("chunk", "capacity", "normalizer") if getattr(args, k, None)}
+    overrides = {
+        k: getattr(args, k) for k in ("chunk", "capacity", "normalizer", "policy") if getattr(args, k, None)
+    }
     if args.tiny:
         return BenchModel(
             random_model(TINY_SHAPES, device, dtype, four_bit=True),

@@ -84,8 +84,8 @@ def test_captured_decoder_needs_a_gpu():
 # The first prefills chunk by chunk, the second in a block of two chunks.
 @pytest.mark.parametrize(
     ("shipped_kind", "block_chunks"),
-    [(False, 1), (True, 2)],
-    ids=["sre-shared", "novelty-capped-block"],
+    [(False, 1), (True, 2), ("joint", 2)],
+    ids=["sre-shared", "novelty-capped-block", "joint-capped"],
 )
 def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, block_chunks):
     pytest.importorskip("triton")
@@ -119,8 +119,10 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
             if param.dim() == 2:
                 param.normal_(0.0, 0.3)
     # The shipped kind of settings: novelty eviction, window normalizer and a cap that is active by 50.
+    # A joint policy: one ranking for both layers, its cache kept per KV head, one chunk per step.
+    policy = "joint-relative-novelty" if shipped_kind == "joint" else "novelty"
     settings = (
-        LolaSettings(chunk=16, capacity=24, policy="novelty", normalizer="window", linear_cap=4)
+        LolaSettings(chunk=16, capacity=24, policy=policy, normalizer="window", linear_cap=4)
         if shipped_kind
         else LolaSettings(chunk=16, capacity=24)
     )

@@ -45,11 +45,11 @@ def nan_filled_scratch():
     torch.use_deterministic_algorithms(False)
 
 
-def before_eviction(states, tokens_seen):
+def before_eviction(states, tokens_seen, cache_heads=None):
     """(clean, poisoned) memory just before eviction: the current chunk is full. Values follow their
     keys plus noise, so the nearest key's value is close and cache-recall errors beat self-recall
     errors often enough ("novelty" then keeps other candidates than "sre"), as for repeated text."""
-    clean, poisoned = states.memory(tokens_seen - 1)
+    clean, poisoned = states.memory(tokens_seen - 1, cache_heads)
     c = states.chunk
     for memory in (clean, poisoned):
         for name in ("win_k", "win_v"):
@@ -220,3 +220,56 @@ def test_token_ids_follow_the_kept_pairs(
         assert torch.equal(ids, torch.cat([cache_ids, leaving], dim=2).gather(2, keep))
         if tokens_seen > chunk:
             assert not torch.equal(ids, cache_ids), "the test moves some id"
+
+
+def memory_args(m):
+    return m["win_k"], m["win_v"], m["cache_k"], m["cache_v"], m["h"], m["s"]
+
+
+@pytest.mark.parametrize("cache_heads", ["query", "kv"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_candidate_scores_match_reference(device, lola_states, cache_heads, policy):
+    states = lola_states(device, torch.float32, 2, 6, 2, 16, 16, 24, seed=5)
+    clean, poisoned = before_eviction(states, 48, 2 if cache_heads == "kv" else None)
+    fmap = states.feature_map()
+    expected = evict_reference.candidate_scores(*memory_args(clean), fmap, 48, policy)
+    got = evict_triton.candidate_scores(*memory_args(poisoned), fmap, 48, policy)
+    assert got.shape == expected.shape == (2, 6, 24 + 16)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], atol=1e-5, rtol=1e-5)
+
+
+KV_CASES = [case for case in CASES if case.id in ("cache-partly-full", "N-a-multiple-of-32-batch2")]
+
+
+@pytest.mark.parametrize("device_seen", [False, True], ids=["host-count", "device-count"])
+@pytest.mark.parametrize("tokens_seen,chunk,capacity,heads,kv_heads,dim,batch", KV_CASES)
+def test_a_cache_per_kv_head_keeps_its_groups_ranking(
+    device, lola_states, device_seen, tokens_seen, chunk, capacity, heads, kv_heads, dim, batch
+):
+    """A joint policy's eviction: one given ranking per KV group (here the mean of the group's scores)
+    keeps the same pairs for the group's query heads, stored once per KV head, ids moved alike."""
+    states = lola_states(device, torch.float32, batch, heads, kv_heads, dim, chunk, capacity, seed=11)
+    clean, poisoned = before_eviction(states, tokens_seen, kv_heads)
+    fmap = states.feature_map()
+    score = evict_reference.candidate_scores(*memory_args(clean), fmap, tokens_seen, "relative-novelty")
+    candidates = capacity + chunk
+    grouped = score.view(batch, kv_heads, heads // kv_heads, candidates).mean(dim=2, keepdim=True)
+    ranking = grouped.expand(-1, -1, heads // kv_heads, -1).reshape(batch, heads, candidates)
+    expected = evict_reference.evict(
+        *memory_args(clean), fmap, tokens_seen, "relative-novelty", score=ranking
+    )
+    g = torch.Generator().manual_seed(2)
+    cache_ids = torch.randint(0, 1000, (batch, kv_heads, capacity), generator=g).to(device)
+    window_ids = torch.randint(0, 1000, (batch, 2 * chunk), generator=g).to(device)
+    ids = cache_ids.clone()
+    seen = torch.tensor([tokens_seen], device=device) if device_seen else tokens_seen
+    got = evict_triton.evict(
+        *memory_args(poisoned), fmap, seen, "relative-novelty", cache_ids=ids,
+        leaving_ids=window_ids[:, :chunk], scores=ranking,
+    )  # fmt: skip
+    check(expected, got, poisoned, states, tokens_seen, device_seen)
+    kept = got[-1][:, :: heads // kv_heads]
+    leaving = window_ids[:, None, :chunk].expand(-1, kv_heads, -1)
+    assert torch.equal(ids, torch.cat([cache_ids, leaving], dim=2).gather(2, kept))
