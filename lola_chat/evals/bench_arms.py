@@ -264,8 +264,9 @@ class SoftmaxHFArm(Arm):
 
 
 class SoftmaxCapturedArm(Arm):
-    """The unmodified model with a static KV cache, one CUDA graph per token (``graphs.SoftmaxDecoder``).
-    Decode speed does not depend on the cached values, so its cache is taken as filled without a prefill."""
+    """The unmodified model with a static KV cache, one CUDA graph per token
+    (``softmax_graphs.SoftmaxDecoder``). Decode speed does not depend on the cached values, so its cache is
+    taken as filled without a prefill."""
 
     name = "softmax-captured"
     label = "softmax, static KV cache, split-KV decode kernel + CUDA graph"
@@ -275,7 +276,7 @@ class SoftmaxCapturedArm(Arm):
         self._decoder = None
 
     def decode(self, base: State, tokens: torch.Tensor, count: int) -> dict:
-        from lola_chat.graphs import SoftmaxDecoder
+        from lola_chat.softmax_graphs import SoftmaxDecoder
 
         length = tokens.shape[1]
         clock = Clock(self.device)

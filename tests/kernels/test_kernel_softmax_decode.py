@@ -53,8 +53,9 @@ def test_reference_is_attention_over_the_prefix(device):
 def test_static_cache_layer_decodes_as_the_growing_kv_cache():
     from types import SimpleNamespace
 
-    from lola_chat.graphs import _Counter, _StaticKVLayer
+    from lola_chat.graphs import _Counter
     from lola_chat.memory import LolaSettings, SoftmaxMemory
+    from lola_chat.softmax_graphs import _StaticKVLayer
 
     heads, kv_heads, dim, steps = 6, 2, 16, 20
     attn = SimpleNamespace(inv_freq=1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
