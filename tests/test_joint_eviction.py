@@ -143,3 +143,18 @@ def test_a_joint_state_attends_as_its_cache_copied_to_every_query_head():
         # Three tokens stay inside the chunk: no eviction, only attention reads the cache.
         nxt = tokens[:, :3]
         torch.testing.assert_close(model(nxt, copied), model(nxt, joint), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["relative-novelty", "novelty", "sre"])
+def test_a_cache_per_kv_head_scores_as_that_cache_copied_to_every_query_head(policy):
+    chunk, capacity, batch = 4, 6, 2
+    g = torch.Generator().manual_seed(31)
+    win_k, win_v = (torch.randn(batch, HKV, 2 * chunk, D, generator=g, dtype=torch.float64) for _ in "kv")
+    cache_k, cache_v = (torch.randn(batch, HKV, capacity, D, generator=g, dtype=torch.float64) for _ in "kv")
+    h = torch.rand(batch, HQ, 2 * D, D, generator=g, dtype=torch.float64)
+    s = torch.rand(batch, HQ, 2 * D, generator=g, dtype=torch.float64) + 1.0
+    fmap_k = random_attn(seed=32).fmap_k
+    per_kv = evict_reference.candidate_scores(win_k, win_v, cache_k, cache_v, h, s, fmap_k, 3 * chunk, policy)
+    copied = [x.repeat_interleave(HQ // HKV, dim=1) for x in (cache_k, cache_v)]
+    per_query = evict_reference.candidate_scores(win_k, win_v, *copied, h, s, fmap_k, 3 * chunk, policy)
+    torch.testing.assert_close(per_kv, per_query, rtol=1e-12, atol=1e-12)

@@ -124,14 +124,18 @@ def _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features):
     return cand_k, cand_v, phi_k, valid
 
 
-def _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator) -> torch.Tensor:
+def _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator, group=1) -> torch.Tensor:
+    """The candidates' scores under ``policy``. ``group``: how many consecutive query heads hold the very
+    same candidates (a cache kept per KV head): the cache-recall error, a function of the candidates
+    alone, is then searched once per group rather than once per query head."""
     if policy in RECALL_POLICIES:
         score = self_recall_error(phi_k, cand_v, h, s)
         if policy.startswith("relative-"):
             size = torch.linalg.vector_norm(cand_v.to(score.dtype), dim=-1)
             score = score / size.clamp_min(SRE_EPS)
         if policy.endswith("novelty"):
-            score = torch.minimum(score, cache_recall_error(cand_k, cand_v, valid))
+            recall = cache_recall_error(cand_k[:, ::group], cand_v[:, ::group], valid)
+            score = torch.minimum(score, expand_heads(recall, score.shape[1]))
         return score
     if policy == "random":
         return torch.rand(cand_v.shape[:3], generator=generator, device="cpu").to(cand_v.device)
@@ -161,7 +165,7 @@ def candidate_scores(
     found = _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features)
     if found is None or cache_k.shape[2] == 0:
         return None
-    score = _policy_score(*found, h, s, policy, generator)
+    score = _policy_score(*found, h, s, policy, generator, h.shape[1] // cache_k.shape[1])
     return score.masked_fill(~found[3], float("-inf"))
 
 
@@ -206,7 +210,8 @@ def evict(
         cand_k, cand_v, phi_k, valid = found
         if capacity > 0:
             if score is None:
-                score = _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator)
+                group = h.shape[1] // cache_k.shape[1]
+                score = _policy_score(cand_k, cand_v, phi_k, valid, h, s, policy, generator, group)
             if pinned is not None:
                 score = score.masked_fill(pinned, float("inf"))
             score = score.masked_fill(~valid, float("-inf"))
