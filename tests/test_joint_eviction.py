@@ -96,15 +96,20 @@ def test_a_joint_memory_refuses_tokens_past_a_chunk_its_model_has_not_closed():
         memory.attend(q, k, v, random_attn())
 
 
+def random_state(seed, cache_heads, chunk=4, capacity=6, batch=2):
+    """(win_k, win_v, cache_k, cache_v, h, s) at a chunk end, random, fp64; the cache has ``cache_heads``."""
+    g = torch.Generator().manual_seed(seed)
+    win_k, win_v = (torch.randn(batch, HKV, 2 * chunk, D, generator=g, dtype=torch.float64) for _ in "kv")
+    cache = (torch.randn(batch, cache_heads, capacity, D, generator=g, dtype=torch.float64) for _ in "kv")
+    h = torch.rand(batch, HQ, 2 * D, D, generator=g, dtype=torch.float64)
+    s = torch.rand(batch, HQ, 2 * D, generator=g, dtype=torch.float64) + 1.0
+    return (win_k, win_v, *cache, h, s)
+
+
 @pytest.mark.parametrize("policy", [*evict_reference.RECALL_POLICIES, "recent"])
 def test_given_scores_rank_the_candidates_as_the_policy_does(policy):
     chunk, capacity, batch = 4, 6, 2
-    g = torch.Generator().manual_seed(21)
-    win_k, win_v = (torch.randn(batch, HKV, 2 * chunk, D, generator=g, dtype=torch.float64) for _ in "kv")
-    cache_k, cache_v = (torch.randn(batch, HQ, capacity, D, generator=g, dtype=torch.float64) for _ in "kv")
-    h = torch.rand(batch, HQ, 2 * D, D, generator=g, dtype=torch.float64)
-    s = torch.rand(batch, HQ, 2 * D, generator=g, dtype=torch.float64) + 1.0
-    state = (win_k, win_v, cache_k, cache_v, h, s, random_attn(seed=22).fmap_k, 3 * chunk)
+    state = (*random_state(21, HQ), random_attn(seed=22).fmap_k, 3 * chunk)
     score = evict_reference.candidate_scores(*state, policy)
     by_policy = evict_reference.evict(*state, policy)
     by_score = evict_reference.evict(*state, "random", score=score)
@@ -147,12 +152,8 @@ def test_a_joint_state_attends_as_its_cache_copied_to_every_query_head():
 
 @pytest.mark.parametrize("policy", ["relative-novelty", "novelty", "sre"])
 def test_a_cache_per_kv_head_scores_as_that_cache_copied_to_every_query_head(policy):
-    chunk, capacity, batch = 4, 6, 2
-    g = torch.Generator().manual_seed(31)
-    win_k, win_v = (torch.randn(batch, HKV, 2 * chunk, D, generator=g, dtype=torch.float64) for _ in "kv")
-    cache_k, cache_v = (torch.randn(batch, HKV, capacity, D, generator=g, dtype=torch.float64) for _ in "kv")
-    h = torch.rand(batch, HQ, 2 * D, D, generator=g, dtype=torch.float64)
-    s = torch.rand(batch, HQ, 2 * D, generator=g, dtype=torch.float64) + 1.0
+    chunk = 4
+    win_k, win_v, cache_k, cache_v, h, s = random_state(31, HKV, chunk)
     fmap_k = random_attn(seed=32).fmap_k
     per_kv = evict_reference.candidate_scores(win_k, win_v, cache_k, cache_v, h, s, fmap_k, 3 * chunk, policy)
     copied = [x.repeat_interleave(HQ // HKV, dim=1) for x in (cache_k, cache_v)]
