@@ -60,10 +60,10 @@ def common_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--policy",
-        help="how the sparse cache is chosen (default: the linearization's); the joint-* policies make one "
-        "choice for every layer and keep the cache per KV head, so three times the pairs fit in the same "
-        "bytes (use --capacity 768 for the default's size): better recall of facts in prose, but on a GPU "
-        "they run the uncaptured, slower step",
+        help="how the sparse cache is chosen (default: the linearization's): joint-relative-novelty (one "
+        "choice for every layer, the cache kept per KV head: better recall of facts in prose), "
+        "relative-novelty (a choice per layer and head: faster eviction; --capacity 256 for the same "
+        "bytes as the default), or the others listed when a name is unknown",
     )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)

@@ -156,8 +156,9 @@ class Engine:
     def expectations(self) -> dict[str, str]:
         """Metadata a snapshot must match to be loaded into this engine. The LoLA settings must match
         except the eviction policy: it decides only which pairs later evictions fold, so a state made
-        under one policy is a valid state under another (and a new default policy does not refuse a
-        user's conversations)."""
+        under one policy is a valid state under another of the same cache layout (and a new default policy
+        does not refuse a user's conversations). The layout does count: a joint policy's cache is kept
+        per KV head (``_recorded_settings``)."""
         settings = self._recorded_settings()
         del settings["policy"]
         return {

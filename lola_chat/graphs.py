@@ -22,7 +22,7 @@ from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.kernels.argmax import argmax
 from lola_chat.kernels.lola import TRITON_POLICIES
-from lola_chat.memory import LolaMemory, State
+from lola_chat.memory import LolaMemory, State, joint_ranking
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 # Chunks per prefill block: enough rows that the projections run as full GEMMs, few enough that the
@@ -118,10 +118,7 @@ class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
     static copies of its tensors, updated in place by the Triton kernels."""
 
-    kind = "lola"
-
     def __init__(self, memory: LolaMemory, counter: _Counter):
-        self.settings = memory.settings
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -169,7 +166,7 @@ class _StaticState(State):
     def segments(self, length: int) -> list[tuple[int, int]]:
         return [(0, length)]
 
-    def close_chunk(self, attentions: list) -> None:
+    def close_chunk(self, blocks) -> None:
         pass
 
 
@@ -203,7 +200,10 @@ class CapturedDecoder:
         settings = state.layers[0].settings
         if settings.scoring not in TRITON_POLICIES:
             known = ", ".join(TRITON_POLICIES)
-            raise LolaError(f"captured decoding runs the eviction policies {known}, not {settings.policy}")
+            raise LolaError(
+                f"captured decoding runs the eviction policies {known} and their joint forms, "
+                f"not {settings.policy}"
+            )
         # A joint eviction needs every layer's scores of a chunk first: one chunk per step (no blocks).
         self.joint = settings.joint
         if self.joint:
@@ -284,20 +284,19 @@ class CapturedDecoder:
 
     def _evict_jointly(self) -> None:
         """Close the chunk in every layer with one ranking: the Triton scores of every layer and query
-        head averaged per candidate (``memory.close_chunk_jointly``'s rule)."""
+        head pooled by ``memory.joint_ranking``, as ``memory.close_chunk_jointly`` does eagerly."""
         from lola_chat.kernels.lola import evict_triton
 
         counter, chunk = self.counter, self.chunk
         seen = counter.marks[1:2]
         attentions = [block.self_attn for block in self.model.layers]
         memories = [(x.win_k, x.win_v, x.cache_k, x.cache_v, x.h, x.s) for x in self.layers]
-        scores = [
-            evict_triton.candidate_scores(*memory, attn.fmap_k, seen, layer.policy)
-            for memory, attn, layer in zip(memories, attentions, self.layers, strict=True)
-        ]
-        shared = None
-        if scores[0] is not None:
-            shared = torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
+        shared = joint_ranking(
+            [
+                evict_triton.candidate_scores(*memory, attn.fmap_k, seen, layer.policy)
+                for memory, attn, layer in zip(memories, attentions, self.layers, strict=True)
+            ]
+        )
         for memory, attn, layer in zip(memories, attentions, self.layers, strict=True):
             evict_triton.evict(
                 *memory, attn.fmap_k, seen, layer.policy, cache_ids=layer.cache_ids,

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.kernels import lola
 from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
-from lola_chat.kernels.lola.reference import FrameRotary, accumulator
+from lola_chat.kernels.lola.reference import FrameRotary, accumulator, expand_heads
 
 # "joint-" before a recall policy: one choice for the whole model. Every layer and query head keeps the
-# same positions, ranked by the mean of their scores, so a span is held in every layer or in none: recall
-# needs a needle in (nearly) every layer, and choices made apart hold it whole in almost none.
+# same positions, ranked by the mean of their scores, so a span is held in every layer or in none; at
+# equal G this recalls far more needles in prose than choices made per layer and head (docs/results).
 JOINT = "joint-"
 POLICIES = (*RECALL_POLICIES, *(JOINT + policy for policy in RECALL_POLICIES), "random", "recent")
 NORMALIZERS = ("shared", "window")
@@ -164,11 +164,7 @@ class LolaMemory:
             return None
         first, count = (x.to(self.cache_ids.device)[:, None, None] for x in self.pinned_ids)
         ids = self._candidate_ids()
-        return self._per_query_head((ids >= first) & (ids < first + count))
-
-    def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, cache heads, ...) -> (B, Hq, ...): a cache kept per KV head serves each head of its group."""
-        return x.repeat_interleave(self.h.shape[1] // x.shape[1], dim=1)
+        return expand_heads((ids >= first) & (ids < first + count), self.h.shape[1])
 
     def close_chunk(self, attn, length: int, score: torch.Tensor | None = None) -> None:
         """Evict at the end of a full chunk that a segment of ``length`` tokens completed, ranking the
@@ -237,8 +233,9 @@ class LolaMemory:
         """Self-recall error of each cached pair against the current hidden state: (B, Hq, G), NaN
         where a slot is empty. For inspection; eviction recomputes these itself."""
         cached, _, _ = lola.frame(self.tokens_seen, self.settings.chunk, self.settings.capacity)
-        phi = lola.hedgehog(self._per_query_head(self.cache_k), attn.fmap_k)
-        error = lola.self_recall_error(phi, self._per_query_head(self.cache_v), self.h, self.s)
+        n_heads = self.h.shape[1]
+        phi = lola.hedgehog(expand_heads(self.cache_k, n_heads), attn.fmap_k)
+        error = lola.self_recall_error(phi, expand_heads(self.cache_v, n_heads), self.h, self.s)
         empty = torch.arange(error.shape[-1], device=error.device) < error.shape[-1] - cached
         return error.masked_fill(empty, float("nan"))
 
@@ -353,11 +350,19 @@ class State:
         cuts = [0, *ends, length]
         return list(zip(cuts[:-1], cuts[1:], strict=True))
 
-    def close_chunk(self, attentions: list) -> None:
+    def close_chunk(self, blocks) -> None:
         """After a segment went through every layer: where it filled a chunk of a joint policy's memory,
-        that chunk's eviction (``close_chunk_jointly``). ``attentions``: each layer's attention module."""
+        that chunk's eviction (``close_chunk_jointly``). ``blocks``: the model's layers."""
         if self.joint and self.layers[0].pending is not None:
-            close_chunk_jointly(self.layers, attentions)
+            close_chunk_jointly(self.layers, [block.self_attn for block in blocks])
+
+
+def joint_ranking(scores: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """One ranking from every layer's candidate scores (each (B, Hq, G + C), or None where a layer ranks
+    nothing): their mean over layers and query heads, the same for every head."""
+    if scores[0] is None:
+        return None
+    return torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
 
 
 def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
@@ -366,8 +371,6 @@ def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
     candidates are the same positions everywhere as long as every eviction was joint (equal rankings
     keep equal slots)."""
     scores = [memory.candidate_scores(attn) for memory, attn in zip(memories, attentions, strict=True)]
-    shared = None
-    if scores[0] is not None:
-        shared = torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
+    shared = joint_ranking(scores)
     for memory, attn in zip(memories, attentions, strict=True):
         memory.close_chunk(attn, memory.pending, shared)

@@ -406,15 +406,15 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens: (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
         Advances ``state`` by T tokens. ``ids`` (B, T): what the memory records for each token (its
-        window and cache ids), the tokens themselves by default."""
+        window and cache ids), the tokens themselves by default. Under a joint eviction policy the tokens
+        go through the layers chunk by chunk (``State.segments``)."""
         ids = tokens if ids is None else ids
-        attentions = [block.self_attn for block in self.layers]
         outputs = []
         for start, end in state.segments(tokens.shape[1]):
             x = self.embed_tokens(tokens[:, start:end])
             for block, memory in zip(self.layers, state.layers, strict=True):
                 x = block(x, memory, ids[:, start:end])
-            state.close_chunk(attentions)
+            state.close_chunk(self.layers)
             outputs.append(x)
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         if last_only:

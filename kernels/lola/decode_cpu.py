@@ -56,9 +56,8 @@ class DecodeFrame:
         cache_rot = expand_heads(rotary.rotate(cache_k, where.key_start).to(acc), n_heads)
         window_rot = rotary.rotate(win_k, where.key_start + capacity).to(acc)
         keys = torch.cat([cache_rot, window_rot.repeat_interleave(group, dim=1)], dim=2)
-        values = torch.cat([expand_heads(cache_v, n_heads), win_v.repeat_interleave(group, dim=1)], dim=2).to(
-            acc
-        )
+        cache_values = expand_heads(cache_v, n_heads)
+        values = torch.cat([cache_values, win_v.repeat_interleave(group, dim=1)], dim=2).to(acc)
         # Unseen slots hold zeros: their weight is zero, and stale or empty slots (NaN, inf) must not turn
         # a score or a zero weight into NaN.
         self.keys_t = keys.masked_fill(unseen, 0.0).transpose(-1, -2).contiguous()

@@ -29,10 +29,6 @@ def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return picked.view(batch, heads, index.shape[-1], dim)
 
 
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
-
-
 def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """|| v - H^T phi(k) / (s^T phi(k)) || per pair.
 
@@ -111,8 +107,8 @@ def _candidates(win_k, win_v, cache_k, cache_v, fmap_k, tokens_seen, features):
     if not previous:
         return None
     n_heads = fmap_k.shape[0]
-    leaving_k = _expand_kv(win_k[:, :, :chunk], n_heads)
-    leaving_v = _expand_kv(win_v[:, :, :chunk], n_heads)
+    leaving_k = expand_heads(win_k[:, :, :chunk], n_heads)
+    leaving_v = expand_heads(win_v[:, :, :chunk], n_heads)
     cand_k = torch.cat([expand_heads(cache_k, n_heads), leaving_k], dim=2)
     cand_v = torch.cat([expand_heads(cache_v, n_heads), leaving_v], dim=2)
     valid = torch.arange(capacity + chunk, device=cand_k.device) >= capacity - cached

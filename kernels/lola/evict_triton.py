@@ -290,6 +290,16 @@ def _shift_window_kernel(wk_ptr, wv_ptr, C: tl.constexpr, D: tl.constexpr, BLOCK
         _shift_rows(wk_ptr, wv_ptr, tl.program_id(0), start + tl.arange(0, BLOCK_N), C, D)
 
 
+def _geometry(win_k, cache_k, h, fmap_k, tokens_seen) -> tuple[tuple, dict]:
+    """The token count as the kernels take it (host int, device pointer) and their shape constants."""
+    on_device = isinstance(tokens_seen, torch.Tensor)
+    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
+    shape = dict(HQ=h.shape[1], HKV=win_k.shape[1], HC=cache_k.shape[1], C=win_k.shape[2] // 2,
+                 G=cache_k.shape[2], D=win_k.shape[3], E=fmap_k.shape[-1],
+                 SEEN_ON_DEVICE=on_device)  # fmt: skip
+    return seen, shape
+
+
 def _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, policy, shape) -> None:
     batch, n_heads, candidates = scores.shape
     # 4 warps: the faster of 4 and 8 in an ad-hoc timing of the nearest-key search on an H200.
@@ -317,15 +327,11 @@ def candidate_scores(
     G = 0 (where nothing leaves the window, every score is -inf)."""
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
-    batch, n_kv_heads, window, dim = win_k.shape
-    chunk, capacity = window // 2, cache_k.shape[2]
-    on_device = isinstance(tokens_seen, torch.Tensor)
-    if capacity == 0 or not (on_device or tokens_seen > chunk):
+    chunk, capacity = win_k.shape[2] // 2, cache_k.shape[2]
+    if capacity == 0 or not (isinstance(tokens_seen, torch.Tensor) or tokens_seen > chunk):
         return None
-    scores = torch.empty(batch, h.shape[1], capacity + chunk, dtype=torch.float32, device=h.device)
-    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
-    shape = dict(HQ=h.shape[1], HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim,
-                 E=fmap_k.shape[-1], SEEN_ON_DEVICE=on_device)  # fmt: skip
+    scores = torch.empty(win_k.shape[0], h.shape[1], capacity + chunk, dtype=torch.float32, device=h.device)
+    seen, shape = _geometry(win_k, cache_k, h, fmap_k, tokens_seen)
     _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), scores, seen, policy, shape)
     return scores
 
@@ -388,9 +394,7 @@ def evict(
         candidates = capacity + chunk
         keep = torch.empty(batch, n_heads, capacity, dtype=torch.int64, device=h.device)
         fmap = fmap_k.contiguous()
-        seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
-        shape = dict(HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim,
-                     E=fmap_k.shape[-1], SEEN_ON_DEVICE=on_device)  # fmt: skip
+        seen, shape = _geometry(win_k, cache_k, h, fmap_k, tokens_seen)
         if scores is None:
             scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
             if capacity > 0:
@@ -422,8 +426,8 @@ def evict(
         _commit_kernel[(batch * n_heads, split)](
             cache_k, cache_v, h, s, win_k, win_v, new_k, new_v, fold, fold_norm, cache_ids, new_ids,
             HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim, F=features_dim,
-            BLOCKS=blocks,
-            SPLIT=split, IDS=with_ids, SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
+            BLOCKS=blocks, SPLIT=split, IDS=with_ids,
+            SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
             SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, split)), num_warps=4,
         )  # fmt: skip
         if capacity == 0:
