@@ -114,11 +114,17 @@ class _Counter:
         self.positions.add_(length)
 
 
+# The tensors a captured step keeps of each layer's memory.
+STATIC_NAMES = LolaMemory.memory_names + ("cache_ids",)
+
+
 class _StaticLayer:
     """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
-    static copies of its tensors, updated in place by the Triton kernels."""
+    static copies of its tensors, updated in place by the Triton kernels. The copies are slices of
+    tensors stacked over the layers (``stacked``), so that a joint eviction evicts every layer in one
+    launch per kernel."""
 
-    def __init__(self, memory: LolaMemory, counter: _Counter):
+    def __init__(self, memory: LolaMemory, counter: _Counter, stacked: dict[str, torch.Tensor], layer: int):
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -126,11 +132,11 @@ class _StaticLayer:
         self.policy = memory.settings.scoring
         self.joint = memory.settings.joint
         self.counter = counter
-        for name in LolaMemory.memory_names + ("cache_ids",):
-            setattr(self, name, getattr(memory, name).clone())
+        for name in STATIC_NAMES:
+            setattr(self, name, stacked[name][layer])
 
     def load(self, memory: LolaMemory) -> None:
-        for name in LolaMemory.memory_names + ("cache_ids",):
+        for name in STATIC_NAMES:
             getattr(self, name).copy_(getattr(memory, name))
 
     def attend(self, q, k, v, attn, ids=None) -> torch.Tensor:
@@ -216,7 +222,12 @@ class CapturedDecoder:
         self.evictions = 0
         self.counter = _Counter(self.tokens_seen, device)
         self.window_ids = first.win_ids.clone()
-        self.layers = [_StaticLayer(memory, self.counter) for memory in state.layers]
+        self.stacked = {name: torch.stack([getattr(m, name) for m in state.layers]) for name in STATIC_NAMES}
+        self.layers = [
+            _StaticLayer(memory, self.counter, self.stacked, i) for i, memory in enumerate(state.layers)
+        ]
+        # Every layer's key feature map, stacked as the state is, for the joint eviction.
+        self.fmap_k = torch.stack([block.self_attn.fmap_k.detach() for block in model.layers])
         self.static_state = _StaticState(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
@@ -284,24 +295,19 @@ class CapturedDecoder:
 
     def _evict_jointly(self) -> None:
         """Close the chunk in every layer with one ranking: the Triton scores of every layer and query
-        head pooled by ``memory.joint_ranking``, as ``memory.close_chunk_jointly`` does eagerly."""
+        head pooled by ``memory.joint_ranking``, as ``memory.close_chunk_jointly`` does eagerly, each
+        kernel launched once over the stacked layers."""
         from lola_chat.kernels.lola import evict_triton
 
-        counter, chunk = self.counter, self.chunk
-        seen = counter.marks[1:2]
-        attentions = [block.self_attn for block in self.model.layers]
-        memories = [(x.win_k, x.win_v, x.cache_k, x.cache_v, x.h, x.s) for x in self.layers]
-        shared = joint_ranking(
-            [
-                evict_triton.candidate_scores(*memory, attn.fmap_k, seen, layer.policy)
-                for memory, attn, layer in zip(memories, attentions, self.layers, strict=True)
-            ]
-        )
-        for memory, attn, layer in zip(memories, attentions, self.layers, strict=True):
-            evict_triton.evict(
-                *memory, attn.fmap_k, seen, layer.policy, cache_ids=layer.cache_ids,
-                leaving_ids=counter.leaving[:, :chunk], scores=shared,
-            )  # fmt: skip
+        memory = [self.stacked[name] for name in LolaMemory.memory_names]
+        seen, policy = self.counter.marks[1:2], self.layers[0].policy
+        scores = evict_triton.candidate_scores(*memory, self.fmap_k, seen, policy)
+        shared = joint_ranking(scores)
+        evict_triton.evict(
+            *memory, self.fmap_k, seen, policy, cache_ids=self.stacked["cache_ids"],
+            leaving_ids=self.counter.leaving[:, : self.chunk],
+            scores=None if shared is None else shared.expand_as(scores),
+        )  # fmt: skip
 
     def _capture(self) -> tuple[dict, dict]:
         def from_start(run):
@@ -388,7 +394,7 @@ class CapturedDecoder:
     def sync(self) -> State:
         """Write the decoder's memory back into its State and return the State."""
         for layer, memory in zip(self.layers, self.state.layers, strict=True):
-            tensors = {name: getattr(layer, name) for name in LolaMemory.memory_names + ("cache_ids",)}
+            tensors = {name: getattr(layer, name) for name in STATIC_NAMES}
             tensors["win_ids"] = self.window_ids
             memory.load(tensors, self.tokens_seen)
             memory.evictions += self.evictions

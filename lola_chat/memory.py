@@ -357,12 +357,12 @@ class State:
             close_chunk_jointly(self.layers, [block.self_attn for block in blocks])
 
 
-def joint_ranking(scores: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """One ranking from every layer's candidate scores (each (B, Hq, G + C), or None where a layer ranks
-    nothing): their mean over layers and query heads, the same for every head."""
-    if scores[0] is None:
+def joint_ranking(scores: torch.Tensor | None) -> torch.Tensor | None:
+    """One ranking from every layer's candidate scores (L, B, Hq, G + C), or None where the layers rank
+    nothing: their mean over layers and query heads, the same for every head, (B, Hq, G + C)."""
+    if scores is None:
         return None
-    return torch.stack(scores).mean(dim=(0, 2))[:, None].expand_as(scores[0])
+    return scores.mean(dim=(0, 2))[:, None].expand(-1, scores.shape[2], -1)
 
 
 def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
@@ -371,6 +371,6 @@ def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
     candidates are the same positions everywhere as long as every eviction was joint (equal rankings
     keep equal slots)."""
     scores = [memory.candidate_scores(attn) for memory, attn in zip(memories, attentions, strict=True)]
-    shared = joint_ranking(scores)
+    shared = None if scores[0] is None else joint_ranking(torch.stack(scores))
     for memory, attn in zip(memories, attentions, strict=True):
         memory.close_chunk(attn, memory.pending, shared)

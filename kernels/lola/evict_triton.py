@@ -1,25 +1,23 @@
 """LoLA eviction at a chunk end in Triton kernels, state updated in place.
 
 Candidates are the G cache slots followed by the C pairs of the leaving chunk, as in
-``evict_reference.evict``. Every valid candidate is scored by self-recall error against the current H
-and s ("sre"), or by the smaller of that and its cache-recall error ("novelty": the value distance to
-the valid candidate with the nearest key, ``evict_reference.cache_recall_error``), the self-recall
-error divided by the value's norm under the "relative-" policies; the top G are kept, compacted into
-the cache in time order, and the rest folded into H and s. Equal scores go to the
-earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated layer-0
-keys depend on the token alone, so a repeated token ties with itself (and, under "novelty", scores 0
-with its twin), and the order kept decides the positions at attention time.
+``evict_reference.evict``, scored by ``evict_score_triton`` (or ranked by scores the caller gives); the
+top G are kept, compacted into the cache in time order, and the rest folded into H and s. Equal scores
+go to the earlier candidate (what a stable descending sort selects). Exact ties are real: un-rotated
+layer-0 keys depend on the token alone, so a repeated token ties with itself (and, under "novelty",
+scores 0 with its twin), and the order kept decides the positions at attention time.
 
-Scoring is its own kernel, one program per (batch, query head, block of candidates): the scores are
-independent of each other, and with a handful of query heads one program per head would leave most
-SMs idle while each runs the O(N^2 D) nearest-key search alone. Selection is split the same way: one
-program per (batch, query head, block of candidates) ranks its candidates, writes the kept ones to
-their new slots in a fresh buffer and its folded ones' sums to a partial; a commit kernel then adds the
-partials to H and s in a fixed order (the same sums on every run) and moves the new slots into the
-cache. Which candidates are kept follows from the G-th highest score (one in-register sort per
-program) and comparisons with it, so no host round trip is needed and the step can live inside a CUDA
-graph. The commit kernel also shifts the window, as it runs after every query head has read the
-leaving chunk; where nothing leaves the window (the first chunk closes) the shift is a kernel alone.
+Where the G best end (the G-th highest score, and how many candidates on it are kept) is found once per
+head by a cut kernel (one in-register sort). Selection then runs one program per (row, query head,
+block of candidates): it compares its candidates with the cut, writes the kept ones to their new slots
+in a fresh buffer and its folded ones' sums to a partial; a commit kernel adds the partials to H and s
+in a fixed order (the same sums on every run) and moves the new slots into the cache. No host round
+trip is needed, so the step can live inside a CUDA graph. The commit kernel also shifts the window, as
+it runs after every query head has read the leaving chunk; where nothing leaves the window (the first
+chunk closes) the shift is a kernel alone.
+
+Rows: as in ``evict_score_triton``, the kernels see layers x batch as one dimension, so the public
+functions take one layer's state or every layer's stacked (a leading layer dimension).
 """
 
 from __future__ import annotations
@@ -28,128 +26,13 @@ import torch
 import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
-from lola_chat.kernels.lola.evict_reference import SRE_EPS
-from lola_chat.kernels.lola.frame_triton import frame_counts
+from lola_chat.kernels.lola.evict_score_triton import candidates, feature_head, frame, geometry, launch
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
 
-# Candidates per scoring program: 16, the smallest tl.dot tile, gives the most programs to spread over
-# the SMs (20 per query head for G = 256, C = 64).
-SCORE_ROWS = 16
 # Candidates per selection program, and the parts each head's state is committed in: enough programs
 # that no SM walks a head's candidates or state alone.
 SELECT_ROWS = 32
 COMMIT_SPLIT = 4
-
-
-@triton.jit
-def _candidate_rows(cache_ptr, win_ptr, cache_row, win_row, index, cached, previous,
-                    G: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """Rows ``index`` (in storage dtype, zeros where invalid) of the candidates' keys or values, and
-    their validity."""
-    dims = tl.arange(0, D)[None, :]
-    in_cache = (index < G) & (index >= G - cached)
-    leaving = (index >= G) & (index < G + previous)  # previous is 0 or C
-    rows = tl.load(cache_ptr + (cache_row + index[:, None]) * D + dims, mask=in_cache[:, None], other=0.0)
-    rows += tl.load(win_ptr + (win_row + index[:, None] - G) * D + dims, mask=leaving[:, None], other=0.0)
-    return rows, in_cache | leaving
-
-
-@triton.jit
-def _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous,
-                G: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """Keys and values (in storage dtype, zeros where invalid) and validity of candidates ``index``."""
-    k, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, index, cached, previous, G, D)
-    v, _ = _candidate_rows(cv_ptr, wv_ptr, cache_row, win_row, index, cached, previous, G, D)
-    return k, v, valid
-
-
-@triton.jit
-def _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v, cached, previous,
-                        N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_OTHER: tl.constexpr, HALF_KEYS: tl.constexpr):  # fmt: skip
-    """|| v_i - v_j || for the BLOCK_N candidates ``index`` (fp32 keys ``k`` and values ``v``), j the
-    valid other candidate whose key is nearest to k_i, searched BLOCK_OTHER candidates at a time;
-    ||v_i|| where there is none (``evict_reference.cache_recall_error``). ``HALF_KEYS``: the keys are
-    stored in a 16-bit float type, whose values TF32 holds exactly, so one TF32 product gives the
-    same fp32 sums as ``matmul``'s three."""
-    nearest_distance = tl.full((BLOCK_N,), float("inf"), tl.float32)
-    nearest = tl.zeros((BLOCK_N,), tl.int32)
-    k_norm = tl.sum(k * k, axis=1)
-    for start in range(0, N, BLOCK_OTHER):
-        other = start + tl.arange(0, BLOCK_OTHER)
-        k_other, valid = _candidate_rows(ck_ptr, wk_ptr, cache_row, win_row, other, cached, previous, G, D)
-        k_other = k_other.to(tl.float32)
-        if HALF_KEYS:
-            cross = tl.dot(k, tl.trans(k_other), input_precision="tf32")
-        else:
-            cross = matmul(k, tl.trans(k_other), False)
-        # Squared distances: only their order matters, so no square root.
-        distance = k_norm[:, None] + tl.sum(k_other * k_other, axis=1)[None, :] - 2.0 * cross
-        distance = tl.where(valid[None, :] & (other[None, :] != index[:, None]), distance, float("inf"))
-        block_distance, block_nearest = tl.min(distance, axis=1, return_indices=True)
-        # Strictly closer only: on equal distances the earlier candidate stays, as the reference picks.
-        closer = block_distance < nearest_distance
-        nearest = tl.where(closer, start + block_nearest, nearest)
-        nearest_distance = tl.where(closer, block_distance, nearest_distance)
-    # The neighbour's value is gathered and subtracted rather than its distance expanded like the keys':
-    # twins then score exactly 0 (no |v_i|^2 + |v_j|^2 - 2 v_i.v_j cancellation residue), as in the
-    # reference, and it costs one row load per candidate instead of a second product per column block.
-    # With no valid neighbour ``nearest`` is 0, whose row loads as zeros if invalid; it is not used then.
-    v_near, _ = _candidate_rows(cv_ptr, wv_ptr, cache_row, win_row, nearest, cached, previous, G, D)
-    error = v - tl.where((nearest_distance < float("inf"))[:, None], v_near.to(tl.float32), 0.0)
-    return tl.sqrt(tl.sum(error * error, axis=1))
-
-
-@triton.jit
-def _frame(pid, seen, seen_ptr, HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr,
-           G: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
-    """(cached, previous, cache_row, win_row) of the candidates of ``pid`` = batch * HQ + query head; the
-    cache has HC heads (HQ, or HKV for a cache kept per KV head)."""
-    kv_head = (pid % HQ) // (HQ // HKV)
-    if SEEN_ON_DEVICE:
-        seen = tl.load(seen_ptr)
-    cached, previous, _ = frame_counts(seen - 1, C, G)
-    cache_row = ((pid // HQ) * HC + (pid % HQ) // (HQ // HC)) * G
-    return cached, previous, cache_row, ((pid // HQ) * HKV + kv_head) * 2 * C
-
-
-@triton.jit(do_not_specialize=["seen"])
-def _score_kernel(
-    wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fk_ptr, score_ptr, seen, seen_ptr, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OTHER: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    NOVELTY: tl.constexpr, RELATIVE: tl.constexpr, HALF_KEYS: tl.constexpr,
-):  # fmt: skip
-    """Scores of the candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``, -inf
-    for invalid ones."""
-    N: tl.constexpr = G + C
-    pid = tl.program_id(0)
-    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, HC, C, G, SEEN_ON_DEVICE)
-    w = load_feature_map(fk_ptr, pid % HQ, D, E)
-    feats = tl.arange(0, E)
-    state_row = pid * 2 * E
-    h_up_at = h_ptr + (state_row + feats[:, None]) * D + tl.arange(0, D)[None, :]
-    h_up = tl.load(h_up_at)
-    h_down = tl.load(h_up_at + E * D)
-    s_up = tl.load(s_ptr + state_row + feats)
-    s_down = tl.load(s_ptr + state_row + E + feats)
-    index = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                              cached, previous, G, D)  # fmt: skip
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
-    up, down = features(k, w, False)
-    recalled = matmul(up, h_up, False) + matmul(down, h_down, False)
-    norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
-    error = v - recalled / tl.maximum(norm, eps)[:, None]
-    score = tl.sqrt(tl.sum(error * error, axis=1))
-    if RELATIVE:
-        score = score / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), eps)
-    if NOVELTY:
-        recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k, v,
-                                     cached, previous, N, G, D, BLOCK_N, BLOCK_OTHER, HALF_KEYS)  # fmt: skip
-        score = tl.minimum(score, recall)
-    tl.store(score_ptr + pid * N + index, tl.where(valid, score, float("-inf")), mask=index < N)
 
 
 @triton.jit
@@ -171,30 +54,45 @@ def _kept(score, index, every_score, every, threshold, ties, N: tl.constexpr):
     return ((score > threshold) | ((score == threshold) & (earlier_ties < ties))) & (index < N)
 
 
-@triton.jit(do_not_specialize=["seen"])
+@triton.jit
+def _cut_kernel(score_ptr, cut_ptr, ties_ptr, N: tl.constexpr, G: tl.constexpr, ALL: tl.constexpr):
+    """``_cut`` of head ``program_id(0)``'s scores, for every selection program of that head to read."""
+    pid = tl.program_id(0)
+    every = tl.arange(0, ALL)
+    threshold, ties = _cut(
+        tl.load(score_ptr + pid * N + every, mask=every < N, other=float("-inf")), every, G
+    )
+    tl.store(cut_ptr + pid, threshold)
+    tl.store(ties_ptr + pid, ties)
+
+
+@triton.jit(do_not_specialize=["seen", "batch"])
 def _select_kernel(
-    wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, keep_ptr, new_k_ptr, new_v_ptr, fold_ptr,
-    fold_norm_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr,
+    wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, cut_ptr, ties_ptr, keep_ptr, new_k_ptr, new_v_ptr,
+    fold_ptr, fold_norm_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr, batch,
     HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
     IDS: tl.constexpr,
 ):  # fmt: skip
-    """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)``: the kept ones go to
+    """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)`` = row * HQ + query head,
+    whose cut ``_cut_kernel`` found: the kept ones go to
     their new cache slots in ``new_k``/``new_v`` and ``keep`` (and with ``IDS`` their token ids, from the
     cache's ids or the leaving chunk's, to ``new_ids``), the others' sum phi(k) v^T and phi(k) to this
     block's partial fold. Nothing is written in place: other programs still read the candidates."""
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
-    cached, previous, cache_row, win_row = _frame(pid, seen, seen_ptr, HQ, HKV, HC, C, G, SEEN_ON_DEVICE)
-    n = tl.arange(0, BLOCK_N)
-    index = block * BLOCK_N + n
-    k, v, valid = _candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index,
-                              cached, previous, G, D)  # fmt: skip
+    row, head = pid // HQ, pid % HQ
+    cached, previous, cache_row, win_row = frame(row, head // (HQ // HC), seen, seen_ptr, HKV, HC, C, G,
+                                                 SEEN_ON_DEVICE)  # fmt: skip
+    index = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, valid = candidates(
+        wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous, G, D
+    )
     if G > 0:
         scores = score_ptr + pid * N
         every = tl.arange(0, ALL)
         every_score = tl.load(scores + every, mask=every < N, other=float("-inf"))
-        threshold, ties = _cut(every_score, every, G)
+        threshold, ties = tl.load(cut_ptr + pid), tl.load(ties_ptr + pid)
         mine = tl.load(scores + index, mask=index < N, other=float("-inf"))
         kept = _kept(mine, index, every_score, every, threshold, ties, N)
         # A kept candidate's slot counts the kept ones before it, in earlier blocks too: every candidate
@@ -213,12 +111,13 @@ def _select_kernel(
         if IDS:
             # Every kept candidate's id, invalid ones' too (an empty slot's -1), as a gather by ``keep``.
             ids = tl.load(ids_ptr + cache_row + index, mask=kept & (index < G), other=0)
-            leaving = leaving_ptr + (pid // HQ) * leaving_stride + index - G
+            leaving = leaving_ptr + (row % batch) * leaving_stride + index - G
             ids += tl.load(leaving, mask=kept & (index >= G), other=0)
             tl.store(new_ids_ptr + pid * G + slot, ids, mask=kept)
     else:
         kept = index < 0
-    up, down = features(k.to(tl.float32), load_feature_map(fk_ptr, pid % HQ, D, E), False)
+    w = load_feature_map(fk_ptr, feature_head(row, head, batch, HQ), D, E)
+    up, down = features(k.to(tl.float32), w, False)
     folded = (valid & ~kept)[:, None]
     up = tl.where(folded, up, 0.0)
     down = tl.where(folded, down, 0.0)
@@ -290,25 +189,10 @@ def _shift_window_kernel(wk_ptr, wv_ptr, C: tl.constexpr, D: tl.constexpr, BLOCK
         _shift_rows(wk_ptr, wv_ptr, tl.program_id(0), start + tl.arange(0, BLOCK_N), C, D)
 
 
-def _geometry(win_k, cache_k, h, fmap_k, tokens_seen) -> tuple[tuple, dict]:
-    """The token count as the kernels take it (host int, device pointer) and their shape constants."""
-    on_device = isinstance(tokens_seen, torch.Tensor)
-    seen = (0 if on_device else tokens_seen, tokens_seen if on_device else h)
-    shape = dict(HQ=h.shape[1], HKV=win_k.shape[1], HC=cache_k.shape[1], C=win_k.shape[2] // 2,
-                 G=cache_k.shape[2], D=win_k.shape[3], E=fmap_k.shape[-1],
-                 SEEN_ON_DEVICE=on_device)  # fmt: skip
-    return seen, shape
-
-
-def _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, policy, shape) -> None:
-    batch, n_heads, candidates = scores.shape
-    # 4 warps: the faster of 4 and 8 in an ad-hoc timing of the nearest-key search on an H200.
-    _score_kernel[(batch * n_heads, triton.cdiv(candidates, SCORE_ROWS))](
-        win_k, win_v, cache_k, cache_v, h, s, fmap, scores, *seen, SRE_EPS,
-        BLOCK_N=SCORE_ROWS, BLOCK_OTHER=block_rows(candidates, 64),
-        NOVELTY=policy.endswith("novelty"), RELATIVE=policy.startswith("relative-"),
-        HALF_KEYS=cache_k.dtype in (torch.bfloat16, torch.float16), num_warps=4, **shape,
-    )  # fmt: skip
+def _rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors with a leading layer dimension folded into the batch (views: in-place updates reach
+    the caller's tensors)."""
+    return [None if t is None else t.flatten(0, 1) for t in tensors]
 
 
 def candidate_scores(
@@ -322,17 +206,21 @@ def candidate_scores(
     tokens_seen: int | torch.Tensor,
     policy: str = "sre",
 ) -> torch.Tensor | None:
-    """``evict_reference.candidate_scores`` for ``policy`` in ``RECALL_POLICIES`` (shapes as ``evict``):
-    (B, Hq, G + C) fp32, -inf for absent candidates. With a tensor ``tokens_seen`` it is None only for
-    G = 0 (where nothing leaves the window, every score is -inf)."""
+    """``evict_reference.candidate_scores`` for ``policy`` in ``RECALL_POLICIES`` (shapes as ``evict``,
+    with or without the leading layer dimension): (B, Hq, G + C) fp32, or (L, B, Hq, G + C) for stacked
+    layers, -inf for absent candidates. With a tensor ``tokens_seen`` it is None only for G = 0 (where
+    nothing leaves the window, every score is -inf)."""
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
-    chunk, capacity = win_k.shape[2] // 2, cache_k.shape[2]
+    chunk, capacity = win_k.shape[-2] // 2, cache_k.shape[-2]
     if capacity == 0 or not (isinstance(tokens_seen, torch.Tensor) or tokens_seen > chunk):
         return None
-    scores = torch.empty(win_k.shape[0], h.shape[1], capacity + chunk, dtype=torch.float32, device=h.device)
-    seen, shape = _geometry(win_k, cache_k, h, fmap_k, tokens_seen)
-    _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), scores, seen, policy, shape)
+    batch = win_k.shape[-4]
+    scores = torch.empty(*h.shape[:-2], capacity + chunk, dtype=torch.float32, device=h.device)
+    state = _rows(win_k, win_v, cache_k, cache_v, h, s, scores) if fmap_k.dim() == 4 else None
+    win_k, win_v, cache_k, cache_v, h, s, flat = state or (win_k, win_v, cache_k, cache_v, h, s, scores)
+    seen, shape = geometry(win_k, cache_k, h, fmap_k, tokens_seen)
+    launch(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), flat, seen, batch, policy, shape)
     return scores
 
 
@@ -357,21 +245,24 @@ def evict(
     here; the ablations "random" and "recent" raise ValueError; ``generator`` is accepted for signature
     parity and unused). Under the novelty policies the nearest key is chosen by squared distances whose
     key products are fp32 sums in another order than the reference's (one TF32 product for 16-bit keys,
-    which it holds exactly, three for fp32 keys), so of two candidates at nearly equal distance the
-    kernel and the reference may pick different ones.
+    which it holds exactly, three for fp32 keys), so of two candidates at
+    nearly equal distance the kernel and the reference may pick different ones.
     win_k, win_v (B, Hkv, 2C, D); cache_k, cache_v (B, Hq, G, D), or (B, Hkv, G, D) for a cache kept per
     KV head (then ``scores`` must rank alike for every query head of a group: a joint policy's); h
     (B, Hq, 2E, D) and s (B, Hq, 2E) fp32; fmap_k (Hq, D, E); all state tensors contiguous, D and E
-    powers of two >= 16. ``scores`` (B, Hq, G + C): the ranking to keep by, as ``candidate_scores``
-    gives it, instead of the policy's own (``evict_reference.evict``'s ``score``), or None.
+    powers of two >= 16. Every layer of a model at once: the same tensors with a leading layer
+    dimension L (win_k (L, B, Hkv, 2C, D), ..., fmap_k (L, Hq, D, E), ``scores`` and ``cache_ids`` too;
+    ``leaving_ids`` stays (B, C)), each layer evicted as alone. ``scores`` (B, Hq, G + C): the ranking
+    to keep by, as ``candidate_scores`` gives it, instead of the policy's own
+    (``evict_reference.evict``'s ``score``), or None.
     ``tokens_seen`` counts the full current chunk; it is an int or a one-element integer tensor on the
     state's device.
 
     Every state tensor is updated in place and returned as the same object:
-    (win_k, win_v, cache_k, cache_v, h, s, keep). ``keep`` (B, Hq, G) int64 gives, for each new
-    cache slot, its index among the candidates (old cache slots 0..G-1, then the leaving chunk).
-    With an int ``tokens_seen`` it is None where the reference returns None (nothing left the
-    window, or G = 0); with a tensor it is None only for G = 0 and otherwise always filled (the
+    (win_k, win_v, cache_k, cache_v, h, s, keep). ``keep`` (B, Hq, G) int64 ((L, B, Hq, G) for stacked
+    layers) gives, for each new cache slot, its index among the candidates (old cache slots 0..G-1, then
+    the leaving chunk). With an int ``tokens_seen`` it is None where the reference returns None (nothing
+    left the window, or G = 0); with a tensor it is None only for G = 0 and otherwise always filled (the
     identity when nothing left the window). Slots that are empty after an eviction hold zeros (they
     are never read; zeros keep snapshots deterministic).
 
@@ -382,57 +273,69 @@ def evict(
     """
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
-    batch, n_kv_heads, window, dim = win_k.shape
+    given = (win_k, win_v, cache_k, cache_v, h, s)
+    for state in given:
+        assert state.is_contiguous(), "state tensors must be contiguous"
+    batch = win_k.shape[-4]
+    if fmap_k.dim() == 4:
+        win_k, win_v, cache_k, cache_v, h, s, cache_ids, scores = _rows(
+            win_k, win_v, cache_k, cache_v, h, s, cache_ids, scores
+        )
+    rows, n_kv_heads, window, dim = win_k.shape
     chunk = window // 2
     n_heads, capacity = h.shape[1], cache_k.shape[2]
-    for state in (win_k, win_v, cache_k, cache_v, h, s):
-        assert state.is_contiguous(), "state tensors must be contiguous"
     on_device = isinstance(tokens_seen, torch.Tensor)
     keep = None
     if on_device or tokens_seen > chunk:
         assert on_device or tokens_seen % chunk == 0, "eviction runs only when a chunk is full"
-        candidates = capacity + chunk
-        keep = torch.empty(batch, n_heads, capacity, dtype=torch.int64, device=h.device)
+        candidate_count = capacity + chunk
+        keep = torch.empty(rows, n_heads, capacity, dtype=torch.int64, device=h.device)
         fmap = fmap_k.contiguous()
-        seen, shape = _geometry(win_k, cache_k, h, fmap_k, tokens_seen)
+        seen, shape = geometry(win_k, cache_k, h, fmap_k, tokens_seen)
         if scores is None:
-            scores = torch.empty(batch, n_heads, candidates, dtype=torch.float32, device=h.device)
+            scores = torch.empty(rows, n_heads, candidate_count, dtype=torch.float32, device=h.device)
             if capacity > 0:
-                _launch_score(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, policy, shape)
+                launch(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, batch, policy, shape)
         else:
             scores = scores.to(torch.float32).contiguous()
+        every = triton.next_power_of_2(candidate_count)
+        cut = torch.empty(rows * n_heads, dtype=torch.float32, device=h.device)
+        ties = torch.empty(rows * n_heads, dtype=torch.int32, device=h.device)
+        if capacity > 0:
+            _cut_kernel[(rows * n_heads,)](
+                scores, cut, ties, N=candidate_count, G=capacity, ALL=every, num_warps=8
+            )
         features_dim = 2 * fmap_k.shape[-1]
-        blocks = triton.cdiv(candidates, SELECT_ROWS)
-        fold = torch.empty(batch * n_heads, blocks, features_dim, dim, dtype=torch.float32, device=h.device)
-        fold_norm = torch.empty(batch * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
+        blocks = triton.cdiv(candidate_count, SELECT_ROWS)
+        fold = torch.empty(rows * n_heads, blocks, features_dim, dim, dtype=torch.float32, device=h.device)
+        fold_norm = torch.empty(rows * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
         # The new slots per query head, whatever the cache's heads (``_commit_kernel``).
-        new_k = torch.empty(batch, n_heads, capacity, dim, dtype=cache_k.dtype, device=h.device)
+        new_k = torch.empty(rows, n_heads, capacity, dim, dtype=cache_k.dtype, device=h.device)
         new_v = torch.empty_like(new_k)
         with_ids = cache_ids is not None and capacity > 0
         if with_ids:
             assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, (
                 "ids: (B, cache heads, G), (B, C)"
             )
-            new_ids = torch.empty(batch, n_heads, capacity, dtype=cache_ids.dtype, device=h.device)
+            new_ids = torch.empty(rows, n_heads, capacity, dtype=cache_ids.dtype, device=h.device)
         else:  # the kernels take pointers they do not read
             cache_ids = leaving_ids = new_ids = keep
         # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
-        _select_kernel[(batch * n_heads, blocks)](
-            win_k, win_v, cache_k, cache_v, fmap, scores, keep, new_k, new_v, fold, fold_norm, cache_ids,
-            leaving_ids, new_ids, leaving_ids.stride(0), *seen, BLOCK_N=SELECT_ROWS,
-            ALL=triton.next_power_of_2(candidates), IDS=with_ids, num_warps=8, **shape,
+        _select_kernel[(rows * n_heads, blocks)](
+            win_k, win_v, cache_k, cache_v, fmap, scores, cut, ties, keep, new_k, new_v, fold, fold_norm,
+            cache_ids, leaving_ids, new_ids, leaving_ids.stride(0), *seen, batch, BLOCK_N=SELECT_ROWS,
+            ALL=every, IDS=with_ids, num_warps=8, **shape,
         )  # fmt: skip
         split = min(COMMIT_SPLIT, features_dim)
-        _commit_kernel[(batch * n_heads, split)](
+        _commit_kernel[(rows * n_heads, split)](
             cache_k, cache_v, h, s, win_k, win_v, new_k, new_v, fold, fold_norm, cache_ids, new_ids,
             HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim, F=features_dim,
             BLOCKS=blocks, SPLIT=split, IDS=with_ids,
             SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
             SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, split)), num_warps=4,
         )  # fmt: skip
-        if capacity == 0:
-            keep = None
+        keep = None if capacity == 0 else keep.view(*given[4].shape[:-2], capacity)
     else:
         assert tokens_seen == chunk, "eviction runs only when a chunk is full"
-        _shift_window_kernel[(batch * n_kv_heads,)](win_k, win_v, C=chunk, D=dim, BLOCK_N=block_rows(chunk))
-    return win_k, win_v, cache_k, cache_v, h, s, keep
+        _shift_window_kernel[(rows * n_kv_heads,)](win_k, win_v, C=chunk, D=dim, BLOCK_N=block_rows(chunk))
+    return (*given, keep)

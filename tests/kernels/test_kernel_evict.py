@@ -20,6 +20,8 @@ pytest.importorskip("triton")
 
 from lola_chat.kernels.lola import evict_reference, evict_triton, reference  # noqa: E402
 
+from lola_chat.memory import joint_ranking  # noqa: E402
+
 CASES = [
     # (tokens_seen, chunk, capacity, heads, kv_heads, dim, batch)
     pytest.param(16, 16, 24, 3, 1, 16, 2, id="nothing-leaves-yet"),
@@ -273,3 +275,68 @@ def test_a_cache_per_kv_head_keeps_its_groups_ranking(
     kept = got[-1][:, :: heads // kv_heads]
     leaving = window_ids[:, None, :chunk].expand(-1, kv_heads, -1)
     assert torch.equal(ids, torch.cat([cache_ids, leaving], dim=2).gather(2, kept))
+
+
+STATE_NAMES = ("win_k", "win_v", "cache_k", "cache_v", "h", "s")
+LAYERS, BATCH, HEADS, KV_HEADS, DIM, CHUNK, CAPACITY = 3, 2, 6, 2, 16, 16, 24
+
+
+def layer_states(device, lola_states, tokens_seen, cache_heads):
+    """Per layer: (poisoned memory, feature map, cache ids); and the window's ids, shared by the layers."""
+    layers = []
+    for layer in range(LAYERS):
+        states = lola_states(
+            device, torch.float32, BATCH, HEADS, KV_HEADS, DIM, CHUNK, CAPACITY, seed=30 + layer
+        )
+        _, poisoned = before_eviction(states, tokens_seen, cache_heads)
+        ids = torch.randint(0, 1000, (BATCH, cache_heads or HEADS, CAPACITY), generator=states.gen)
+        layers.append((poisoned, states.feature_map(), ids.to(device)))
+    window_ids = torch.randint(0, 1000, (BATCH, 2 * CHUNK), generator=torch.Generator().manual_seed(4))
+    return layers, window_ids.to(device)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device_seen", [False, True], ids=["host-count", "device-count"])
+@pytest.mark.parametrize("cache_heads", [None, KV_HEADS], ids=["cache-per-query-head", "cache-per-kv-head"])
+@pytest.mark.parametrize("policy", ["sre", "relative-novelty"])
+@pytest.mark.parametrize("tokens_seen", [48, 160], ids=["cache-filling", "steady-state"])
+def test_stacked_layers_evict_as_each_layer_alone(
+    device, lola_states, device_seen, cache_heads, policy, tokens_seen
+):
+    """Every layer at once (state tensors with a leading layer dimension, as the captured step stacks
+    them) against the same kernels called layer by layer: the same scores, memories, keeps and ids, bit
+    for bit. Each layer has its own state and feature map; batch 2, so that a row's layer and its
+    sequence (the leaving chunk's ids) are both read from the folded dimension."""
+    layers, window_ids = layer_states(device, lola_states, tokens_seen, cache_heads)
+    stacked = {name: torch.stack([memory[name] for memory, _, _ in layers]) for name in STATE_NAMES}
+    fmaps = torch.stack([fmap for _, fmap, _ in layers])
+    stacked_ids = torch.stack([ids for _, _, ids in layers])
+    seen = torch.tensor([tokens_seen], device=device) if device_seen else tokens_seen
+    leaving = window_ids[:, :CHUNK]
+
+    scores = evict_triton.candidate_scores(*(stacked[n] for n in STATE_NAMES), fmaps, seen, policy)
+    alone = [
+        evict_triton.candidate_scores(*(m[n] for n in STATE_NAMES), f, seen, policy) for m, f, _ in layers
+    ]
+    same(scores, torch.stack(alone))
+    assert torch.isfinite(scores).any()
+
+    ranking = joint_ranking(scores)
+    h_before = stacked["h"].clone()
+    *_, keep = evict_triton.evict(
+        *(stacked[n] for n in STATE_NAMES), fmaps, seen, policy, cache_ids=stacked_ids, leaving_ids=leaving,
+        scores=ranking.expand_as(scores),
+    )  # fmt: skip
+    assert not torch.equal(stacked["h"], h_before), "the eviction folds some pair"
+    for layer, (memory, fmap, ids) in enumerate(layers):
+        *_, kept = evict_triton.evict(
+            *(memory[n] for n in STATE_NAMES), fmap, seen, policy, cache_ids=ids, leaving_ids=leaving,
+            scores=ranking,
+        )  # fmt: skip
+        same(keep[layer], kept)
+        same(stacked_ids[layer], ids)
+        for name in STATE_NAMES:
+            same(stacked[name][layer], memory[name])
