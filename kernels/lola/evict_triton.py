@@ -27,10 +27,11 @@ import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.kernels.lola.evict_score_triton import candidates, feature_head, frame, geometry, launch
-from lola_chat.kernels.lola.hedgehog_triton import block_rows, features, load_feature_map, matmul
+from lola_chat.kernels.lola.hedgehog_triton import block_rows, load_feature_map, matmul
 
 # Candidates per selection program, and the parts each head's state is committed in: enough programs
-# that no SM walks a head's candidates or state alone.
+# that no SM walks a head's candidates or state alone. A part's feature rows lie in one half of phi
+# (2E rows), so the split is even.
 SELECT_ROWS = 32
 COMMIT_SPLIT = 4
 
@@ -68,17 +69,16 @@ def _cut_kernel(score_ptr, cut_ptr, ties_ptr, N: tl.constexpr, G: tl.constexpr, 
 
 @triton.jit(do_not_specialize=["seen", "batch"])
 def _select_kernel(
-    wk_ptr, wv_ptr, ck_ptr, cv_ptr, fk_ptr, score_ptr, cut_ptr, ties_ptr, keep_ptr, new_k_ptr, new_v_ptr,
-    fold_ptr, fold_norm_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr, batch,
+    wk_ptr, wv_ptr, ck_ptr, cv_ptr, score_ptr, cut_ptr, ties_ptr, keep_ptr, new_k_ptr, new_v_ptr,
+    fold_k_ptr, fold_v_ptr, ids_ptr, leaving_ptr, new_ids_ptr, leaving_stride, seen, seen_ptr, batch,
     HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    E: tl.constexpr, BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
-    IDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, IDS: tl.constexpr,
 ):  # fmt: skip
     """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)`` = row * HQ + query head,
     whose cut ``_cut_kernel`` found: the kept ones go to
     their new cache slots in ``new_k``/``new_v`` and ``keep`` (and with ``IDS`` their token ids, from the
-    cache's ids or the leaving chunk's, to ``new_ids``), the others' sum phi(k) v^T and phi(k) to this
-    block's partial fold. Nothing is written in place: other programs still read the candidates."""
+    cache's ids or the leaving chunk's, to ``new_ids``), the folded ones to theirs in ``fold_k``/
+    ``fold_v``. Nothing is written in place: other programs still read the candidates."""
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
     row, head = pid // HQ, pid % HQ
@@ -116,19 +116,17 @@ def _select_kernel(
             tl.store(new_ids_ptr + pid * G + slot, ids, mask=kept)
     else:
         kept = index < 0
-    w = load_feature_map(fk_ptr, feature_head(row, head, batch, HQ), D, E)
-    up, down = features(k.to(tl.float32), w, False)
-    folded = (valid & ~kept)[:, None]
-    up = tl.where(folded, up, 0.0)
-    down = tl.where(folded, down, 0.0)
-    vf = v.to(tl.float32)
-    feats = tl.arange(0, E)
-    part = (pid * tl.num_programs(1) + block) * 2 * E
-    fold_at = fold_ptr + (part + feats[:, None]) * D + tl.arange(0, D)[None, :]
-    tl.store(fold_at, matmul(tl.trans(up), vf, False))
-    tl.store(fold_at + E * D, matmul(tl.trans(down), vf, False))
-    tl.store(fold_norm_ptr + part + feats, tl.sum(up, axis=0))
-    tl.store(fold_norm_ptr + part + E + feats, tl.sum(down, axis=0))
+        kept_every = tl.arange(0, ALL) < 0
+    # The folded candidates (valid, not kept: at most C of them, as G are kept from G + C) go to their
+    # slots in ``fold_k``/``fold_v``, in candidate order, for the commit kernel to fold.
+    every = tl.arange(0, ALL)
+    folded_every = (every >= G - cached) & (every < G + previous) & ~kept_every
+    folded = valid & ~kept
+    fold_slot = tl.sum((folded_every & (every < block * BLOCK_N)).to(tl.int32), axis=0)
+    fold_slot += tl.cumsum(folded.to(tl.int32), axis=0) - 1
+    to = (pid * C + fold_slot[:, None]) * D + tl.arange(0, D)[None, :]
+    tl.store(fold_k_ptr + to, k, mask=folded[:, None])
+    tl.store(fold_v_ptr + to, v, mask=folded[:, None])
 
 
 @triton.jit
@@ -141,38 +139,65 @@ def _shift_rows(wk_ptr, wv_ptr, window, rows, C: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _fold(fold_k_ptr, fold_v_ptr, fk_ptr, pid, feature_head, rows, count, C: tl.constexpr,
+          D: tl.constexpr, E: tl.constexpr, FOLD_ROWS: tl.constexpr, PART: tl.constexpr):  # fmt: skip
+    """sum phi(k) v^T and sum phi(k) over the ``count`` folded pairs of ``pid``, for the feature rows
+    ``rows`` (PART of them, all in the up half or all in the down half of phi = [up; down]): (PART, D),
+    (PART,). The softmax's max and sum come from the whole feature row, the rows' own features from a
+    product with only their columns of the feature map."""
+    slot = tl.arange(0, FOLD_ROWS)
+    ok = slot < count
+    at = (pid * C + slot[:, None]) * D + tl.arange(0, D)[None, :]
+    k = tl.load(fold_k_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    v = tl.load(fold_v_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    z = matmul(k, load_feature_map(fk_ptr, feature_head, D, E), False)
+    z_max, z_min = tl.max(z, axis=1), tl.min(z, axis=1)
+    up_sum = tl.sum(tl.exp(z - z_max[:, None]), axis=1)
+    down_sum = tl.sum(tl.exp(z_min[:, None] - z), axis=1)
+    columns = rows % E
+    w = tl.load(fk_ptr + feature_head * D * E + tl.arange(0, D)[:, None] * E + columns[None, :])
+    z = matmul(k, w.to(tl.float32), False)
+    if tl.min(rows, axis=0) < E:
+        phi = tl.exp(z - z_max[:, None]) / up_sum[:, None]
+    else:
+        phi = tl.exp(z_min[:, None] - z) / down_sum[:, None]
+    phi = tl.where(ok[:, None], phi, 0.0)
+    return matmul(tl.trans(phi), v, False), tl.sum(phi, axis=0)
+
+
+@triton.jit(do_not_specialize=["seen", "batch"])
 def _commit_kernel(
-    ck_ptr, cv_ptr, h_ptr, s_ptr, wk_ptr, wv_ptr, new_k_ptr, new_v_ptr, fold_ptr, fold_norm_ptr, ids_ptr,
-    new_ids_ptr, HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-    D: tl.constexpr, F: tl.constexpr, BLOCKS: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
-    SHIFT_ROWS: tl.constexpr, IDS: tl.constexpr,
+    ck_ptr, cv_ptr, h_ptr, s_ptr, wk_ptr, wv_ptr, fk_ptr, new_k_ptr, new_v_ptr, fold_k_ptr, fold_v_ptr,
+    ids_ptr, new_ids_ptr, seen, seen_ptr, batch, HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr,
+    C: tl.constexpr, G: tl.constexpr, D: tl.constexpr, E: tl.constexpr, SPLIT: tl.constexpr,
+    SLOTS: tl.constexpr, SHIFT_ROWS: tl.constexpr, FOLD_ROWS: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    IDS: tl.constexpr,
 ):  # fmt: skip
-    """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (F = 2E rows) add the
-    partial folds, summed in block order first (so the sum does not depend on scheduling, and H, which
-    grows over the conversation, takes one rounding per eviction rather than one per block); the cache
-    (and with ``IDS`` its ids) takes the new slots (``SLOTS`` rows per part); and the first query head
-    of each key/value head shifts that head's window (``SHIFT_ROWS`` rows per part)."""
+    """Part ``program_id(1)`` of ``SPLIT`` of ``program_id(0)``'s state: H and s (2E rows) add the fold
+    of the pairs ``_select_kernel`` left in ``fold_k``/``fold_v`` (one product over all of them, so
+    H, which grows over the conversation, takes one rounding per eviction); the cache (and with ``IDS``
+    its ids) takes the new slots (``SLOTS`` rows per part); and the first query head of each key/value
+    head shifts that head's window (``SHIFT_ROWS`` rows per part)."""
     pid, part = tl.program_id(0), tl.program_id(1)
-    head = pid % HQ
+    row, head = pid // HQ, pid % HQ
     if head % (HQ // HKV) == 0:
-        window = (pid // HQ) * HKV + head // (HQ // HKV)
+        window = row * HKV + head // (HQ // HKV)
         _shift_rows(wk_ptr, wv_ptr, window, part * SHIFT_ROWS + tl.arange(0, SHIFT_ROWS), C, D)
+    # G of the valid candidates are kept (all of them where there are fewer); the rest were folded.
+    cached, previous, _, _ = frame(row, 0, seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE)
+    count = tl.maximum(cached + previous - G, 0)
     dims = tl.arange(0, D)
-    rows = part * (F // SPLIT) + tl.arange(0, F // SPLIT)
-    fold = tl.zeros((F // SPLIT, D), tl.float32)
-    fold_norm = tl.zeros((F // SPLIT,), tl.float32)
-    for block in range(BLOCKS):
-        first = (pid * BLOCKS + block) * F
-        fold += tl.load(fold_ptr + (first + rows[:, None]) * D + dims[None, :])
-        fold_norm += tl.load(fold_norm_ptr + first + rows)
-    h_at = h_ptr + (pid * F + rows[:, None]) * D + dims[None, :]
+    rows = part * (2 * E // SPLIT) + tl.arange(0, 2 * E // SPLIT)
+    fold, fold_norm = _fold(fold_k_ptr, fold_v_ptr, fk_ptr, pid, feature_head(row, head, batch, HQ), rows,
+                            count, C, D, E, FOLD_ROWS, 2 * E // SPLIT)  # fmt: skip
+    h_at = h_ptr + (pid * 2 * E + rows[:, None]) * D + dims[None, :]
     tl.store(h_at, tl.load(h_at) + fold)
-    tl.store(s_ptr + pid * F + rows, tl.load(s_ptr + pid * F + rows) + fold_norm)
+    tl.store(s_ptr + pid * 2 * E + rows, tl.load(s_ptr + pid * 2 * E + rows) + fold_norm)
     # A cache kept per KV head takes the new slots of its group's first query head (all chose alike).
     if G > 0 and head % (HQ // HC) == 0:
         slot = part * SLOTS + tl.arange(0, SLOTS)
         ok = (slot < G)[:, None]
-        cache_row = ((pid // HQ) * HC + head // (HQ // HC)) * G
+        cache_row = (row * HC + head // (HQ // HC)) * G
         at = (pid * G + slot[:, None]) * D + dims[None, :]
         to = (cache_row + slot[:, None]) * D + dims[None, :]
         tl.store(ck_ptr + to, tl.load(new_k_ptr + at, mask=ok), mask=ok)
@@ -305,13 +330,13 @@ def evict(
             _cut_kernel[(rows * n_heads,)](
                 scores, cut, ties, N=candidate_count, G=capacity, ALL=every, num_warps=8
             )
-        features_dim = 2 * fmap_k.shape[-1]
         blocks = triton.cdiv(candidate_count, SELECT_ROWS)
-        fold = torch.empty(rows * n_heads, blocks, features_dim, dim, dtype=torch.float32, device=h.device)
-        fold_norm = torch.empty(rows * n_heads, blocks, features_dim, dtype=torch.float32, device=h.device)
-        # The new slots per query head, whatever the cache's heads (``_commit_kernel``).
+        # The new slots per query head, whatever the cache's heads (``_commit_kernel``), and the folded
+        # pairs.
         new_k = torch.empty(rows, n_heads, capacity, dim, dtype=cache_k.dtype, device=h.device)
         new_v = torch.empty_like(new_k)
+        fold_k = torch.empty(rows, n_heads, chunk, dim, dtype=cache_k.dtype, device=h.device)
+        fold_v = torch.empty_like(fold_k)
         with_ids = cache_ids is not None and capacity > 0
         if with_ids:
             assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, (
@@ -322,17 +347,15 @@ def evict(
             cache_ids = leaving_ids = new_ids = keep
         # 8 warps share each block's (BLOCK_N, ALL) rank comparisons.
         _select_kernel[(rows * n_heads, blocks)](
-            win_k, win_v, cache_k, cache_v, fmap, scores, cut, ties, keep, new_k, new_v, fold, fold_norm,
+            win_k, win_v, cache_k, cache_v, scores, cut, ties, keep, new_k, new_v, fold_k, fold_v,
             cache_ids, leaving_ids, new_ids, leaving_ids.stride(0), *seen, batch, BLOCK_N=SELECT_ROWS,
-            ALL=every, IDS=with_ids, num_warps=8, **shape,
+            ALL=every, IDS=with_ids, num_warps=8, **{k: v for k, v in shape.items() if k != "E"},
         )  # fmt: skip
-        split = min(COMMIT_SPLIT, features_dim)
-        _commit_kernel[(rows * n_heads, split)](
-            cache_k, cache_v, h, s, win_k, win_v, new_k, new_v, fold, fold_norm, cache_ids, new_ids,
-            HQ=n_heads, HKV=n_kv_heads, HC=cache_k.shape[1], C=chunk, G=capacity, D=dim, F=features_dim,
-            BLOCKS=blocks, SPLIT=split, IDS=with_ids,
-            SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), split)),
-            SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, split)), num_warps=4,
+        _commit_kernel[(rows * n_heads, COMMIT_SPLIT)](
+            cache_k, cache_v, h, s, win_k, win_v, fmap, new_k, new_v, fold_k, fold_v, cache_ids, new_ids,
+            *seen, batch, SPLIT=COMMIT_SPLIT, IDS=with_ids, FOLD_ROWS=max(16, triton.next_power_of_2(chunk)),
+            SLOTS=triton.next_power_of_2(triton.cdiv(max(capacity, 1), COMMIT_SPLIT)),
+            SHIFT_ROWS=triton.next_power_of_2(triton.cdiv(chunk, COMMIT_SPLIT)), num_warps=4, **shape,
         )  # fmt: skip
         keep = None if capacity == 0 else keep.view(*given[4].shape[:-2], capacity)
     else:
