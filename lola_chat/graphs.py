@@ -119,10 +119,9 @@ STATIC_NAMES = LolaMemory.memory_names + ("cache_ids",)
 
 
 class _StaticLayer:
-    """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``):
-    static copies of its tensors, updated in place by the Triton kernels. The copies are slices of
-    tensors stacked over the layers (``stacked``), so that a joint eviction evicts every layer in one
-    launch per kernel."""
+    """Stands in for one layer's ``LolaMemory`` inside a captured step (``Block`` calls ``attend``): its
+    slices of copies stacked over the layers (so that a joint eviction runs once over every layer),
+    updated in place by the Triton kernels."""
 
     def __init__(self, memory: LolaMemory, counter: _Counter, stacked: dict[str, torch.Tensor], layer: int):
         self.chunk = memory.settings.chunk
@@ -224,10 +223,9 @@ class CapturedDecoder:
         self.window_ids = first.win_ids.clone()
         self.stacked = {name: torch.stack([getattr(m, name) for m in state.layers]) for name in STATIC_NAMES}
         self.layers = [
-            _StaticLayer(memory, self.counter, self.stacked, i) for i, memory in enumerate(state.layers)
+            _StaticLayer(memory, self.counter, self.stacked, i)
+            for i, (memory, _) in enumerate(zip(state.layers, model.layers, strict=True))
         ]
-        # Every layer's key feature map, stacked as the state is, for the joint eviction.
-        self.fmap_k = torch.stack([block.self_attn.fmap_k.detach() for block in model.layers])
         self.static_state = _StaticState(self.layers)
         self.token = torch.zeros(self.batch, dtype=torch.int64, device=device)
         # Whole chunks a prefill feeds in one replay, largest first: (variant, its token buffer).
@@ -300,11 +298,13 @@ class CapturedDecoder:
         from lola_chat.kernels.lola import evict_triton
 
         memory = [self.stacked[name] for name in LolaMemory.memory_names]
+        # Stacked in the step (one copy kernel), so that the step reads the weights as they are now.
+        fmap_k = torch.stack([block.self_attn.fmap_k.detach() for block in self.model.layers])
         seen, policy = self.counter.marks[1:2], self.layers[0].policy
-        scores = evict_triton.candidate_scores(*memory, self.fmap_k, seen, policy)
+        scores = evict_triton.candidate_scores(*memory, fmap_k, seen, policy)
         shared = joint_ranking(scores)
         evict_triton.evict(
-            *memory, self.fmap_k, seen, policy, cache_ids=self.stacked["cache_ids"],
+            *memory, fmap_k, seen, policy, cache_ids=self.stacked["cache_ids"],
             leaving_ids=self.counter.leaving[:, : self.chunk],
             scores=None if shared is None else shared.expand_as(scores),
         )  # fmt: skip

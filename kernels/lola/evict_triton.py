@@ -9,9 +9,9 @@ scores 0 with its twin), and the order kept decides the positions at attention t
 
 Where the G best end (the G-th highest score, and how many candidates on it are kept) is found once per
 head by a cut kernel (one in-register sort). Selection then runs one program per (row, query head,
-block of candidates): it compares its candidates with the cut, writes the kept ones to their new slots
-in a fresh buffer and its folded ones' sums to a partial; a commit kernel adds the partials to H and s
-in a fixed order (the same sums on every run) and moves the new slots into the cache. No host round
+block of candidates): it compares its candidates with the cut and copies the kept ones to their new
+slots in a fresh buffer and the folded ones (at most C) to theirs in another; a commit kernel folds
+those into H and s with one product per part of H and moves the new slots into the cache. No host round
 trip is needed, so the step can live inside a CUDA graph. The commit kernel also shifts the window, as
 it runs after every query head has read the leaving chunk; where nothing leaves the window (the first
 chunk closes) the shift is a kernel alone.
@@ -56,13 +56,19 @@ def _kept(score, index, every_score, every, threshold, ties, N: tl.constexpr):
 
 
 @triton.jit
+def _load_scores(at, mask):
+    """Scores as ranked: NaN, which a descending torch sort puts first, as +inf (the reference keeps it
+    first), so that exactly G are kept whatever the scores."""
+    score = tl.load(at, mask=mask, other=float("-inf"))
+    return tl.where(score != score, float("inf"), score)
+
+
+@triton.jit
 def _cut_kernel(score_ptr, cut_ptr, ties_ptr, N: tl.constexpr, G: tl.constexpr, ALL: tl.constexpr):
     """``_cut`` of head ``program_id(0)``'s scores, for every selection program of that head to read."""
     pid = tl.program_id(0)
     every = tl.arange(0, ALL)
-    threshold, ties = _cut(
-        tl.load(score_ptr + pid * N + every, mask=every < N, other=float("-inf")), every, G
-    )
+    threshold, ties = _cut(_load_scores(score_ptr + pid * N + every, every < N), every, G)
     tl.store(cut_ptr + pid, threshold)
     tl.store(ties_ptr + pid, ties)
 
@@ -75,10 +81,10 @@ def _select_kernel(
     BLOCK_N: tl.constexpr, ALL: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr, IDS: tl.constexpr,
 ):  # fmt: skip
     """Candidates ``program_id(1) * BLOCK_N + [0, BLOCK_N)`` of ``program_id(0)`` = row * HQ + query head,
-    whose cut ``_cut_kernel`` found: the kept ones go to
-    their new cache slots in ``new_k``/``new_v`` and ``keep`` (and with ``IDS`` their token ids, from the
-    cache's ids or the leaving chunk's, to ``new_ids``), the folded ones to theirs in ``fold_k``/
-    ``fold_v``. Nothing is written in place: other programs still read the candidates."""
+    whose cut ``_cut_kernel`` found: the kept ones go to their new cache slots in ``new_k``/``new_v`` and
+    ``keep`` (and with ``IDS`` their token ids, from the cache's ids or the leaving chunk's, to
+    ``new_ids``), the folded ones to theirs in ``fold_k``/``fold_v``. Nothing is written in place: other
+    programs still read the candidates."""
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
     row, head = pid // HQ, pid % HQ
@@ -91,9 +97,9 @@ def _select_kernel(
     if G > 0:
         scores = score_ptr + pid * N
         every = tl.arange(0, ALL)
-        every_score = tl.load(scores + every, mask=every < N, other=float("-inf"))
+        every_score = _load_scores(scores + every, every < N)
         threshold, ties = tl.load(cut_ptr + pid), tl.load(ties_ptr + pid)
-        mine = tl.load(scores + index, mask=index < N, other=float("-inf"))
+        mine = _load_scores(scores + index, index < N)
         kept = _kept(mine, index, every_score, every, threshold, ties, N)
         # A kept candidate's slot counts the kept ones before it, in earlier blocks too: every candidate
         # on the threshold is kept up to the ``ties``-th, so those before this block follow from a
@@ -125,6 +131,8 @@ def _select_kernel(
     fold_slot = tl.sum((folded_every & (every < block * BLOCK_N)).to(tl.int32), axis=0)
     fold_slot += tl.cumsum(folded.to(tl.int32), axis=0) - 1
     to = (pid * C + fold_slot[:, None]) * D + tl.arange(0, D)[None, :]
+    # Never past the head's C rows, whatever the scores (the bound holds when exactly G are kept).
+    folded &= fold_slot < C
     tl.store(fold_k_ptr + to, k, mask=folded[:, None])
     tl.store(fold_v_ptr + to, v, mask=folded[:, None])
 
@@ -139,7 +147,7 @@ def _shift_rows(wk_ptr, wv_ptr, window, rows, C: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _fold(fold_k_ptr, fold_v_ptr, fk_ptr, pid, feature_head, rows, count, C: tl.constexpr,
+def _fold(fold_k_ptr, fold_v_ptr, fk_ptr, pid, fmap_head, rows, count, C: tl.constexpr,
           D: tl.constexpr, E: tl.constexpr, FOLD_ROWS: tl.constexpr, PART: tl.constexpr):  # fmt: skip
     """sum phi(k) v^T and sum phi(k) over the ``count`` folded pairs of ``pid``, for the feature rows
     ``rows`` (PART of them, all in the up half or all in the down half of phi = [up; down]): (PART, D),
@@ -150,12 +158,12 @@ def _fold(fold_k_ptr, fold_v_ptr, fk_ptr, pid, feature_head, rows, count, C: tl.
     at = (pid * C + slot[:, None]) * D + tl.arange(0, D)[None, :]
     k = tl.load(fold_k_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     v = tl.load(fold_v_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    z = matmul(k, load_feature_map(fk_ptr, feature_head, D, E), False)
+    z = matmul(k, load_feature_map(fk_ptr, fmap_head, D, E), False)
     z_max, z_min = tl.max(z, axis=1), tl.min(z, axis=1)
     up_sum = tl.sum(tl.exp(z - z_max[:, None]), axis=1)
     down_sum = tl.sum(tl.exp(z_min[:, None] - z), axis=1)
     columns = rows % E
-    w = tl.load(fk_ptr + feature_head * D * E + tl.arange(0, D)[:, None] * E + columns[None, :])
+    w = tl.load(fk_ptr + fmap_head * D * E + tl.arange(0, D)[:, None] * E + columns[None, :])
     z = matmul(k, w.to(tl.float32), False)
     if tl.min(rows, axis=0) < E:
         phi = tl.exp(z - z_max[:, None]) / up_sum[:, None]
@@ -242,8 +250,10 @@ def candidate_scores(
         return None
     batch = win_k.shape[-4]
     scores = torch.empty(*h.shape[:-2], capacity + chunk, dtype=torch.float32, device=h.device)
-    state = _rows(win_k, win_v, cache_k, cache_v, h, s, scores) if fmap_k.dim() == 4 else None
-    win_k, win_v, cache_k, cache_v, h, s, flat = state or (win_k, win_v, cache_k, cache_v, h, s, scores)
+    state = (win_k, win_v, cache_k, cache_v, h, s, scores)
+    if fmap_k.dim() == 4:
+        state = _rows(*state)
+    win_k, win_v, cache_k, cache_v, h, s, flat = state
     seen, shape = geometry(win_k, cache_k, h, fmap_k, tokens_seen)
     launch(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), flat, seen, batch, policy, shape)
     return scores
@@ -299,8 +309,12 @@ def evict(
     if policy not in TRITON_POLICIES:
         raise ValueError(f"the Triton eviction implements the policies {TRITON_POLICIES}, not {policy!r}")
     given = (win_k, win_v, cache_k, cache_v, h, s)
-    for state in given:
-        assert state.is_contiguous(), "state tensors must be contiguous"
+    for state in given + ((cache_ids,) if cache_ids is not None else ()):
+        assert state.is_contiguous(), "state tensors and ids must be contiguous (updated in place)"
+    if scores is not None:
+        assert scores.shape == (*h.shape[:-2], cache_k.shape[-2] + win_k.shape[-2] // 2), (
+            "scores: (..., Hq, G + C)"
+        )
     batch = win_k.shape[-4]
     if fmap_k.dim() == 4:
         win_k, win_v, cache_k, cache_v, h, s, cache_ids, scores = _rows(
@@ -339,9 +353,7 @@ def evict(
         fold_v = torch.empty_like(fold_k)
         with_ids = cache_ids is not None and capacity > 0
         if with_ids:
-            assert cache_ids.is_contiguous() and leaving_ids.stride(1) == 1, (
-                "ids: (B, cache heads, G), (B, C)"
-            )
+            assert leaving_ids.stride(1) == 1, "leaving ids: (B, C) with unit stride in C"
             new_ids = torch.empty(rows, n_heads, capacity, dtype=cache_ids.dtype, device=h.device)
         else:  # the kernels take pointers they do not read
             cache_ids = leaving_ids = new_ids = keep

@@ -242,6 +242,22 @@ def test_candidate_scores_match_reference(device, lola_states, cache_heads, poli
     torch.testing.assert_close(got[finite], expected[finite], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", [0, 1], ids=["first-head", "last-head"])
+def test_a_nan_score_ranks_first_as_in_the_reference(device, lola_states, head):
+    """A NaN score (only a broken state gives one) is kept first, as the reference's sort puts it; exactly
+    G are kept, and the folded pairs' buffer is never written past its C rows (for the last head, past
+    its end)."""
+    states = lola_states(device, torch.float32, 1, 2, 1, 16, 16, 24, seed=7)
+    clean, poisoned = before_eviction(states, 160)
+    fmap = states.feature_map()
+    score = evict_reference.candidate_scores(*memory_args(clean), fmap, 160, "sre")
+    score[0, head, 30] = float("nan")
+    expected = evict_reference.evict(*memory_args(clean), fmap, 160, "sre", score=score)
+    got = evict_triton.evict(*memory_args(poisoned), fmap, 160, "sre", scores=score)
+    check(expected, got, poisoned, states, 160)
+    assert 30 in got[-1][0, head]
+
+
 KV_CASES = [case for case in CASES if case.id in ("cache-partly-full", "N-a-multiple-of-32-batch2")]
 
 
