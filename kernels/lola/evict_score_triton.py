@@ -57,8 +57,8 @@ def candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached
 
 
 @triton.jit
-def frame(row, cache_head, seen, seen_ptr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr,
-          G: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
+def candidate_frame(row, cache_head, seen, seen_ptr, HKV: tl.constexpr, HC: tl.constexpr,
+                    C: tl.constexpr, G: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr):  # fmt: skip
     """(cached, previous, cache_row, win_row) of the candidates of cache head ``cache_head`` of state row
     ``row``; the cache has HC heads (the query heads, or HKV for a cache kept per KV head)."""
     if SEEN_ON_DEVICE:
@@ -123,8 +123,9 @@ def _recall_kernel(
     ``program_id(0)`` = row * HC + cache head."""
     N: tl.constexpr = G + C
     pid = tl.program_id(0)
-    cached, previous, cache_row, win_row = frame(pid // HC, pid % HC, seen, seen_ptr, HKV, HC, C, G,
-                                                 SEEN_ON_DEVICE)  # fmt: skip
+    cached, previous, cache_row, win_row = candidate_frame(
+        pid // HC, pid % HC, seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE
+    )
     index = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v, _ = candidates(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous, G, D)
     recall = _cache_recall_error(wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, k,
@@ -146,8 +147,9 @@ def _score_kernel(
     pid = tl.program_id(0)
     row, head = pid // HQ, pid % HQ
     cache_head = head // (HQ // HC)
-    cached, previous, cache_row, win_row = frame(row, cache_head, seen, seen_ptr, HKV, HC, C, G,
-                                                 SEEN_ON_DEVICE)  # fmt: skip
+    cached, previous, cache_row, win_row = candidate_frame(
+        row, cache_head, seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE
+    )
     w = load_feature_map(fk_ptr, feature_head(row, head, batch, HQ), D, E)
     feats = tl.arange(0, E)
     state_row = pid * 2 * E
@@ -186,7 +188,7 @@ def geometry(win_k, cache_k, h, fmap_k, tokens_seen) -> tuple[tuple, dict]:
     return seen, shape
 
 
-def launch(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, batch, policy, shape) -> None:
+def launch_scores(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, batch, policy, shape) -> None:
     """Fill ``scores`` (rows, Hq, G + C) for state tensors with flattened rows (``geometry``'s shape)."""
     rows, n_heads, n_candidates = scores.shape
     novelty = policy.endswith("novelty")

@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 from lola_chat.kernels.lola import TRITON_POLICIES
-from lola_chat.kernels.lola.evict_score_triton import candidates, feature_head, frame, geometry, launch
+from lola_chat.kernels.lola.evict_score_triton import (
+    candidate_frame,
+    candidates,
+    feature_head,
+    geometry,
+    launch_scores,
+)
 from lola_chat.kernels.lola.hedgehog_triton import block_rows, load_feature_map, matmul
 
 # Candidates per selection program, and the parts each head's state is committed in: enough programs
@@ -88,8 +94,9 @@ def _select_kernel(
     N: tl.constexpr = G + C
     pid, block = tl.program_id(0), tl.program_id(1)
     row, head = pid // HQ, pid % HQ
-    cached, previous, cache_row, win_row = frame(row, head // (HQ // HC), seen, seen_ptr, HKV, HC, C, G,
-                                                 SEEN_ON_DEVICE)  # fmt: skip
+    cached, previous, cache_row, win_row = candidate_frame(
+        row, head // (HQ // HC), seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE
+    )
     index = block * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v, valid = candidates(
         wk_ptr, wv_ptr, ck_ptr, cv_ptr, cache_row, win_row, index, cached, previous, G, D
@@ -192,7 +199,7 @@ def _commit_kernel(
         window = row * HKV + head // (HQ // HKV)
         _shift_rows(wk_ptr, wv_ptr, window, part * SHIFT_ROWS + tl.arange(0, SHIFT_ROWS), C, D)
     # G of the valid candidates are kept (all of them where there are fewer); the rest were folded.
-    cached, previous, _, _ = frame(row, 0, seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE)
+    cached, previous, _, _ = candidate_frame(row, 0, seen, seen_ptr, HKV, HC, C, G, SEEN_ON_DEVICE)
     count = tl.maximum(cached + previous - G, 0)
     dims = tl.arange(0, D)
     rows = part * (2 * E // SPLIT) + tl.arange(0, 2 * E // SPLIT)
@@ -255,7 +262,7 @@ def candidate_scores(
         state = _rows(*state)
     win_k, win_v, cache_k, cache_v, h, s, flat = state
     seen, shape = geometry(win_k, cache_k, h, fmap_k, tokens_seen)
-    launch(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), flat, seen, batch, policy, shape)
+    launch_scores(win_k, win_v, cache_k, cache_v, h, s, fmap_k.contiguous(), flat, seen, batch, policy, shape)
     return scores
 
 
@@ -334,7 +341,7 @@ def evict(
         if scores is None:
             scores = torch.empty(rows, n_heads, candidate_count, dtype=torch.float32, device=h.device)
             if capacity > 0:
-                launch(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, batch, policy, shape)
+                launch_scores(win_k, win_v, cache_k, cache_v, h, s, fmap, scores, seen, batch, policy, shape)
         else:
             scores = scores.to(torch.float32).contiguous()
         every = triton.next_power_of_2(candidate_count)
