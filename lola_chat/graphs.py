@@ -302,11 +302,10 @@ class CapturedDecoder:
         fmap_k = torch.stack([block.self_attn.fmap_k.detach() for block in self.model.layers])
         seen, policy = self.counter.marks[1:2], self.layers[0].policy
         scores = evict_triton.candidate_scores(*memory, fmap_k, seen, policy)
-        shared = joint_ranking(scores)
         evict_triton.evict(
             *memory, fmap_k, seen, policy, cache_ids=self.stacked["cache_ids"],
             leaving_ids=self.counter.leaving[:, : self.chunk],
-            scores=None if shared is None else shared.expand_as(scores),
+            scores=None if scores is None else joint_ranking(scores).expand_as(scores),
         )  # fmt: skip
 
     def _capture(self) -> tuple[dict, dict]:

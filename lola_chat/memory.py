@@ -357,11 +357,9 @@ class State:
             close_chunk_jointly(self.layers, [block.self_attn for block in blocks])
 
 
-def joint_ranking(scores: torch.Tensor | None) -> torch.Tensor | None:
-    """One ranking from every layer's candidate scores (L, B, Hq, G + C), or None where the layers rank
-    nothing: their mean over layers and query heads, the same for every head, (B, Hq, G + C)."""
-    if scores is None:
-        return None
+def joint_ranking(scores: torch.Tensor) -> torch.Tensor:
+    """One ranking from every layer's candidate scores (L, B, Hq, G + C): their mean over layers and
+    query heads, the same for every head, (B, Hq, G + C)."""
     return scores.mean(dim=(0, 2))[:, None].expand(-1, scores.shape[2], -1)
 
 
