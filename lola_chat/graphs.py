@@ -210,7 +210,7 @@ class CapturedDecoder:
                 f"not {settings.policy}"
             )
         # A joint eviction needs every layer's scores of a chunk first: one chunk per step (no blocks).
-        self.joint = settings.joint
+        self.settings, self.joint = settings, settings.joint
         if self.joint:
             block_chunks = 1
         self.model, self.state, self.sampling = model, state, sampling
@@ -305,7 +305,7 @@ class CapturedDecoder:
         evict_triton.evict(
             *memory, fmap_k, seen, policy, cache_ids=self.stacked["cache_ids"],
             leaving_ids=self.counter.leaving[:, : self.chunk],
-            scores=None if scores is None else joint_ranking(scores).expand_as(scores),
+            scores=None if scores is None else joint_ranking(scores, self.settings).expand_as(scores),
         )  # fmt: skip
 
     def _capture(self) -> tuple[dict, dict]:

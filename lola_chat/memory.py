@@ -15,9 +15,14 @@ from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
 from lola_chat.kernels.lola.reference import FrameRotary, accumulator, expand_heads
 
 # "joint-" before a recall policy: one choice for the whole model. Every layer and query head keeps the
-# same positions, ranked by the mean of their scores, so a span is held in every layer or in none; at
-# equal G this recalls far more needles in prose than choices made per layer and head (docs/results).
+# same positions, ranked by a pooling of their scores (``joint_ranking``), so a span is held in every
+# layer or in none; at equal G this recalls far more needles in prose than choices made per layer and
+# head (docs/results).
 JOINT = "joint-"
+# Settings that shape a joint policy's pooling, at the values that leave it a plain mean. Recorded (in
+# snapshots, linearization configs) only when a joint policy sets them otherwise, so that what was
+# written before they existed still reads as what it is.
+JOINT_POOLING = {"joint_power": 1, "joint_span": 0}
 POLICIES = (*RECALL_POLICIES, *(JOINT + policy for policy in RECALL_POLICIES), "random", "recent")
 NORMALIZERS = ("shared", "window")
 
@@ -35,6 +40,12 @@ class LolaSettings:
     # The hidden state weighs at most what it weighs after this many folded pairs (0: no cap); see
     # reference.attend. Without it the linear term outgrows the exact memories in a long conversation.
     linear_cap: int = 0
+    # A joint policy ranks a position by the mean of its scores' ``joint_power``-th powers over layers and
+    # query heads (1: the mean; higher lets the layers that recall it worst weigh more), then at least as
+    # high as its neighbours within ``joint_span`` candidates (the candidates are in time order), so that
+    # the words around a fact the memory keeps are kept with it. Ignored by other policies.
+    joint_power: int = 1
+    joint_span: int = 0
 
     def __post_init__(self):
         if self.chunk < 1 or self.capacity < 0 or self.linear_cap < 0:
@@ -42,13 +53,23 @@ class LolaSettings:
                 "LoLA chunk must be at least 1, capacity and linear cap at least 0, not "
                 f"{self.chunk}/{self.capacity}/{self.linear_cap}"
             )
+        if self.joint_power < 1 or self.joint_span < 0:
+            raise UsageError(
+                f"joint pooling power must be at least 1 and span at least 0, not {self.joint_power}/"
+                f"{self.joint_span}"
+            )
         if self.policy not in POLICIES:
             raise UsageError(f"unknown eviction policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.normalizer not in NORMALIZERS:
             raise UsageError(f"unknown normalizer {self.normalizer!r}; known: {', '.join(NORMALIZERS)}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings by name, less the joint pooling's where they change nothing (``JOINT_POOLING``)."""
+        settings = asdict(self)
+        for name, neutral in JOINT_POOLING.items():
+            if not self.joint or settings[name] == neutral:
+                del settings[name]
+        return settings
 
     @property
     def joint(self) -> bool:
@@ -357,10 +378,22 @@ class State:
             close_chunk_jointly(self.layers, [block.self_attn for block in blocks])
 
 
-def joint_ranking(scores: torch.Tensor) -> torch.Tensor:
-    """One ranking from every layer's candidate scores (L, B, Hq, G + C): their mean over layers and
-    query heads, the same for every head, (B, Hq, G + C)."""
-    return scores.mean(dim=(0, 2))[:, None].expand(-1, scores.shape[2], -1)
+def joint_ranking(scores: torch.Tensor, settings: LolaSettings) -> torch.Tensor:
+    """One ranking from every layer's candidate scores (L, B, Hq, G + C), the same for every head,
+    (B, Hq, G + C): the mean of their ``joint_power``-th powers over layers and query heads, then each
+    candidate's at least its neighbours' within ``joint_span`` (a max-pool over the candidates, which
+    are in time order). Candidates that are not there (-inf in every layer and head) stay -inf; scores
+    are recall errors, never negative. Fixed shapes and no host sync: a captured step runs it."""
+    absent = scores[0, :, 0] == float("-inf")
+    ranking = scores.masked_fill(absent[None, :, None], 0.0)
+    if settings.joint_power != 1:
+        ranking = ranking.pow(settings.joint_power)
+    ranking = ranking.mean(dim=(0, 2))
+    span = settings.joint_span
+    if span:
+        ranking = F.max_pool1d(ranking[:, None], 2 * span + 1, stride=1, padding=span)[:, 0]
+    ranking = ranking.masked_fill(absent, float("-inf"))
+    return ranking[:, None].expand(-1, scores.shape[2], -1)
 
 
 def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
@@ -369,6 +402,6 @@ def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
     candidates are the same positions everywhere as long as every eviction was joint (equal rankings
     keep equal slots)."""
     scores = [memory.candidate_scores(attn) for memory, attn in zip(memories, attentions, strict=True)]
-    shared = None if scores[0] is None else joint_ranking(torch.stack(scores))
+    shared = None if scores[0] is None else joint_ranking(torch.stack(scores), memories[0].settings)
     for memory, attn in zip(memories, attentions, strict=True):
         memory.close_chunk(attn, memory.pending, shared)

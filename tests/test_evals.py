@@ -119,14 +119,20 @@ def test_parse_arms_and_lengths():
         parse_arms("relative-sre64")
     joint = parse_arms("window-joint-relative-novelty256-cap2048")[0]
     assert joint.settings(64) == LolaSettings(64, 256, "joint-relative-novelty", "window", linear_cap=2048)
-    assert "one choice for all layers and heads" in joint.label
+    assert "one choice for all layers and heads" in joint.label and "powers" not in joint.label
+    pooled = parse_arms("window-joint-relative-novelty768-cap2048-p4-span1")[0]
+    assert pooled.settings(64) == LolaSettings(
+        64, 768, "joint-relative-novelty", "window", linear_cap=2048, joint_power=4, joint_span=1
+    )
+    assert "mean of 4th powers, kept with neighbours within 1" in pooled.label
     oracle = parse_arms("window-relative-novelty256-cap2048-oracle")[0]
     assert oracle.oracle and oracle.settings(64) == shipped.settings(64) and not shipped.oracle
     assert "oracle" in oracle.label and "oracle" not in shipped.label
     assert parse_lengths("1K,2k,300,1M") == [1024, 2048, 300, 2**20]
     for bad in ("fast", "g", "softmax2", "128", "window-", "window-window128", "window-g", "window-128",
                 "windowg128", "windowrandom128", "window-sre64", "window128-cap",
-                "window128cap64", "window128-oracle-cap64", "softmax-oracle"):  # fmt: skip
+                "window128cap64", "window128-oracle-cap64", "softmax-oracle", "window-novelty64-span1",
+                "window-joint-sre64-p0", "window-joint-sre64-span1-p4"):  # fmt: skip
         with pytest.raises(UsageError):
             parse_arms(bad)
     with pytest.raises(UsageError):

@@ -5,9 +5,9 @@ import torch
 from lola_chat.kernels.lola import evict_reference
 from test_invariants import HKV, HQ, D, new_memory, random_attn, random_qkv, tiny_model
 
-from lola_chat.errors import LolaError
+from lola_chat.errors import LolaError, UsageError
 from lola_chat.graphs import CapturedDecoder
-from lola_chat.memory import LolaSettings, close_chunk_jointly
+from lola_chat.memory import LolaMemory, LolaSettings, close_chunk_jointly, joint_ranking
 
 JOINT = LolaSettings(chunk=4, capacity=6, policy="joint-relative-novelty")
 
@@ -59,14 +59,87 @@ def test_a_joint_eviction_keeps_the_top_mean_score_of_every_layer_and_head():
         assert memory.pending is None
 
 
+def pooled_by_hand(scores, power, span):
+    """``joint_ranking``'s (B, N) ranking computed one candidate at a time."""
+    _, batch, _, n = scores.shape
+    out = torch.full((batch, n), float("-inf"), dtype=scores.dtype)
+    for b in range(batch):
+        there = [j for j in range(n) if scores[0, b, 0, j] > float("-inf")]
+        own = {j: (scores[:, b, :, j] ** power).mean() for j in there}
+        for j in there:
+            out[b, j] = max(own[i] for i in there if abs(i - j) <= span)
+    return out
+
+
+@pytest.mark.parametrize(("power", "span"), [(1, 0), (4, 0), (1, 1), (4, 1), (2, 3)])
+def test_the_joint_ranking_pools_powers_over_layers_and_heads_then_neighbours(power, span):
+    g = torch.Generator().manual_seed(41)
+    scores = torch.rand(3, 2, HQ, 10, generator=g, dtype=torch.float64)
+    scores[:, 0, :, :3] = float("-inf")  # a cache not yet full: its first slots are not there
+    settings = LolaSettings(chunk=4, capacity=6, policy="joint-sre", joint_power=power, joint_span=span)
+    ranking = joint_ranking(scores, settings)
+    assert ranking.shape == (2, HQ, 10) and (ranking == ranking[:, :1]).all()
+    torch.testing.assert_close(ranking[:, 0], pooled_by_hand(scores, power, span), rtol=1e-12, atol=0)
+    assert (ranking[0, :, :3] == float("-inf")).all()
+
+
+def test_a_high_power_ranks_a_pair_one_layer_recalls_badly_above_one_all_recall_fairly():
+    scores = torch.full((4, 1, HQ, 2), 0.5, dtype=torch.float64)
+    scores[:, :, :, 0] = 0.0
+    scores[0, :, :, 0] = 1.6  # mean 0.4 < 0.5, but mean of fourth powers 1.64 > 0.0625
+    by_mean, by_power = (
+        joint_ranking(scores, LolaSettings(policy="joint-sre", joint_power=power))[0, 0] for power in (1, 4)
+    )
+    assert by_mean[0] < by_mean[1] and by_power[0] > by_power[1]
+
+
+@pytest.mark.parametrize("span", [0, 1])
+def test_a_span_keeps_the_neighbours_of_what_the_memory_keeps(span):
+    """G = 3: when the second chunk (positions 4-7) leaves, position 5 stands out; with a span of 1 it
+    is kept with both its neighbours, without one with what else scored best."""
+    chunk, length = 4, 16
+    attns = [random_attn(seed=51), random_attn(seed=52)]
+    settings = LolaSettings(chunk=chunk, capacity=3, policy="joint-sre", joint_span=span)
+    memories = [LolaMemory(2, HQ, HKV, D, 2 * D, settings, torch.float64, torch.device("cpu")) for _ in attns]
+    q, k, v = random_qkv(length, seed=53)
+    v[:, :, 5] *= 100.0  # a value nothing else recalls: the top score of every layer and head
+    for start in range(0, length, chunk):
+        piece = slice(start, start + chunk)
+        for memory, attn in zip(memories, attns, strict=True):
+            memory.attend(q[:, :, piece], k[:, :, piece], v[:, :, piece], attn, positions(chunk, start))
+        if start + chunk < length:
+            close_chunk_jointly(memories, attns)
+    for memory in memories:
+        kept = memory.cache_ids.tolist()
+        assert all(5 in head for rows in kept for head in rows), "the outlier is kept"
+        assert (kept == [[[4, 5, 6]] * HKV] * 2) == (span == 1)
+
+
+def test_the_joint_pooling_is_recorded_only_where_it_changes_something():
+    plain = LolaSettings(policy="joint-sre")
+    pooled = LolaSettings(policy="joint-sre", joint_power=4, joint_span=1)
+    per_head = LolaSettings(policy="sre", joint_power=4, joint_span=1)
+    assert "joint_power" not in plain.as_dict() and "joint_span" not in per_head.as_dict()
+    assert pooled.as_dict() | {"joint_power": 1, "joint_span": 0} == plain.as_dict() | {
+        "joint_power": 1, "joint_span": 0
+    }  # fmt: skip
+    assert (pooled.as_dict()["joint_power"], pooled.as_dict()["joint_span"]) == (4, 1)
+    # What was written before the fields existed reads back as the plain mean.
+    assert LolaSettings(**plain.as_dict()) == plain and LolaSettings(**pooled.as_dict()) == pooled
+    with pytest.raises(UsageError, match="joint pooling"):
+        LolaSettings(policy="joint-sre", joint_power=0)
+
+
 @pytest.mark.parametrize("split", [0, 1, 3, 4, 5, 17, 30])
-def test_joint_prefill_equals_split_prefill_then_decode(split):
+@pytest.mark.parametrize("pooling", [{}, {"joint_power": 4, "joint_span": 1}], ids=["mean", "pooled"])
+def test_joint_prefill_equals_split_prefill_then_decode(split, pooling):
     model = tiny_model(seed=4)
     tokens = torch.randint(0, 97, (2, 41))
+    settings = LolaSettings(chunk=4, capacity=6, policy="joint-relative-novelty", **pooling)
     with torch.no_grad():
-        whole = model.new_state("lola", JOINT, batch=2)
+        whole = model.new_state("lola", settings, batch=2)
         expected = model(tokens, whole)
-        state = model.new_state("lola", JOINT, batch=2)
+        state = model.new_state("lola", settings, batch=2)
         logits = [model(tokens[:, :split], state)] if split else []
         logits += [model(tokens[:, t : t + 1], state) for t in range(split, 41)]
     torch.testing.assert_close(torch.cat(logits, 1), expected, rtol=1e-9, atol=1e-9)

@@ -19,7 +19,7 @@ DEFAULT_ARMS = (
     "softmax,g0,g64,g128,g256,window128,window256,random128,recent128,window-random128,window-recent128"
 )
 LENGTH = re.compile(r"^(\d+)([kKmM]?)$")
-ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)(?:-cap(\d+))?(-oracle)?$")
+ARM_PATTERN = re.compile(r"^([a-z-]+)(\d+)(?:-cap(\d+))?(?:-p(\d+))?(?:-span(\d+))?(-oracle)?$")
 # An arm name's prefix -> (eviction policy, normalizer).
 ARM_KINDS = {
     "g": ("sre", "shared"),
@@ -58,6 +58,9 @@ class Arm:
     policy: str = "sre"
     normalizer: str = "shared"
     linear_cap: int = 0
+    # A joint policy's pooling (``LolaSettings.joint_power`` and ``joint_span``).
+    joint_power: int = 1
+    joint_span: int = 0
     # Needle prompts only: the needle's tokens are never evicted (``LolaMemory.pin_ids``), an upper bound
     # on what any eviction policy could recall.
     oracle: bool = False
@@ -69,6 +72,8 @@ class Arm:
             policy=self.policy,
             normalizer=self.normalizer,
             linear_cap=self.linear_cap,
+            joint_power=self.joint_power,
+            joint_span=self.joint_span,
         )
 
     @property
@@ -79,8 +84,10 @@ class Arm:
             return "linearized, G=0 (window + linear)"
         window = ", window normalizer" if self.normalizer == "window" else ""
         cap = f", hidden state capped at {self.linear_cap} pairs" if self.linear_cap else ""
+        power = f", ranked by the mean of {self.joint_power}th powers" if self.joint_power != 1 else ""
+        span = f", kept with neighbours within {self.joint_span}" if self.joint_span else ""
         oracle = ", needle never evicted (oracle)" if self.oracle else ""
-        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{window}{cap}{oracle})"
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{power}{span}{window}{cap}{oracle})"
 
 
 def parse_arms(text: str) -> list[Arm]:
@@ -90,8 +97,9 @@ def parse_arms(text: str) -> list[Arm]:
     "window-relative-novelty<G>" for the relative policies (window normalizer only), and
     "window-joint-sre<G>" and "window-joint-relative-novelty<G>" for their joint forms (one choice of
     positions for every layer and head, ``memory.JOINT``); any LoLA arm may
-    end in "-cap<R>" (the hidden state's weight capped at R folded pairs), then in "-oracle" (needle
-    prompts: the needle is never evicted). Comma-separated."""
+    end in "-cap<R>" (the hidden state's weight capped at R folded pairs), a joint one then in "-p<P>"
+    and "-span<S>" (its pooling: ``LolaSettings.joint_power`` and ``joint_span``), then any in "-oracle"
+    (needle prompts: the needle is never evicted). Comma-separated."""
     arms = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "softmax":
@@ -102,10 +110,27 @@ def parse_arms(text: str) -> list[Arm]:
             kinds = ", ".join(f"{kind}<G>" for kind in ARM_KINDS)
             raise UsageError(
                 f"unknown configuration {name!r}; use softmax or one of {kinds}, each optionally "
-                "followed by -cap<R> and -oracle"
+                "followed by -cap<R>, -p<P> and -span<S> (joint policies) and -oracle"
             )
         policy, normalizer = ARM_KINDS[match[1]]
-        arms.append(Arm(name, "lola", int(match[2]), policy, normalizer, int(match[3] or 0), bool(match[4])))
+        power, span = int(match[4] or 1), int(match[5] or 0)
+        if (match[4] or match[5]) and not policy.startswith("joint-"):
+            raise UsageError(f"{name}: -p<P> and -span<S> shape a joint policy's pooling only")
+        if power < 1:
+            raise UsageError(f"{name}: the pooling power -p<P> must be at least 1")
+        arms.append(
+            Arm(
+                name,
+                "lola",
+                int(match[2]),
+                policy,
+                normalizer,
+                int(match[3] or 0),
+                power,
+                span,
+                bool(match[6]),
+            )
+        )
     if not arms:
         raise UsageError("--configs is empty")
     return arms

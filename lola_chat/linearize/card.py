@@ -60,8 +60,18 @@ def _how_made(meta: dict) -> str:
         f"the chat template, and {get(data, 'self_generated_conversations')} conversations the teacher wrote "
         f"during the run. Tokens available: {tokens}; sampling weights: {mixture}",
         f"- Inference settings shipped: chunk {get(lola, 'chunk')}, sparse cache G = "
-        f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}, "
-        f"{lola.get('normalizer', 'shared')} normalizer"
+        f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}"
+        + (
+            f" ranked by the mean of {lola['joint_power']}th powers"
+            if lola.get("joint_power", 1) != 1
+            else ""
+        )
+        + (
+            f", each position kept with its neighbours within {lola['joint_span']}"
+            if lola.get("joint_span")
+            else ""
+        )
+        + f", {lola.get('normalizer', 'shared')} normalizer"
         + (f", hidden state capped at {lola['linear_cap']} folded pairs" if lola.get("linear_cap") else ""),
     ]
     versions = training.get("versions", {})

@@ -121,8 +121,10 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
     # The shipped kind of settings: novelty eviction, window normalizer and a cap that is active by 50.
     # A joint policy: one ranking for both layers, its cache kept per KV head, one chunk per step.
     policy = "joint-relative-novelty" if shipped_kind == "joint" else "novelty"
+    # The joint policy with the shipped pooling: powers over layers and heads, then neighbours.
+    pooling = {"joint_power": 4, "joint_span": 1} if shipped_kind == "joint" else {}
     settings = (
-        LolaSettings(chunk=16, capacity=24, policy=policy, normalizer="window", linear_cap=4)
+        LolaSettings(chunk=16, capacity=24, policy=policy, normalizer="window", linear_cap=4, **pooling)
         if shipped_kind
         else LolaSettings(chunk=16, capacity=24)
     )

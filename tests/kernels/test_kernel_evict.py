@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from lola_chat.kernels.lola import evict_reference, evict_triton, reference  # noqa: E402
 
-from lola_chat.memory import joint_ranking  # noqa: E402
+from lola_chat.memory import LolaSettings, joint_ranking  # noqa: E402
 
 CASES = [
     # (tokens_seen, chunk, capacity, heads, kv_heads, dim, batch)
@@ -346,7 +346,8 @@ def test_stacked_layers_evict_as_each_layer_alone(
     same(scores, torch.stack(alone))
     assert torch.isfinite(scores).any()
 
-    ranking = joint_ranking(scores)
+    # The shipped pooling (powers and neighbours), which the captured step applies to these scores.
+    ranking = joint_ranking(scores, LolaSettings(policy="joint-" + policy, joint_power=4, joint_span=1))
     h_before = stacked["h"].clone()
     *_, keep = evict_triton.evict(
         *(stacked[n] for n in STATE_NAMES), fmaps, seen, policy, cache_ids=stacked_ids, leaving_ids=leaving,
