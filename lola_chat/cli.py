@@ -65,6 +65,20 @@ def common_options() -> argparse.ArgumentParser:
         "relative-novelty (a choice per layer and head: faster eviction; --capacity 256 for the same "
         "bytes as the default), or the others listed when a name is unknown",
     )
+    group.add_argument(
+        "--joint-power",
+        type=positive_int,
+        metavar="P",
+        help="a joint policy ranks a position by the mean of its scores' P-th powers over layers and "
+        "heads (1: the plain mean; default: the linearization's)",
+    )
+    group.add_argument(
+        "--joint-span",
+        type=positive_int,
+        metavar="S",
+        help="a joint policy keeps a position at least as high as its neighbours within S positions "
+        "(0: none; default: the linearization's)",
+    )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)
@@ -166,18 +180,14 @@ def build_config(args):
 
 
 def load_engine(config, args, progress: bool = True):
-    from lola_chat.config import default_dtype, resolve_device
+    from lola_chat.config import default_dtype, lola_overrides, resolve_device
     from lola_chat.engine import Engine
     from lola_chat.sessions import SessionStore
     from lola_chat.weights import load_model
 
     device = resolve_device(config.device)
     loaded = load_model(config, device, default_dtype(device), progress=progress)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("capacity", "chunk", "normalizer", "policy")
-        if getattr(args, k, None) is not None
-    }
+    overrides = lola_overrides(args)
     if overrides.get("chunk") == 0:
         raise UsageError("--chunk must be at least 1")
     loaded.lola = dataclasses.replace(loaded.lola, **overrides)

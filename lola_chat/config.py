@@ -89,6 +89,15 @@ class Config:
     keep_snapshots: int = 10
 
 
+# The command-line flags that override the LoLA settings a linearization ships (LolaSettings fields).
+LOLA_FLAGS = ("capacity", "chunk", "normalizer", "policy", "joint_power", "joint_span")
+
+
+def lola_overrides(args) -> dict:
+    """The LoLA settings the command line ``args`` names (flags left out are None), by field name."""
+    return {name: getattr(args, name) for name in LOLA_FLAGS if getattr(args, name, None) is not None}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when a GPU is usable, else the CPU."""
     if name == "auto":

@@ -51,6 +51,18 @@ def test_the_policy_flag_chooses_the_eviction_and_names_the_known_ones(tiny_cli,
     assert "unknown eviction policy 'bogus'" in err and "joint-relative-novelty" in err
 
 
+def test_the_joint_pooling_flags_choose_the_ranking_and_open_what_they_saved(tiny_cli, capsys):
+    argv = ("ask", "--session", "p", "--max-new-tokens", "3", "--policy", "joint-relative-novelty")
+    assert run(capsys, *argv, "hello world")[0] == 0
+    before = session_files(tiny_cli)
+    code, out, err = run(capsys, *argv, "--joint-power", "4", "--joint-span", "1", "again")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "joint_power" in err
+    assert session_files(tiny_cli) == before, "a refused snapshot is left as it was"
+    assert run(capsys, *argv, "--joint-power", "1", "--joint-span", "0", "again")[0] == 0
+    code, out, err = run(capsys, *argv, "--joint-power", "0", "again")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "joint pooling power" in err
+
+
 def test_no_save_leaves_the_session_unchanged(tiny_cli, capsys):
     run(capsys, "ask", "--session", "t", "--max-new-tokens", "3", "hello")
     before = session_files(tiny_cli)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lola_chat.config import DEFAULT_LINEARIZATION, Config, default_dtype, resolve_device
+from lola_chat.config import DEFAULT_LINEARIZATION, Config, default_dtype, lola_overrides, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
@@ -117,9 +117,7 @@ def _four_bit_form(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
-    overrides = {
-        k: getattr(args, k) for k in ("chunk", "capacity", "normalizer", "policy") if getattr(args, k, None)
-    }
+    overrides = lola_overrides(args)
     if args.tiny:
         return BenchModel(
             random_model(TINY_SHAPES, device, dtype, four_bit=True),
