@@ -15,7 +15,7 @@ import torch
 from lola_chat.config import Config, GenerationSettings
 from lola_chat.decoding import TokenFeeder
 from lola_chat.errors import LolaError
-from lola_chat.memory import State
+from lola_chat.memory import JOINT_POOLING, State
 from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, Session, SessionStore
 
 PREFILL_PIECE = 1024
@@ -155,12 +155,13 @@ class Engine:
 
     def expectations(self) -> dict[str, str]:
         """Metadata a snapshot must match to be loaded into this engine. The LoLA settings must match
-        except the eviction policy: it decides only which pairs later evictions fold, so a state made
-        under one policy is a valid state under another of the same cache layout (and a new default policy
-        does not refuse a user's conversations). The layout does count: a joint policy's cache is kept
-        per KV head (``_recorded_settings``)."""
+        except the eviction policy and a joint policy's pooling: they decide only which pairs later
+        evictions fold, so a state made under one policy is a valid state under another of the same cache
+        layout (and a new default policy does not refuse a user's conversations). The layout does count:
+        a joint policy's cache is kept per KV head (``_recorded_settings``)."""
         settings = self._recorded_settings()
-        del settings["policy"]
+        for name in ("policy", *JOINT_POOLING):
+            settings.pop(name, None)
         return {
             "model": self.loaded.model_fingerprint,
             "linearization": self.loaded.linearization_fingerprint,

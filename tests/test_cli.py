@@ -6,6 +6,8 @@ import json
 import pytest
 
 from lola_chat import cli
+from lola_chat.config import Paths
+from lola_chat.sessions import SessionStore
 
 
 @pytest.fixture
@@ -51,14 +53,16 @@ def test_the_policy_flag_chooses_the_eviction_and_names_the_known_ones(tiny_cli,
     assert "unknown eviction policy 'bogus'" in err and "joint-relative-novelty" in err
 
 
-def test_the_joint_pooling_flags_choose_the_ranking_and_open_what_they_saved(tiny_cli, capsys):
+def test_the_joint_pooling_flags_choose_the_ranking_and_a_saved_state_opens_under_another(tiny_cli, capsys):
+    """The pooling, like the policy, decides only what later evictions fold: a conversation saved under
+    one opens under another and is saved with the settings it now runs."""
     argv = ("ask", "--session", "p", "--max-new-tokens", "3", "--policy", "joint-relative-novelty")
     assert run(capsys, *argv, "hello world")[0] == 0
-    before = session_files(tiny_cli)
-    code, out, err = run(capsys, *argv, "--joint-power", "4", "--joint-span", "1", "again")
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "joint_power" in err
-    assert session_files(tiny_cli) == before, "a refused snapshot is left as it was"
-    assert run(capsys, *argv, "--joint-power", "1", "--joint-span", "0", "again")[0] == 0
+    assert run(capsys, *argv, "--joint-power", "4", "--joint-span", "1", "again")[0] == 0
+    store = SessionStore(Paths.from_env().sessions, 10)
+    session = store.open("p")
+    _, meta = session.load_snapshot({})
+    assert json.loads(meta["lola"])["joint_power"] == 4 and json.loads(meta["lola"])["joint_span"] == 1
     code, out, err = run(capsys, *argv, "--joint-power", "0", "again")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "joint pooling power" in err
 
