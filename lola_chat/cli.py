@@ -66,6 +66,13 @@ def common_options() -> argparse.ArgumentParser:
         "bytes as the default), or the others listed when a name is unknown",
     )
     group.add_argument(
+        "--linear-cap",
+        type=positive_int,
+        metavar="R",
+        help="the hidden state weighs at most what it weighs after R folded pairs (0: no cap; default: "
+        "the linearization's)",
+    )
+    group.add_argument(
         "--joint-power",
         type=positive_int,
         metavar="P",

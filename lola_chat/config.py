@@ -90,7 +90,7 @@ class Config:
 
 
 # The command-line flags that override the LoLA settings a linearization ships (LolaSettings fields).
-LOLA_FLAGS = ("capacity", "chunk", "normalizer", "policy", "joint_power", "joint_span")
+LOLA_FLAGS = ("capacity", "chunk", "normalizer", "policy", "joint_power", "joint_span", "linear_cap")
 
 
 def lola_overrides(args) -> dict:

@@ -155,12 +155,13 @@ class Engine:
 
     def expectations(self) -> dict[str, str]:
         """Metadata a snapshot must match to be loaded into this engine. The LoLA settings must match
-        except the eviction policy and a joint policy's pooling: they decide only which pairs later
-        evictions fold, so a state made under one policy is a valid state under another of the same cache
-        layout (and a new default policy does not refuse a user's conversations). The layout does count:
-        a joint policy's cache is kept per KV head (``_recorded_settings``)."""
+        except the eviction policy, a joint policy's pooling and the hidden state's cap: the first two
+        decide only which pairs later evictions fold, the cap only how much attention weighs the hidden
+        state, so a state made under one is a valid state under another of the same cache layout (and
+        a new default does not refuse a user's conversations). The layout does count: a joint policy's
+        cache is kept per KV head (``_recorded_settings``)."""
         settings = self._recorded_settings()
-        for name in ("policy", *JOINT_POOLING):
+        for name in ("policy", "linear_cap", *JOINT_POOLING):
             settings.pop(name, None)
         return {
             "model": self.loaded.model_fingerprint,

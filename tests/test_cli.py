@@ -53,16 +53,20 @@ def test_the_policy_flag_chooses_the_eviction_and_names_the_known_ones(tiny_cli,
     assert "unknown eviction policy 'bogus'" in err and "joint-relative-novelty" in err
 
 
-def test_the_joint_pooling_flags_choose_the_ranking_and_a_saved_state_opens_under_another(tiny_cli, capsys):
-    """The pooling, like the policy, decides only what later evictions fold: a conversation saved under
-    one opens under another and is saved with the settings it now runs."""
+def test_the_pooling_and_cap_flags_choose_their_settings_and_a_saved_state_opens_under_others(
+    tiny_cli, capsys
+):
+    """The pooling, like the policy, decides only what later evictions fold, the cap only how the hidden
+    state is read: a conversation saved under some opens under others and is saved with the settings it
+    now runs."""
     argv = ("ask", "--session", "p", "--max-new-tokens", "3", "--policy", "joint-relative-novelty")
-    assert run(capsys, *argv, "hello world")[0] == 0
-    assert run(capsys, *argv, "--joint-power", "4", "--joint-span", "1", "again")[0] == 0
+    assert run(capsys, *argv, "--linear-cap", "64", "hello world")[0] == 0
+    assert run(capsys, *argv, "--joint-power", "4", "--joint-span", "1", "--linear-cap", "8", "again")[0] == 0
     store = SessionStore(Paths.from_env().sessions, 10)
     session = store.open("p")
     _, meta = session.load_snapshot({})
-    assert json.loads(meta["lola"])["joint_power"] == 4 and json.loads(meta["lola"])["joint_span"] == 1
+    saved = json.loads(meta["lola"])
+    assert (saved["joint_power"], saved["joint_span"], saved["linear_cap"]) == (4, 1, 8)
     code, out, err = run(capsys, *argv, "--joint-power", "0", "again")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "joint pooling power" in err
 
