@@ -76,15 +76,15 @@ def common_options() -> argparse.ArgumentParser:
         "--joint-power",
         type=positive_int,
         metavar="P",
-        help="a joint policy ranks a position by the mean of its scores' P-th powers over layers and "
-        "heads (1: the plain mean; default: the linearization's)",
+        help="a joint policy ranks a position by the mean of its scores to the power P over layers and "
+        "heads (1 to 8; 1: the plain mean; default: the linearization's)",
     )
     group.add_argument(
         "--joint-span",
         type=positive_int,
         metavar="S",
-        help="a joint policy keeps a position at least as high as its neighbours within S positions "
-        "(0: none; default: the linearization's)",
+        help="a joint policy ranks a candidate at least as high as the candidates within S of it, in "
+        "time order (0: none; default: the linearization's)",
     )
     gen = common.add_argument_group("generation")
     gen.add_argument("--temperature", type=float)

@@ -15,7 +15,8 @@ import torch
 from lola_chat.config import Config, GenerationSettings
 from lola_chat.decoding import TokenFeeder
 from lola_chat.errors import LolaError
-from lola_chat.memory import JOINT_POOLING, State
+from lola_chat.joint import JOINT_POOLING
+from lola_chat.memory import State
 from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, Session, SessionStore
 
 PREFILL_PIECE = 1024
@@ -158,7 +159,8 @@ class Engine:
         except the eviction policy, a joint policy's pooling and the hidden state's cap: the first two
         decide only which pairs later evictions fold, the cap only how much attention weighs the hidden
         state, so a state made under one is a valid state under another of the same cache layout (and
-        a new default does not refuse a user's conversations). The layout does count: a joint policy's
+        a new default does not refuse a user's conversations), though not the one a rebuild under the
+        new settings would compute. The layout does count: a joint policy's
         cache is kept per KV head (``_recorded_settings``)."""
         settings = self._recorded_settings()
         for name in ("policy", "linear_cap", *JOINT_POOLING):

@@ -20,9 +20,10 @@ import torch
 
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
+from lola_chat.joint import joint_ranking
 from lola_chat.kernels.argmax import argmax
 from lola_chat.kernels.lola import TRITON_POLICIES
-from lola_chat.memory import LolaMemory, State, joint_ranking
+from lola_chat.memory import LolaMemory, State
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 # Chunks per prefill block: enough rows that the projections run as full GEMMs, few enough that the
@@ -293,7 +294,7 @@ class CapturedDecoder:
 
     def _evict_jointly(self) -> None:
         """Close the chunk in every layer with one ranking: the Triton scores of every layer and query
-        head pooled by ``memory.joint_ranking``, as ``memory.close_chunk_jointly`` does eagerly, each
+        head pooled by ``joint.joint_ranking``, as ``joint.close_chunk_jointly`` does eagerly, each
         kernel launched once over the stacked layers."""
         from lola_chat.kernels.lola import evict_triton
 

@@ -10,26 +10,24 @@ import torch
 import torch.nn.functional as F
 
 from lola_chat.errors import LolaError, UsageError
+from lola_chat.joint import JOINT_POOLING, MAX_JOINT_POWER, close_chunk_jointly
 from lola_chat.kernels import lola
 from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
 from lola_chat.kernels.lola.reference import FrameRotary, accumulator, expand_heads
 
 # "joint-" before a recall policy: one choice for the whole model. Every layer and query head keeps the
-# same positions, ranked by a pooling of their scores (``joint_ranking``), so a span is held in every
-# layer or in none; at equal G this recalls far more needles in prose than choices made per layer and
-# head (docs/results).
+# same positions, ranked by a pooling of their scores (``joint.joint_ranking``), so a span is held in
+# every layer or in none; at equal G this recalls far more needles in prose than choices made per layer
+# and head (docs/results).
 JOINT = "joint-"
-# Settings that shape a joint policy's pooling, at the values that leave it a plain mean. Recorded (in
-# snapshots, linearization configs) only when a joint policy sets them otherwise, so that what was
-# written before they existed still reads as what it is.
-JOINT_POOLING = {"joint_power": 1, "joint_span": 0}
 POLICIES = (*RECALL_POLICIES, *(JOINT + policy for policy in RECALL_POLICIES), "random", "recent")
 NORMALIZERS = ("shared", "window")
 
 
 @dataclass(frozen=True)
 class LolaSettings:
-    """How a LoLA memory is shaped. Part of every snapshot: a snapshot only loads with equal settings."""
+    """How a LoLA memory is shaped. Part of every snapshot, which loads only with settings that agree
+    (``Engine.expectations`` says which may differ)."""
 
     chunk: int = 64
     capacity: int = 128
@@ -42,8 +40,8 @@ class LolaSettings:
     linear_cap: int = 0
     # A joint policy ranks a position by the mean of its scores' ``joint_power``-th powers over layers and
     # query heads (1: the mean; higher lets the layers that recall it worst weigh more), then at least as
-    # high as its neighbours within ``joint_span`` candidates (the candidates are in time order), so that
-    # the words around a fact the memory keeps are kept with it. Ignored by other policies.
+    # high as the candidates within ``joint_span`` of it (in time order), so that what is kept next to a
+    # fact stays with it (``joint.joint_ranking``). Ignored by other policies.
     joint_power: int = 1
     joint_span: int = 0
 
@@ -53,10 +51,10 @@ class LolaSettings:
                 "LoLA chunk must be at least 1, capacity and linear cap at least 0, not "
                 f"{self.chunk}/{self.capacity}/{self.linear_cap}"
             )
-        if self.joint_power < 1 or self.joint_span < 0:
+        if not 1 <= self.joint_power <= MAX_JOINT_POWER or self.joint_span < 0:
             raise UsageError(
-                f"joint pooling power must be at least 1 and span at least 0, not {self.joint_power}/"
-                f"{self.joint_span}"
+                f"joint pooling power must be 1 to {MAX_JOINT_POWER} and span at least 0, not "
+                f"{self.joint_power}/{self.joint_span}"
             )
         if self.policy not in POLICIES:
             raise UsageError(f"unknown eviction policy {self.policy!r}; known: {', '.join(POLICIES)}")
@@ -114,7 +112,7 @@ class LolaMemory:
         # the tensors and rotary it was made from, so it needs no forgetting.
         self._decode = lola.DecodeFrame()
         # Under a joint policy: the length of the segment that filled the chunk, until the whole model's
-        # eviction closes it (``close_chunk_jointly``); None otherwise.
+        # eviction closes it (``joint.close_chunk_jointly``); None otherwise.
         self.pending: int | None = None
 
     names = ("win_k", "win_v", "cache_k", "cache_v", "h", "s", "win_ids", "cache_ids")
@@ -373,35 +371,6 @@ class State:
 
     def close_chunk(self, blocks) -> None:
         """After a segment went through every layer: where it filled a chunk of a joint policy's memory,
-        that chunk's eviction (``close_chunk_jointly``). ``blocks``: the model's layers."""
+        that chunk's eviction (``joint.close_chunk_jointly``). ``blocks``: the model's layers."""
         if self.joint and self.layers[0].pending is not None:
             close_chunk_jointly(self.layers, [block.self_attn for block in blocks])
-
-
-def joint_ranking(scores: torch.Tensor, settings: LolaSettings) -> torch.Tensor:
-    """One ranking from every layer's candidate scores (L, B, Hq, G + C), the same for every head,
-    (B, Hq, G + C): the mean of their ``joint_power``-th powers over layers and query heads, then each
-    candidate's at least its neighbours' within ``joint_span`` (a max-pool over the candidates, which
-    are in time order). Candidates that are not there (-inf in every layer and head) stay -inf; scores
-    are recall errors, never negative. Fixed shapes and no host sync: a captured step runs it."""
-    absent = scores[0, :, 0] == float("-inf")
-    ranking = scores.masked_fill(absent[None, :, None], 0.0)
-    if settings.joint_power != 1:
-        ranking = ranking.pow(settings.joint_power)
-    ranking = ranking.mean(dim=(0, 2))
-    span = settings.joint_span
-    if span:
-        ranking = F.max_pool1d(ranking[:, None], 2 * span + 1, stride=1, padding=span)[:, 0]
-    ranking = ranking.masked_fill(absent, float("-inf"))
-    return ranking[:, None].expand(-1, scores.shape[2], -1)
-
-
-def close_chunk_jointly(memories: list[LolaMemory], attentions: list) -> None:
-    """Close the chunk every layer has just filled with one choice for all of them: the candidates'
-    scores averaged over layers and query heads rank the candidates of every layer and head alike. The
-    candidates are the same positions everywhere as long as every eviction was joint (equal rankings
-    keep equal slots)."""
-    scores = [memory.candidate_scores(attn) for memory, attn in zip(memories, attentions, strict=True)]
-    shared = None if scores[0] is None else joint_ranking(torch.stack(scores), memories[0].settings)
-    for memory, attn in zip(memories, attentions, strict=True):
-        memory.close_chunk(attn, memory.pending, shared)

@@ -124,7 +124,7 @@ def test_parse_arms_and_lengths():
     assert pooled.settings(64) == LolaSettings(
         64, 768, "joint-relative-novelty", "window", linear_cap=2048, joint_power=4, joint_span=1
     )
-    assert "mean of 4th powers, kept with neighbours within 1" in pooled.label
+    assert "mean score to the power 4, kept with the candidates within 1" in pooled.label
     oracle = parse_arms("window-relative-novelty256-cap2048-oracle")[0]
     assert oracle.oracle and oracle.settings(64) == shipped.settings(64) and not shipped.oracle
     assert "oracle" in oracle.label and "oracle" not in shipped.label

@@ -7,7 +7,8 @@ from test_invariants import HKV, HQ, D, new_memory, random_attn, random_qkv, tin
 
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.graphs import CapturedDecoder
-from lola_chat.memory import LolaMemory, LolaSettings, close_chunk_jointly, joint_ranking
+from lola_chat.joint import close_chunk_jointly, joint_ranking
+from lola_chat.memory import LolaMemory, LolaSettings
 
 JOINT = LolaSettings(chunk=4, capacity=6, policy="joint-relative-novelty")
 
@@ -126,8 +127,16 @@ def test_the_joint_pooling_is_recorded_only_where_it_changes_something():
     assert (pooled.as_dict()["joint_power"], pooled.as_dict()["joint_span"]) == (4, 1)
     # What was written before the fields existed reads back as the plain mean.
     assert LolaSettings(**plain.as_dict()) == plain and LolaSettings(**pooled.as_dict()) == pooled
-    with pytest.raises(UsageError, match="joint pooling"):
-        LolaSettings(policy="joint-sre", joint_power=0)
+    for bad in ({"joint_power": 0}, {"joint_power": 9}, {"joint_span": -1}):
+        with pytest.raises(UsageError, match="joint pooling"):
+            LolaSettings(policy="joint-sre", **bad)
+
+
+def test_a_score_missing_in_some_layers_counts_as_zero_not_as_a_power_of_minus_infinity():
+    scores = torch.ones(2, 1, HQ, 3, dtype=torch.float64)
+    scores[1, :, :, 1] = float("-inf")
+    settings = LolaSettings(policy="joint-sre", joint_power=4)
+    assert joint_ranking(scores, settings)[0, 0].tolist() == [1.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("split", [0, 1, 3, 4, 5, 17, 30])

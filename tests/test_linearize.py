@@ -169,9 +169,26 @@ def test_training_with_a_sparse_cache_uses_it_and_reaches_the_feature_maps(tiny_
 
 def test_linearize_with_a_training_cache_saves_its_normalizer(tmp_path, lola_home, tiny_data, monkeypatch):
     out = tmp_path / "lin"
-    run_linearize(out, tiny_data, monkeypatch, extra=["--train-capacity", "16", "--normalizer", "window"])
+    shipped = [
+        "--policy",
+        "joint-relative-novelty",
+        "--linear-cap",
+        "512",
+        "--joint-power",
+        "4",
+        "--joint-span",
+        "1",
+    ]
+    run_linearize(
+        out, tiny_data, monkeypatch, extra=["--train-capacity", "16", "--normalizer", "window", *shipped]
+    )
     meta = json.loads((out / "config.json").read_text())
     assert meta["lola"]["normalizer"] == "window"
+    # The inference settings given as flags are what it ships.
+    lola = meta["lola"]
+    assert (lola["policy"], lola["linear_cap"], lola["joint_power"], lola["joint_span"]) == (
+        "joint-relative-novelty", 512, 4, 1
+    )  # fmt: skip
     assert meta["training"]["settings"]["train_capacity"] == 16
     assert "a sparse cache of G = 16 (window normalizer) in training" in (out / "README.md").read_text()
 

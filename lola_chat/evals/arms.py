@@ -12,6 +12,7 @@ import torch
 
 from lola_chat.config import Config
 from lola_chat.errors import UsageError
+from lola_chat.joint import MAX_JOINT_POWER
 from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
@@ -84,8 +85,8 @@ class Arm:
             return "linearized, G=0 (window + linear)"
         window = ", window normalizer" if self.normalizer == "window" else ""
         cap = f", hidden state capped at {self.linear_cap} pairs" if self.linear_cap else ""
-        power = f", ranked by the mean of {self.joint_power}th powers" if self.joint_power != 1 else ""
-        span = f", kept with neighbours within {self.joint_span}" if self.joint_span else ""
+        power = f", ranked by mean score to the power {self.joint_power}" if self.joint_power != 1 else ""
+        span = f", kept with the candidates within {self.joint_span}" if self.joint_span else ""
         oracle = ", needle never evicted (oracle)" if self.oracle else ""
         return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{power}{span}{window}{cap}{oracle})"
 
@@ -116,21 +117,14 @@ def parse_arms(text: str) -> list[Arm]:
         power, span = int(match[4] or 1), int(match[5] or 0)
         if (match[4] or match[5]) and not policy.startswith("joint-"):
             raise UsageError(f"{name}: -p<P> and -span<S> shape a joint policy's pooling only")
-        if power < 1:
-            raise UsageError(f"{name}: the pooling power -p<P> must be at least 1")
+        if not 1 <= power <= MAX_JOINT_POWER:
+            raise UsageError(f"{name}: the pooling power -p<P> must be 1 to {MAX_JOINT_POWER}")
         arms.append(
             Arm(
-                name,
-                "lola",
-                int(match[2]),
-                policy,
-                normalizer,
-                int(match[3] or 0),
-                power,
-                span,
-                bool(match[6]),
+                name, "lola", capacity=int(match[2]), policy=policy, normalizer=normalizer,
+                linear_cap=int(match[3] or 0), joint_power=power, joint_span=span, oracle=bool(match[6]),
             )
-        )
+        )  # fmt: skip
     if not arms:
         raise UsageError("--configs is empty")
     return arms

@@ -62,12 +62,12 @@ def _how_made(meta: dict) -> str:
         f"- Inference settings shipped: chunk {get(lola, 'chunk')}, sparse cache G = "
         f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}"
         + (
-            f" ranked by the mean of {lola['joint_power']}th powers"
+            f" ranked by mean score to the power {lola['joint_power']}"
             if lola.get("joint_power", 1) != 1
             else ""
         )
         + (
-            f", each position kept with its neighbours within {lola['joint_span']}"
+            f", each candidate kept with those within {lola['joint_span']} of it"
             if lola.get("joint_span")
             else ""
         )

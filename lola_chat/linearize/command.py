@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lola_chat.config import Config, default_dtype, resolve_device
+from lola_chat.config import Config, default_dtype, lola_overrides, resolve_device
 from lola_chat.errors import UsageError
 from lola_chat.evals.provenance import run_info
 from lola_chat.linearization import linearizations_root
@@ -15,7 +15,6 @@ from lola_chat.linearize import card
 from lola_chat.linearize.data import resolve_data_dir
 from lola_chat.linearize.tiny import write_tiny_checkpoint
 from lola_chat.linearize.train import TrainSettings, linearize
-from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
 DEFAULTS = TrainSettings()
@@ -130,12 +129,10 @@ def run(args, config: Config) -> int:
     loaded = load_model(
         dataclasses.replace(config, attention="lola", linearization=None), device, default_dtype(device)
     )
-    inference = LolaSettings(
-        chunk=settings.chunk,
-        capacity=args.capacity if args.capacity is not None else config.lola.capacity,
-        policy=config.lola.policy,
-        normalizer=settings.normalizer,
-    )
+    # What the chat will run with it: the LoLA flags given (policy, capacity, cap, pooling), trained with
+    # the chunk and normalizer it was trained with.
+    shipped = {**lola_overrides(args), "chunk": settings.chunk, "normalizer": settings.normalizer}
+    inference = dataclasses.replace(config.lola, **shipped)
     record = linearize(loaded, settings, data_dir, out_dir, inference, run_info(device))
     card.write_card(out_dir)
     print(f"wrote {out_dir} in {record['wall_seconds']:.0f} s")

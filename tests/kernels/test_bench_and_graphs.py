@@ -4,6 +4,7 @@ Triton interpreter against the engine's ordinary decoding."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -84,8 +85,8 @@ def test_captured_decoder_needs_a_gpu():
 # The first prefills chunk by chunk, the second in a block of two chunks.
 @pytest.mark.parametrize(
     ("shipped_kind", "block_chunks"),
-    [(False, 1), (True, 2), ("joint", 2)],
-    ids=["sre-shared", "novelty-capped-block", "joint-capped"],
+    [(False, 1), (True, 2), ("joint", 2), ("joint-pooled", 2)],
+    ids=["sre-shared", "novelty-capped-block", "joint-capped", "joint-pooled"],
 )
 def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, block_chunks):
     pytest.importorskip("triton")
@@ -120,11 +121,19 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
                 param.normal_(0.0, 0.3)
     # The shipped kind of settings: novelty eviction, window normalizer and a cap that is active by 50.
     # A joint policy: one ranking for both layers, its cache kept per KV head, one chunk per step.
-    policy = "joint-relative-novelty" if shipped_kind == "joint" else "novelty"
-    # The joint policy with the shipped pooling: powers over layers and heads, then neighbours.
-    pooling = {"joint_power": 4, "joint_span": 1} if shipped_kind == "joint" else {}
+    policy = "joint-relative-novelty" if str(shipped_kind).startswith("joint") else "novelty"
+    # The joint policy with the plain mean, and with the shipped pooling (powers, then neighbours) and a
+    # cache of 12, small enough that the pooling changes what the evictions keep (asserted at the end).
+    pooling = {"joint_power": 4, "joint_span": 1} if shipped_kind == "joint-pooled" else {}
     settings = (
-        LolaSettings(chunk=16, capacity=24, policy=policy, normalizer="window", linear_cap=4, **pooling)
+        LolaSettings(
+            chunk=16,
+            capacity=12 if pooling else 24,
+            policy=policy,
+            normalizer="window",
+            linear_cap=4,
+            **pooling,
+        )
         if shipped_kind
         else LolaSettings(chunk=16, capacity=24)
     )
@@ -156,6 +165,12 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
         assert torch.equal(layer.win_ids, reference.win_ids) and torch.equal(
             layer.cache_ids, reference.cache_ids
         )
+    if pooling:
+        # The pooling decides this run's cut: a step that ranked by the plain mean would keep other pairs.
+        plain = model.new_state("lola", dataclasses.replace(settings, joint_power=1, joint_span=0))
+        with torch.no_grad():
+            model(torch.tensor([[*range(36), *expected]]), plain)
+        assert not torch.equal(plain.layers[0].cache_ids, state.layers[0].cache_ids)
 
 
 def test_the_gemv_sweep_times_each_configuration_per_weight_shape():

@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 
 from lola_chat.kernels.lola import evict_reference, evict_triton, reference  # noqa: E402
 
-from lola_chat.memory import LolaSettings, joint_ranking  # noqa: E402
+from lola_chat.joint import joint_ranking  # noqa: E402
+from lola_chat.memory import LolaSettings  # noqa: E402
 
 CASES = [
     # (tokens_seen, chunk, capacity, heads, kv_heads, dim, batch)
