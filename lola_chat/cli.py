@@ -197,7 +197,7 @@ def load_engine(config, args, progress: bool = True):
     overrides = lola_overrides(args)
     if overrides.get("chunk") == 0:
         raise UsageError("--chunk must be at least 1")
-    loaded.lola = dataclasses.replace(loaded.lola, **overrides)
+    loaded = dataclasses.replace(loaded, lola=dataclasses.replace(loaded.lola, **overrides))
     return Engine(config, loaded, SessionStore(config.paths.sessions, config.keep_snapshots), device)
 
 

@@ -15,8 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from lola_chat.errors import UsageError
+from lola_chat.linear import lora_merged
 from lola_chat.memory import LolaSettings
-from lola_chat.model import Transformer, lora_merged
+from lola_chat.model import Transformer
 from lola_chat.storage import atomic_write_bytes
 
 LINEARIZATION_FILE = "linearization.safetensors"

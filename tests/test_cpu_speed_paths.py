@@ -12,8 +12,9 @@ from lola_chat.kernels.lola import evict_reference, reference
 
 from lola_chat.config import DTYPE_ENV, default_dtype
 from lola_chat.errors import UsageError
+from lola_chat.linear import Linear
 from lola_chat.memory import LolaMemory, LolaSettings
-from lola_chat.model import Linear, ModelConfig, Transformer
+from lola_chat.model import ModelConfig, Transformer
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 

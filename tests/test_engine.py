@@ -229,7 +229,7 @@ def test_restore_and_branch(tiny_loaded, lola_home):
 
 
 def test_ngram_blocking_names_the_tokens_that_would_repeat():
-    from lola_chat.engine import repeated_ngram_followers
+    from lola_chat.sampling import repeated_ngram_followers
 
     assert repeated_ngram_followers([1, 2, 3, 9, 1, 2], 3) == [3]
     assert repeated_ngram_followers([1, 2, 3, 1, 2, 4, 1, 2], 3) == [3, 4]
@@ -290,7 +290,7 @@ def test_captured_decoding_applies_where_the_lola_kernels_run_on_triton(tiny_loa
 
 
 def test_sample_takes_a_given_argmax_only_where_greedy_would_pick_it():
-    from lola_chat.engine import sample
+    from lola_chat.sampling import sample
 
     def unread() -> int:
         raise AssertionError("sampling read the argmax, which waits for the device")

@@ -151,7 +151,7 @@ class LolaArm(Arm):
         step feeds the prompt's last token."""
         from lola_chat.config import GenerationSettings
         from lola_chat.decoding import TokenFeeder
-        from lola_chat.engine import sample
+        from lola_chat.sampling import sample
 
         if self._feeder is None:
             self._feeder = TokenFeeder(self.model)

@@ -92,9 +92,9 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
     pytest.importorskip("triton")
     from lola_chat import graphs
     from lola_chat.config import GenerationSettings
-    from lola_chat.engine import sample as engine_sample
     from lola_chat.memory import LolaSettings
     from lola_chat.model import ModelConfig, Transformer
+    from lola_chat.sampling import sample as engine_sample
 
     class Replay:
         def __init__(self, run, outputs, name):
