@@ -295,6 +295,8 @@ def run_memory(args, config) -> int:
         f"state {report['state_bytes']:,} bytes;",
         f"a full KV cache would need {report['kv_cache_bytes']:,} bytes",
     )
+    if report.get("settings"):
+        print("settings: " + ", ".join(f"{name} {value}" for name, value in report["settings"].items()))
     for layer in report["layers"]:
         print(
             f"  layer {layer['index']:2d}: window {layer['window_tokens']}/{layer['window_capacity']}"

@@ -51,6 +51,8 @@ def memory_report(engine, detail: bool = True) -> dict:
         "kv_cache_bytes": kv_cache_bytes(model.cfg, state.tokens_seen, model.embed_tokens.weight.dtype),
         "chunk": settings.chunk,
         "capacity": settings.capacity,
+        # Every LoLA setting the memory runs under (eviction policy, its pooling, normalizer, cap).
+        "settings": settings.as_dict() if lola else None,
         "evictions_since_turn": state.evictions() - engine._evictions_at_turn,
         "layers": layers,
     }

@@ -67,6 +67,13 @@ def test_the_pooling_and_cap_flags_choose_their_settings_and_a_saved_state_opens
     _, meta = session.load_snapshot({})
     saved = json.loads(meta["lola"])
     assert (saved["joint_power"], saved["joint_span"], saved["linear_cap"]) == (4, 1, 8)
+    # The memory report names the settings it runs under.
+    report = json.loads(run(capsys, "memory", "p", "--json", "--policy", "joint-relative-novelty")[1])
+    assert (
+        report["settings"]["policy"] == "joint-relative-novelty" and "joint_power" not in report["settings"]
+    )
+    text = run(capsys, "memory", "p", "--policy", "joint-relative-novelty", "--joint-power", "4")[1]
+    assert "policy joint-relative-novelty" in text and "joint_power 4" in text
     code, out, err = run(capsys, *argv, "--joint-power", "0", "again")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "joint pooling power" in err
 

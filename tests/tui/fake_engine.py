@@ -245,6 +245,7 @@ class FakeEngine:
             "session": self.session.name, "attention": "lola", "device": self.device,
             "device_free_bytes": 8_000_000_000, "tokens_seen": seen, "state_bytes": LAYERS * BYTES_PER_LAYER,
             "kv_cache_bytes": seen * LAYERS * 512, "chunk": CHUNK, "capacity": CAPACITY,
+            "settings": {"chunk": CHUNK, "capacity": CAPACITY, "policy": "joint-relative-novelty"},
             "evictions_since_turn": self.evictions,
             "layers": [
                 {"index": i, "window_tokens": window, "window_capacity": 2 * CHUNK, "cache_tokens": cache,
