@@ -344,7 +344,7 @@ def test_a_changed_weight_drops_its_four_bit_copy():
     with torch.no_grad():
         down.weight.mul_(2.0)
         assert down.int4_weight() is None
-        assert torch.equal(down(x), torch.mv(down.weight, x[0])[None])
+        torch.testing.assert_close(down(x), F.linear(x, down.weight), rtol=2**-7, atol=1e-4)
         down.weight.data = down.weight.data / 2.0
     assert down.int4_weight() is None
 
