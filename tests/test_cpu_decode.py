@@ -7,6 +7,7 @@ import pytest
 import torch
 from lola_chat.kernels.dispatch import force_reference
 
+from lola_chat.joint import close_chunk_jointly
 from lola_chat.memory import LolaMemory, LolaSettings
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -27,6 +28,19 @@ def fake_attention(hq, d, seed=0):
     )
 
 
+def feed(memory, q, k, v, attn):
+    """``memory.attend``, cut at chunk ends as a model's forward pass cuts it, each chunk closed as the
+    model closes it (one layer's joint eviction where the policy is joint)."""
+    chunk, outputs, start = memory.settings.chunk, [], 0
+    while start < q.shape[2]:
+        end = start + min(q.shape[2] - start, chunk - memory.tokens_seen % chunk)
+        outputs.append(memory.attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn))
+        if memory.pending is not None:
+            close_chunk_jointly([memory], [attn])
+        start = end
+    return torch.cat(outputs, dim=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "settings",
@@ -35,8 +49,11 @@ def fake_attention(hq, d, seed=0):
         LolaSettings(chunk=8, capacity=16, policy="relative-novelty", normalizer="window", linear_cap=5),
         LolaSettings(chunk=8, capacity=0, normalizer="window"),
         LolaSettings(chunk=8, capacity=12, policy="novelty", normalizer="window"),
+        LolaSettings(
+            chunk=8, capacity=12, policy="joint-relative-novelty", normalizer="window", linear_cap=5
+        ),
     ],
-    ids=["sre-shared", "relative-novelty-window-capped", "g0-window", "novelty-g12"],
+    ids=["sre-shared", "relative-novelty-window-capped", "g0-window", "novelty-g12", "joint-kv-cache"],
 )
 def test_cpu_decode_steps_equal_the_reference(dtype, settings):
     """Single tokens go to kernels/lola/decode_cpu on a CPU: the same outputs as the reference (within
@@ -57,8 +74,8 @@ def test_cpu_decode_steps_equal_the_reference(dtype, settings):
             q = torch.randn(2, hq, length, d, generator=g).to(dtype)
             k, v = (torch.randn(2, hkv, length, d, generator=g).to(dtype) for _ in range(2))
             with force_reference():
-                expected = memories[0].attend(q, k, v, attn)
-            got = memories[1].attend(q, k, v, attn)
+                expected = feed(memories[0], q, k, v, attn)
+            got = feed(memories[1], q, k, v, attn)
             torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
             for name in LolaMemory.names:
                 assert torch.equal(getattr(memories[1], name), getattr(memories[0], name)), name

@@ -3,10 +3,12 @@ handful of PyTorch ops.
 
 On a CPU a decode step is bound by the number of ops, not by arithmetic: the reference scores the cache
 and the window apart, pads, concatenates and multiplies seven times for one query. Here one layer keeps,
-between the tokens of a chunk, every key of its frame rotated and transposed (B, Hq, D, S) and every
-value with a column of ones appended (B, Hq, S, D + 1), S = G + 2C, the window repeated for each query
-head of its group and unseen slots zeroed, and an additive mask (S,) of the slots the query sees. A step
-writes the new pair into them and into the window (in place, as the Triton path does), and computes
+between the tokens of a chunk, every key of its frame rotated and transposed (B, Hc, D, S) and every
+value with a column of ones appended (B, Hc, S, D + 1), S = G + 2C, per cache head (Hc: the query heads,
+or the KV heads for a joint policy's cache, whose query heads then read them once as the rows of one
+product), the window repeated for each cache head of its group and unseen slots zeroed, and an additive
+mask (S,) of the slots the query sees. A step writes the new pair into them and into the window (in
+place, as the Triton path does), and computes
 scores (with the mask), the softmax sums and the weighted values (with the sum in the extra column), and
 the linear term and its normalizer (H with s as an extra column) in three products. The kept tensors are
 rebuilt whenever they are not the ones the last step left (an eviction, a load, a reference call, other
@@ -20,7 +22,6 @@ from lola_chat.kernels.lola.reference import (
     FrameRotary,
     accumulator,
     apply_rotary,
-    expand_heads,
     frame,
     hedgehog,
     layout,
@@ -46,18 +47,19 @@ class DecodeFrame:
         self.ready_for = (tokens_seen, tensors)
 
     def build(self, win_k, win_v, cache_k, cache_v, h, s, tokens_seen: int, rotary: FrameRotary) -> None:
-        n_heads, capacity = h.shape[1], cache_k.shape[2]
+        capacity = cache_k.shape[2]
         chunk = win_k.shape[2] // 2
-        group = n_heads // win_k.shape[1]
+        # One copy of the window per cache head: the cache heads are the query heads, or (a joint
+        # policy's cache) the KV heads, whose query heads then share every kept key and value.
+        copies = cache_k.shape[1] // win_k.shape[1]
         acc = accumulator(cache_k.dtype)
         where = layout(chunk, capacity, tokens_seen, 1, cache_k.device)
         # The token's own slot counts as seen: ``decode`` writes its key, value and mask before scoring.
         unseen = where.hidden[0][:, None]
-        cache_rot = expand_heads(rotary.rotate(cache_k, where.key_start).to(acc), n_heads)
+        cache_rot = rotary.rotate(cache_k, where.key_start).to(acc)
         window_rot = rotary.rotate(win_k, where.key_start + capacity).to(acc)
-        keys = torch.cat([cache_rot, window_rot.repeat_interleave(group, dim=1)], dim=2)
-        cache_values = expand_heads(cache_v, n_heads)
-        values = torch.cat([cache_values, win_v.repeat_interleave(group, dim=1)], dim=2).to(acc)
+        keys = torch.cat([cache_rot, window_rot.repeat_interleave(copies, dim=1)], dim=2)
+        values = torch.cat([cache_v, win_v.repeat_interleave(copies, dim=1)], dim=2).to(acc)
         # Unseen slots hold zeros: their weight is zero, and stale or empty slots (NaN, inf) must not turn
         # a score or a zero weight into NaN.
         self.keys_t = keys.masked_fill(unseen, 0.0).transpose(-1, -2).contiguous()
@@ -100,18 +102,21 @@ def decode(
     # Query and new key sit at the same frame position: one rotation for both.
     rotated = apply_rotary(torch.cat([q, k], dim=1), cos[at], sin[at]).to(acc)
     q_rot, k_rot = rotated[:, :n_heads], rotated[:, n_heads:]
-    group = n_heads // n_kv_heads
-    kept.keys_t.view(batch, n_kv_heads, group, dim, -1)[..., slot] = k_rot
-    kept.values.view(batch, n_kv_heads, group, -1, dim + 1)[:, :, :, slot, :dim] = v
+    cache_heads = kept.keys_t.shape[1]
+    copies = cache_heads // n_kv_heads
+    kept.keys_t.view(batch, n_kv_heads, copies, dim, -1)[..., slot] = k_rot
+    kept.values.view(batch, n_kv_heads, copies, -1, dim + 1)[:, :, :, slot, :dim] = v
     kept.mask[slot] = 0.0
     win_k[:, :, chunk + current] = k[:, :, 0]
     win_v[:, :, chunk + current] = v[:, :, 0]
 
-    heads = batch * n_heads
-    scores = torch.bmm(q_rot.reshape(heads, 1, dim), kept.keys_t.view(heads, dim, -1)).mul_(dim**-0.5)
+    # The query heads of one cache head (consecutive) as the rows of one product with its keys.
+    rows, heads = batch * cache_heads, batch * n_heads
+    q_rows = q_rot.reshape(rows, n_heads // cache_heads, dim)
+    scores = torch.bmm(q_rows, kept.keys_t.view(rows, dim, -1)).mul_(dim**-0.5)
     scores += kept.mask
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
-    softmax_part = weights @ kept.values.view(heads, -1, dim + 1)
+    softmax_part = weights @ kept.values.view(rows, -1, dim + 1)
     phi_q = hedgehog(q, fmap_q).reshape(heads, 1, -1)
     linear_part = (phi_q @ kept.state.view(heads, -1, dim + 1)).view(batch, n_heads, 1, dim + 1)
     softmax_part = softmax_part.view(batch, n_heads, 1, dim + 1) * window_factor.to(acc)[:, None, None]
