@@ -194,10 +194,8 @@ def load_engine(config, args, progress: bool = True):
 
     device = resolve_device(config.device)
     loaded = load_model(config, device, default_dtype(device), progress=progress)
-    overrides = lola_overrides(args)
-    if overrides.get("chunk") == 0:
-        raise UsageError("--chunk must be at least 1")
-    loaded = dataclasses.replace(loaded, lola=dataclasses.replace(loaded.lola, **overrides))
+    # LolaSettings refuses bad values (a chunk of 0, a pooling power of 0) with a usage error.
+    loaded = dataclasses.replace(loaded, lola=dataclasses.replace(loaded.lola, **lola_overrides(args)))
     return Engine(config, loaded, SessionStore(config.paths.sessions, config.keep_snapshots), device)
 
 

@@ -15,8 +15,15 @@ if TYPE_CHECKING:
 # snapshots, linearization configs) only when a joint policy sets them otherwise, so that what was
 # written before they existed still reads as what it is.
 JOINT_POOLING = {"joint_power": 1, "joint_span": 0}
-# Powers past this overflow fp32 for recall errors in the hundreds (and would tie everything as inf).
+# The largest power tried (docs/DESIGN.md); far larger ones overflow fp32 (an error of 100 to the 20th
+# power is inf) and would tie the candidates.
 MAX_JOINT_POWER = 8
+
+
+def describe_pooling(power: int, span: int) -> str:
+    """The pooling's words for labels and cards: "" for the plain mean."""
+    words = f", ranked by mean score to the power {power}" if power != 1 else ""
+    return words + (f", kept with the candidates within {span}" if span else "")
 
 
 def joint_ranking(scores: torch.Tensor, settings: LolaSettings) -> torch.Tensor:

@@ -51,9 +51,8 @@ def with_low_rank(
 class Linear(nn.Linear):
     """nn.Linear with the fastest CPU path measured for bf16 inference (no autograd, no bias), each
     accumulating in fp32 as ``F.linear`` does. Rows multiply with a copy of the weight laid out once for
-    oneDNN, as ``F.linear`` re-lays the weight out on every call; with torch 2.13 on a 2-core x86 CPU
-    that is faster than ``F.linear`` and than ``torch.mv`` even for one row (decoding), for every
-    projection shape of the default model and most for its 49,152-row output projection. The copy is
+    oneDNN, as ``F.linear`` re-lays the weight out on every call; that product also reads a single row's
+    weight (decoding) faster than ``torch.mv`` (docs/results/bench-cpu-packed-row). The copy is
     made on the first call and remade whenever the weight tensor changes; an inference tensor, whose
     changes cannot be seen, keeps no copy, so one row then is ``torch.mv`` rather than a fresh layout
     per token. A layer given its weight in four bits (``attach_int4``) multiplies one row by that

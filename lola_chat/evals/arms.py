@@ -12,7 +12,7 @@ import torch
 
 from lola_chat.config import Config
 from lola_chat.errors import UsageError
-from lola_chat.joint import MAX_JOINT_POWER
+from lola_chat.joint import describe_pooling
 from lola_chat.memory import LolaSettings
 from lola_chat.weights import load_model
 
@@ -85,10 +85,9 @@ class Arm:
             return "linearized, G=0 (window + linear)"
         window = ", window normalizer" if self.normalizer == "window" else ""
         cap = f", hidden state capped at {self.linear_cap} pairs" if self.linear_cap else ""
-        power = f", ranked by mean score to the power {self.joint_power}" if self.joint_power != 1 else ""
-        span = f", kept with the candidates within {self.joint_span}" if self.joint_span else ""
+        pooling = describe_pooling(self.joint_power, self.joint_span)
         oracle = ", needle never evicted (oracle)" if self.oracle else ""
-        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{power}{span}{window}{cap}{oracle})"
+        return f"LoLA G={self.capacity} ({POLICY_LABELS[self.policy]}{pooling}{window}{cap}{oracle})"
 
 
 def parse_arms(text: str) -> list[Arm]:
@@ -117,8 +116,7 @@ def parse_arms(text: str) -> list[Arm]:
         power, span = int(match[4] or 1), int(match[5] or 0)
         if (match[4] or match[5]) and not policy.startswith("joint-"):
             raise UsageError(f"{name}: -p<P> and -span<S> shape a joint policy's pooling only")
-        if not 1 <= power <= MAX_JOINT_POWER:
-            raise UsageError(f"{name}: the pooling power -p<P> must be 1 to {MAX_JOINT_POWER}")
+        LolaSettings(policy=policy, joint_power=power, joint_span=span)  # refuses a bad pooling now
         arms.append(
             Arm(
                 name, "lola", capacity=int(match[2]), policy=policy, normalizer=normalizer,

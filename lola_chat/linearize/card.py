@@ -10,6 +10,7 @@ from pathlib import Path
 from lola_chat import linearization
 from lola_chat.evals.provenance import RESULTS_DIR
 from lola_chat.evals.report import read_results, results_markdown
+from lola_chat.joint import describe_pooling
 
 
 def fingerprint(directory: Path) -> str:
@@ -61,16 +62,7 @@ def _how_made(meta: dict) -> str:
         f"during the run. Tokens available: {tokens}; sampling weights: {mixture}",
         f"- Inference settings shipped: chunk {get(lola, 'chunk')}, sparse cache G = "
         f"{get(lola, 'capacity')}, eviction by {get(lola, 'policy')}"
-        + (
-            f" ranked by mean score to the power {lola['joint_power']}"
-            if lola.get("joint_power", 1) != 1
-            else ""
-        )
-        + (
-            f", each candidate kept with those within {lola['joint_span']} of it"
-            if lola.get("joint_span")
-            else ""
-        )
+        + describe_pooling(lola.get("joint_power", 1), lola.get("joint_span", 0))
         + f", {lola.get('normalizer', 'shared')} normalizer"
         + (f", hidden state capped at {lola['linear_cap']} folded pairs" if lola.get("linear_cap") else ""),
     ]
