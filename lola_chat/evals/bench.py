@@ -198,20 +198,21 @@ def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: in
     return out
 
 
-def _profile_step(bench: BenchModel, device: torch.device, before: int) -> dict:
-    """Kernels launched by one eager Triton-path step after ``before`` tokens, and their device time."""
+def _profile_step(bench: BenchModel, device: torch.device, before: int, fed: int = 1) -> dict:
+    """Kernels launched by one eager Triton-path step of ``fed`` tokens after ``before`` tokens, and their
+    device time."""
     from torch.profiler import ProfilerActivity, profile
 
     state = bench.model.new_state("lola", bench.settings)
     if before:
         bench.model(torch.zeros(1, before, dtype=torch.int64, device=device), state, last_only=True)
-    token = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    token = torch.zeros(1, fed, dtype=torch.int64, device=device)
     warm = state.checkpoint()
-    bench.model(token, state)
+    bench.model(token, state, last_only=True)
     state.restore(warm)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench.model(token, state)
+        bench.model(token, state, last_only=True)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, float] = {}
@@ -228,9 +229,12 @@ def _profile_step(bench: BenchModel, device: torch.device, before: int) -> dict:
 def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
     """Kernels launched by one eager Triton-path decode step and their summed device time (a captured
     step replays the same kernels, so this says where its time goes); under ``eviction``, the same for a
-    step that closes a chunk (two chunks in, so that a chunk leaves the window)."""
+    step that closes a chunk (two chunks in, so that a chunk leaves the window); under ``prefill_chunk``,
+    for a whole chunk fed at once after two, as a prefill feeds it, its eviction included."""
+    chunk = bench.settings.chunk
     profile = _profile_step(bench, device, 0)
-    profile["eviction"] = _profile_step(bench, device, 2 * bench.settings.chunk - 1)
+    profile["eviction"] = _profile_step(bench, device, 2 * chunk - 1)
+    profile["prefill_chunk"] = _profile_step(bench, device, 2 * chunk, fed=chunk)
     return profile
 
 
@@ -368,6 +372,16 @@ def markdown(results: dict) -> str:
                 "",
                 f"A step that closes a chunk launches {eviction['kernels_per_token']} kernels, "
                 f"{eviction['kernel_time_ms']:.3f} ms of device time (slowest: {slowest}).",
+            ]
+        if "prefill_chunk" in profile:
+            chunk = profile["prefill_chunk"]
+            top = list(chunk["top_kernels_ms"].items())[:4]
+            slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
+            lines += [
+                "",
+                f"A whole chunk fed at once, as a prefill feeds it, eviction included, launches "
+                f"{chunk['kernels_per_token']} kernels, {chunk['kernel_time_ms']:.3f} ms of device time "
+                f"(slowest: {slowest}).",
             ]
     if "floor" in results:
         floor = results["floor"]
