@@ -21,39 +21,14 @@ import torch
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.joint import joint_ranking
-from lola_chat.kernels.argmax import argmax
 from lola_chat.kernels.lola import TRITON_POLICIES
 from lola_chat.memory import LolaMemory, State
+from lola_chat.sampling import sample_on_device
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 # Chunks per prefill block: enough rows that the projections run as full GEMMs, few enough that the
 # block's graph (about ten kernels per chunk and layer) stays quick to capture.
 BLOCK_CHUNKS = 8
-
-
-def sample(
-    logits: torch.Tensor,
-    settings: GenerationSettings,
-    generator: torch.Generator | None,
-    penalized: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation, written into
-    ``out`` ((B,) int64) when given. Tokens marked in ``penalized`` (B, vocab) bool get the engine's
-    repetition penalty; then greedy at temperature 0 (one kernel on a GPU, ``kernels.argmax``), else
-    nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
-    if penalized is not None and settings.repetition_penalty != 1.0:
-        penalty = settings.repetition_penalty
-        logits = torch.where(penalized, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-    if settings.temperature <= 0:
-        return argmax(logits, out=out)
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return argmax(probs / noise, out=out)
 
 
 def require_capture(device: torch.device) -> None:
@@ -211,8 +186,8 @@ class CapturedDecoder:
                 f"not {settings.policy}"
             )
         # A joint eviction needs every layer's scores of a chunk first: one chunk per step (no blocks).
-        self.settings, self.joint = settings, settings.joint
-        if self.joint:
+        self.settings = settings
+        if settings.joint:
             block_chunks = 1
         self.model, self.state, self.sampling = model, state, sampling
         first = state.layers[0]
@@ -275,7 +250,7 @@ class CapturedDecoder:
             # The token's slot in the window's current half (every other step is whole chunks).
             self.window_ids[:, chunk:].index_copy_(1, counter.seen % chunk, tokens)
         logits = self.model(tokens, self.static_state, last_only=True)[:, -1]
-        if evicting and self.joint:
+        if evicting and self.settings.joint:
             self._evict_jointly()
         if length >= chunk:
             self.window_ids[:, :chunk] = tokens[:, -chunk:]
@@ -289,7 +264,7 @@ class CapturedDecoder:
             fed = tokens[:, -1:]
             self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
             penalized = self.penalized
-        sample(logits, self.sampling, self.generator, penalized, out=self.token)
+        sample_on_device(logits, self.sampling, self.generator, penalized, out=self.token)
         return logits
 
     def _evict_jointly(self) -> None:

@@ -1,5 +1,6 @@
 """Choosing a reply's next token from the model's logits: greedy or nucleus sampling, with a repetition
-penalty and a rule against repeating an n-gram."""
+penalty and a rule against repeating an n-gram (``sample``, on the host), and the same without the
+n-gram rule as device work a CUDA graph can capture (``sample_on_device``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from lola_chat.config import GenerationSettings
+from lola_chat.kernels.argmax import argmax as device_argmax
 
 
 def repeated_ngram_followers(tokens: list[int], n: int) -> list[int]:
@@ -57,3 +59,28 @@ def sample(
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)
     return int(order[choice])
+
+
+def sample_on_device(
+    logits: torch.Tensor,
+    settings: GenerationSettings,
+    generator: torch.Generator | None,
+    penalized: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (B, vocab) -> token ids (B,), on the device with no host synchronisation, written into
+    ``out`` ((B,) int64) when given. Tokens marked in ``penalized`` (B, vocab) bool get the engine's
+    repetition penalty; then greedy at temperature 0 (one kernel on a GPU, ``kernels.argmax``), else
+    nucleus sampling by the exponential race (argmax of p / Exp(1) noise)."""
+    if penalized is not None and settings.repetition_penalty != 1.0:
+        penalty = settings.repetition_penalty
+        logits = torch.where(penalized, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if settings.temperature <= 0:
+        return device_argmax(logits, out=out)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > settings.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return device_argmax(probs / noise, out=out)

@@ -146,16 +146,24 @@ def test_attend_reads_position_from_device_tensor(device, lola_states):
     check(expected, got, kernel_memory, states, 53, 1, torch.float32)
 
 
-KV_CACHE_CASES = [
-    case for case in CASES if case.id in ("segment-several-cache-blocks", "decode-steady-state-G24", "T63")
-]
+# A cache per KV head: the kernel reads each key once for the whole group (padded to a power of two).
+KV_CACHE_IDS = (
+    "first-chunk-prefill",
+    "cache-partly-full",
+    "segment-several-cache-blocks",
+    "decode-cache-partly-full",
+    "decode-steady-state-G24",
+    "decode-default-shapes-last-slot",
+    "T63",
+)
+KV_CACHE_CASES = [case for case in CASES if case.id in KV_CACHE_IDS]
 
 
 @pytest.mark.parametrize("tokens_seen,length,chunk,capacity,heads,kv_heads,dim,batch", KV_CACHE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attend_with_a_cache_per_kv_head_matches_reference(
-    device, lola_states, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
+    device, lola_states, dtype, tokens_seen, length, chunk, capacity, heads, kv_heads, dim, batch
 ):
-    dtype = torch.float32
     states = lola_states(device, dtype, batch, heads, kv_heads, dim, chunk, capacity, seed=tokens_seen + 5)
     expected, got, kernel_memory = run_both(
         states, tokens_seen, length, normalizer="window", cache_heads=kv_heads
