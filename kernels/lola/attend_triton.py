@@ -86,20 +86,22 @@ def _key_blocks_kernel(
     tiles = tl.num_programs(1)
     dims = tl.arange(0, D)
     if block >= LINEAR_BLOCK:
-        head = first_head + block - LINEAR_BLOCK
-        t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_ok = t < T
+        # Names of their own: Triton's compiler refuses a name that the two branches bind with different
+        # types (here, shapes).
+        linear_head = first_head + block - LINEAR_BLOCK
+        linear_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         # Partials are laid out (B * Hq, tiles, blocks + 1, BLOCK_T), the linear term's after the blocks.
-        rows = ((batch * HQ + head) * tiles + tile) * (LINEAR_BLOCK + 1) + LINEAR_BLOCK
-        rows = rows * BLOCK_T + tl.arange(0, BLOCK_T)
-        w = load_feature_map(fq_ptr, head, D, E)
-        h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
+        linear_rows = ((batch * HQ + linear_head) * tiles + tile) * (LINEAR_BLOCK + 1) + LINEAR_BLOCK
+        linear_rows = linear_rows * BLOCK_T + tl.arange(0, BLOCK_T)
+        w = load_feature_map(fq_ptr, linear_head, D, E)
+        h_up, h_down, s_up, s_down = linear_state(batch, linear_head, h_ptr, s_ptr, HQ, D, E)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
-        linear, linear_norm = linear_term(q, w, h_up, h_down, s_up, s_down, ONE_TOKEN)
-        tl.store(part_total_ptr + rows, linear_norm)
-        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], linear)
+        q_base = q_ptr + batch * sq_b + linear_head * sq_h
+        linear_q, linear_q_partner = load_rows(q_base, linear_t, sq_t, linear_t < T, D)
+        linear, linear_norm = linear_term(linear_q, w, h_up, h_down, s_up, s_down, ONE_TOKEN)
+        tl.store(part_total_ptr + linear_rows, linear_norm)
+        tl.store(part_acc_ptr + linear_rows[:, None] * D + dims[None, :], linear)
     else:
         r = tl.arange(0, ROWS)
         in_group = r // BLOCK_T < GROUP
