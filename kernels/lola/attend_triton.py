@@ -1,8 +1,7 @@
 """LoLA attention for a segment of new tokens (one, in a decode step, up to a chunk) in Triton, split over
-the keys: one program per (batch, cache head, tile of queries, block of keys) writes a partial
-online-softmax result for every query head that reads that cache (a KV group's where the cache is kept
-per KV head), one more per (batch, query head, tile) the linear term, and a second kernel, one program
-per (batch, query head, query), merges them into y.
+the keys: one program per (batch, query head, tile of queries, block of keys) writes a partial
+online-softmax result, one more per (batch, query head, tile) the linear term, and a second kernel,
+one program per (batch, query head, query), merges them into y.
 
 Queries and keys are rotated at attention time in the compact frame of ``reference.attend`` (cache,
 previous chunk, current chunk, causal within the segment), sums accumulate in fp32, and the linear term
@@ -41,12 +40,12 @@ from lola_chat.kernels.lola.frame_triton import (
 )
 from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
 
-# Queries per tile, keys per block and warps per key-block program. One token: a few rows' products are
-# reduced across threads, so more threads over fewer keys finish sooner, and more blocks spread over
-# more SMs. A segment: tiles of 16 queries by 32 keys with 8 warps, the fastest of tiles of 16 to 64
-# queries by 16 to 64 keys with 4 to 16 warps for a 64-token segment at the default shapes in an ad-hoc
-# timing on an H200 (one query head per program then).
-ONE_TOKEN_LAUNCH = dict(block_t=1, block_n=16, num_warps=8)
+# Queries per tile, keys per block and warps per key-block program. One query: a one-row block's
+# products are reduced across threads, so more threads over fewer keys finish sooner, and more blocks
+# spread over more SMs. A segment: tiles of 16 queries by 32 keys with 8 warps, the fastest of tiles of
+# 16 to 64 queries by 16 to 64 keys with 4 to 16 warps for a 64-token segment at the default shapes
+# in an ad-hoc timing on an H200.
+ONE_ROW_LAUNCH = dict(block_t=1, block_n=16, num_warps=8)
 TILE_LAUNCH = dict(block_t=16, block_n=32, num_warps=8)
 
 
@@ -55,16 +54,13 @@ def _key_blocks_kernel(
     q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
     part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    SEEN_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
+    E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    """The query heads that read one cache (``program_id(0)``: all of a KV group's where the cache is
-    kept per KV head, else one), one tile of queries (``program_id(1)``), one block of keys
-    (``program_id(2)``): the block's softmax max, sum and weighted values per head and query (a
-    partial). Each key is loaded and rotated once for every head of the group, which reads it as more
-    rows of one product. The programs after the last block compute the linear term instead, one per
-    head: phi(q)^T H as its values and phi(q)^T s as its sum (it needs neither the softmax's maximum
-    nor its sum, so it runs beside the blocks rather than after them).
+    """One tile of queries (``program_id(1)``), one block of keys (``program_id(2)``): the block's softmax
+    max, sum and weighted values per query (a partial). The program after the last block computes the
+    linear term instead: phi(q)^T H as its values and phi(q)^T s as its sum (it needs neither the
+    softmax's maximum nor its sum, so it runs beside the blocks rather than after them).
 
     Only q and the new pairs come from the kernel before this one (the projection); the memory it reads
     (cache, window, hidden state) was last written by an earlier step or by the eviction before this
@@ -74,41 +70,28 @@ def _key_blocks_kernel(
     after it."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    ONE_TOKEN: tl.constexpr = BLOCK_T == 1
-    GROUP: tl.constexpr = HQ // HC
+    ONE_ROW: tl.constexpr = BLOCK_T == 1
     CACHE_BLOCKS: tl.constexpr = (G + BLOCK_N - 1) // BLOCK_N
     WINDOW_BLOCKS: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
     LINEAR_BLOCK: tl.constexpr = CACHE_BLOCKS + 2 * WINDOW_BLOCKS
     pid, tile, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    batch, cache_head = pid // HC, pid % HC
-    first_head = cache_head * GROUP
-    kv_head = first_head // (HQ // HKV)
-    tiles = tl.num_programs(1)
+    batch, head = pid // HQ, pid % HQ
+    kv_head = head // (HQ // HKV)
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    # Partials are laid out (B * Hq, tiles, blocks + 1, BLOCK_T): a program writes BLOCK_T consecutive rows.
+    rows = ((pid * tl.num_programs(1) + tile) * (LINEAR_BLOCK + 1) + block) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, D)
-    if block >= LINEAR_BLOCK:
-        # Names of their own: Triton's compiler refuses a name that the two branches bind with different
-        # types (here, shapes).
-        linear_head = first_head + block - LINEAR_BLOCK
-        linear_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        # Partials are laid out (B * Hq, tiles, blocks + 1, BLOCK_T), the linear term's after the blocks.
-        linear_rows = ((batch * HQ + linear_head) * tiles + tile) * (LINEAR_BLOCK + 1) + LINEAR_BLOCK
-        linear_rows = linear_rows * BLOCK_T + tl.arange(0, BLOCK_T)
-        w = load_feature_map(fq_ptr, linear_head, D, E)
-        h_up, h_down, s_up, s_down = linear_state(batch, linear_head, h_ptr, s_ptr, HQ, D, E)
+    if block == LINEAR_BLOCK:
+        w = load_feature_map(fq_ptr, head, D, E)
+        h_up, h_down, s_up, s_down = linear_state(batch, head, h_ptr, s_ptr, HQ, D, E)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        q_base = q_ptr + batch * sq_b + linear_head * sq_h
-        linear_q, linear_q_partner = load_rows(q_base, linear_t, sq_t, linear_t < T, D)
-        linear, linear_norm = linear_term(linear_q, w, h_up, h_down, s_up, s_down, ONE_TOKEN)
-        tl.store(part_total_ptr + linear_rows, linear_norm)
-        tl.store(part_acc_ptr + linear_rows[:, None] * D + dims[None, :], linear)
+        q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
+        linear, linear_norm = linear_term(q, w, h_up, h_down, s_up, s_down, ONE_ROW)
+        tl.store(part_total_ptr + rows, linear_norm)
+        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], linear)
     else:
-        r = tl.arange(0, ROWS)
-        in_group = r // BLOCK_T < GROUP
-        head = tl.minimum(first_head + r // BLOCK_T, HQ - 1)
-        t = tile * BLOCK_T + r % BLOCK_T
-        row_ok = in_group & (t < T)
-        rows = (((batch * HQ + head) * tiles + tile) * (LINEAR_BLOCK + 1) + block) * BLOCK_T + r % BLOCK_T
         freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
         # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
         if SEEN_ON_DEVICE:
@@ -120,7 +103,8 @@ def _key_blocks_kernel(
         window_block = block - CACHE_BLOCKS
         current_block = window_block - WINDOW_BLOCKS
         if block < CACHE_BLOCKS:
-            k, v, ok = cache_tile(ck_ptr, cv_ptr, pid * G, block * BLOCK_N, cached, freq, G, D, BLOCK_N)
+            cache_row = (batch * HC + head // (HQ // HC)) * G
+            k, v, ok = cache_tile(ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, freq, G, D, BLOCK_N)
         elif window_block < WINDOW_BLOCKS:
             k, v, ok = previous_tile(
                 wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, freq, D, BLOCK_N
@@ -133,46 +117,43 @@ def _key_blocks_kernel(
         # The queries' own slots in the current chunk, and their frame positions.
         q_slot = current + t
         position = cached + previous + q_slot
-        visible = ok[None, :] & row_ok[:, None]
+        visible = ok[None, :] & t_ok[:, None]
         if PDL:
             tl.extra.cuda.gdc_wait()
         if block >= CACHE_BLOCKS + WINDOW_BLOCKS:
             new_base = batch * sk_b + kv_head * sk_h
             slot = current_block * BLOCK_N + tl.arange(0, BLOCK_N)
-            if ONE_TOKEN:
+            if ONE_ROW:
                 # The new pair as one row, rotated alone: a tile's worth of sines and cosines would now
                 # sit on the path that waited for the projection.
-                one = tl.arange(0, 1)
-                k_new, k_new_partner = load_rows(k_ptr + new_base, one, 0, one < 1, D)
+                k_new, k_new_partner = load_rows(k_ptr + new_base, t, 0, t_ok, D)
                 v_new = tl.load(v_ptr + new_base + dims[None, :]).to(tl.float32)
                 is_new = slot == current
-                k_new = rotate(k_new, k_new_partner, cached + previous + current + one, freq)
-                k = tl.where(is_new[:, None], k_new, k)
+                k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, position, freq), k)
                 v = tl.where(is_new[:, None], v_new, v)
                 ok = ok | is_new
-                visible = ok[None, :] & row_ok[:, None]
+                visible = ok[None, :] & t_ok[:, None]
             else:
                 k, v, ok = new_keys(
                     k, v, ok, k_ptr, v_ptr, new_base, sk_t, current_block * BLOCK_N, cached + previous,
                     current, T, freq, D, BLOCK_N,
                 )  # fmt: skip
-                visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & row_ok[:, None]
+                visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
             # The block holding a query's slot, of the first query head of its key/value head, appends
             # that query's pair: nothing in this kernel reads the window's slots from ``current`` on.
-            writes = row_ok & (q_slot // BLOCK_N == current_block) & (head % (HQ // HKV) == 0)
+            writes = t_ok & (q_slot // BLOCK_N == current_block) & (t * 0 + head % (HQ // HKV) == 0)
             append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
-        offsets = batch * sq_b + head * sq_h + t * sq_t
-        q, q_rot = queries(q_ptr, offsets, row_ok, position, freq, D)
-        m = tl.full((ROWS,), -1.0e30, tl.float32)
+        q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D)
+        m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
         # A block's best score is its m: ``top`` goes unused. Names, not ``_``: Triton's compiler, unlike its
         # interpreter, refuses a name that the two branches bind with different types.
         m, total, acc, top = softmax_block(
-            m, tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS, D), tl.float32), q_rot, k, v, visible,
-            ONE_TOKEN,
+            m, tl.zeros((BLOCK_T,), tl.float32), tl.zeros((BLOCK_T, D), tl.float32), q_rot, k, v, visible,
+            ONE_ROW,
         )  # fmt: skip
-        tl.store(part_m_ptr + rows, m, mask=in_group)
-        tl.store(part_total_ptr + rows, total, mask=in_group)
-        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], acc, mask=in_group[:, None])
+        tl.store(part_m_ptr + rows, m)
+        tl.store(part_total_ptr + rows, total)
+        tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], acc)
 
 
 @triton.jit(do_not_specialize=["seen"])
@@ -264,7 +245,7 @@ def attend(
         assert state.is_contiguous(), "state tensors must be contiguous"
     y = torch.empty(batch, length, n_heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     seen = (0 if on_device else tokens_seen, tokens_seen if on_device else q)
-    config = ONE_TOKEN_LAUNCH if length == 1 else TILE_LAUNCH
+    config = ONE_ROW_LAUNCH if length == 1 else TILE_LAUNCH
     block_t, block_n = config["block_t"], config["block_n"]
     tiles = triton.cdiv(length, block_t)
     cache_blocks = triton.cdiv(capacity, block_n)
@@ -276,13 +257,10 @@ def attend(
     part_acc = torch.empty(partials, dim, dtype=torch.float32, device=q.device)
     shape = dict(HQ=n_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
     launch = launch_options(q)
-    cache_heads = cache_k.shape[1]
-    # One program per cache head and key block, then one per query head for the linear term.
-    _key_blocks_kernel[(batch * cache_heads, tiles, blocks + n_heads // cache_heads)](
+    _key_blocks_kernel[(batch * n_heads, tiles, blocks + 1)](
         q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
         part_acc, *seen, length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        HKV=n_kv_heads, HC=cache_heads, E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n,
-        ROWS=triton.next_power_of_2(n_heads // cache_heads) * block_t,
+        HKV=n_kv_heads, HC=cache_k.shape[1], E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n,
         num_warps=config["num_warps"], **shape, **launch,
     )  # fmt: skip
     _merge_kernel[(batch * n_heads, length)](

@@ -31,15 +31,15 @@ def rotate(x, partner, pos, freq):
 
 
 @triton.jit
-def softmax_block(m, total, acc, q, k, v, visible, FEW_ROWS: tl.constexpr):
+def softmax_block(m, total, acc, q, k, v, visible, ONE_ROW: tl.constexpr):
     """One online-softmax step over a block of rotated keys; the scale is folded into q."""
-    scores = matmul(q, tl.trans(k), FEW_ROWS)
+    scores = matmul(q, tl.trans(k), ONE_ROW)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     weights = tl.exp(scores - m_new[:, None])
     alpha = tl.exp(m - m_new)
     total = total * alpha + tl.sum(weights, axis=1)
-    acc = acc * alpha[:, None] + matmul(weights, v, FEW_ROWS)
+    acc = acc * alpha[:, None] + matmul(weights, v, ONE_ROW)
     return m_new, total, acc, tl.max(scores, axis=1)
 
 
@@ -136,11 +136,11 @@ def linear_state(batch, head, h_ptr, s_ptr, HQ: tl.constexpr, D: tl.constexpr, E
 
 
 @triton.jit
-def linear_term(q, w, h_up, h_down, s_up, s_down, FEW_ROWS: tl.constexpr):
+def linear_term(q, w, h_up, h_down, s_up, s_down, ONE_ROW: tl.constexpr):
     """phi(q)^T H (rows, D) and phi(q)^T s (rows,) of one head, ``w`` its (D, E) feature map and the
     rest its state (``linear_state``)."""
-    up, down = features(q, w, FEW_ROWS)
-    linear = matmul(up, h_up, FEW_ROWS) + matmul(down, h_down, FEW_ROWS)
+    up, down = features(q, w, ONE_ROW)
+    linear = matmul(up, h_up, ONE_ROW) + matmul(down, h_down, ONE_ROW)
     linear_norm = tl.sum(up * s_up[None, :], axis=1) + tl.sum(down * s_down[None, :], axis=1)
     return linear, linear_norm
 
@@ -172,8 +172,7 @@ def append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_
 
 
 @triton.jit
-def queries(q_ptr, offsets, ok, position, freq, D: tl.constexpr):
-    """The queries at ``offsets`` (rows, one element offset each) as fp32, and their rotation at
-    ``position`` with the 1/sqrt(D) scale folded in; rows not ``ok`` read as zeros."""
-    q, q_partner = load_rows(q_ptr, offsets, 1, ok, D)
+def queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D: tl.constexpr):
+    """The queries (fp32) and their rotation at ``position`` with the 1/sqrt(D) scale folded in."""
+    q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
     return q, rotate(q, q_partner, position, freq) / tl.sqrt(D * 1.0)

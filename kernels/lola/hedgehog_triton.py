@@ -13,23 +13,22 @@ import triton.language as tl
 
 
 @triton.jit
-def matmul(a, b, FEW_ROWS: tl.constexpr):
-    """a (M, K) @ b (K, N) in fp32. tl.dot needs 16 rows; a few rows (``FEW_ROWS``: a decode step's one
-    query per head) are a broadcast product and a sum instead, which does a fraction of the work and
-    needs no operand layout changes.
+def matmul(a, b, ONE_ROW: tl.constexpr):
+    """a (M, K) @ b (K, N) in fp32. tl.dot needs 16 rows; a single row (a decode step) is a broadcast
+    product and a sum instead, which does 1/16 of the work and needs no operand layout changes.
 
     Tiles run on the tensor cores as three TF32 products (the operands split into a TF32 head and tail,
     the tail-by-tail product dropped): fp32 accuracy to about 2^-22, where a plain fp32 ("ieee") product
     is a chain of scalar multiply-adds that leaves the prefill and eviction kernels waiting on it."""
-    if FEW_ROWS:
+    if ONE_ROW:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit
-def features(x, w, FEW_ROWS: tl.constexpr):
+def features(x, w, ONE_ROW: tl.constexpr):
     """x: (BLOCK, D) fp32 tile, w: (D, E) fp32 tile -> (softmax(x w), softmax(-x w)), each (BLOCK, E)."""
-    z = matmul(x, w, FEW_ROWS)
+    z = matmul(x, w, ONE_ROW)
     up = tl.exp(z - tl.max(z, axis=1)[:, None])
     down = tl.exp(tl.min(z, axis=1)[:, None] - z)
     return up / tl.sum(up, axis=1)[:, None], down / tl.sum(down, axis=1)[:, None]

@@ -146,7 +146,7 @@ def test_attend_reads_position_from_device_tensor(device, lola_states):
     check(expected, got, kernel_memory, states, 53, 1, torch.float32)
 
 
-# A cache per KV head: the kernel reads each key once for the whole group (padded to a power of two).
+# A cache per KV head, which every query head of a group reads.
 KV_CACHE_IDS = (
     "first-chunk-prefill",
     "cache-partly-full",
