@@ -187,15 +187,14 @@ def build_config(args):
 
 
 def load_engine(config, args, progress: bool = True):
-    from lola_chat.config import default_dtype, lola_overrides, resolve_device
+    from lola_chat.config import default_dtype, resolve_device, with_lola_flags
     from lola_chat.engine import Engine
     from lola_chat.sessions import SessionStore
     from lola_chat.weights import load_model
 
     device = resolve_device(config.device)
     loaded = load_model(config, device, default_dtype(device), progress=progress)
-    # LolaSettings refuses bad values (a chunk of 0, a pooling power of 0) with a usage error.
-    loaded = dataclasses.replace(loaded, lola=dataclasses.replace(loaded.lola, **lola_overrides(args)))
+    loaded = dataclasses.replace(loaded, lola=with_lola_flags(loaded.lola, args))
     return Engine(config, loaded, SessionStore(config.paths.sessions, config.keep_snapshots), device)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import platformdirs
 import torch
 
+from lola_chat.errors import UsageError
 from lola_chat.memory import LolaSettings
 
 APP_NAME = "lola-chat"
@@ -96,6 +98,20 @@ LOLA_FLAGS = ("capacity", "chunk", "normalizer", "policy", "joint_power", "joint
 def lola_overrides(args) -> dict:
     """The LoLA settings the command line ``args`` names (flags left out are None), by field name."""
     return {name: getattr(args, name) for name in LOLA_FLAGS if getattr(args, name, None) is not None}
+
+
+def with_lola_flags(settings: LolaSettings, args) -> LolaSettings:
+    """``settings`` with the LoLA flags of ``args`` applied. LolaSettings refuses bad values (a chunk of
+    0, a pooling power of 0) with a usage error; so is a joint pooling flag where the resulting policy
+    is not joint, which would otherwise be accepted and ignored."""
+    overrides = lola_overrides(args)
+    result = dataclasses.replace(settings, **overrides)
+    pooling = sorted(set(overrides) & {"joint_power", "joint_span"})
+    if pooling and not result.joint:
+        flags = " and ".join("--" + name.replace("_", "-") for name in pooling)
+        verb = "apply" if len(pooling) > 1 else "applies"
+        raise UsageError(f"{flags} {verb} to a joint policy (joint-...), not {result.policy}")
+    return result
 
 
 def resolve_device(name: str) -> torch.device:

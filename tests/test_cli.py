@@ -76,6 +76,13 @@ def test_the_pooling_and_cap_flags_choose_their_settings_and_a_saved_state_opens
     assert "policy joint-relative-novelty" in text and "joint_power 4" in text
     code, out, err = run(capsys, *argv, "--joint-power", "0", "again")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "joint pooling power" in err
+    # A pooling flag under a per-head policy would be ignored: refused, the conversation untouched.
+    before = session_files(tiny_cli)
+    per_head = ("ask", "--session", "p", "--policy", "relative-novelty", "--joint-span", "1", "again")
+    code, out, err = run(capsys, *per_head)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--joint-span applies to a joint policy" in err and "relative-novelty" in err
+    assert session_files(tiny_cli) == before
 
 
 def test_no_save_leaves_the_session_unchanged(tiny_cli, capsys):

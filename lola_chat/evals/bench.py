@@ -10,7 +10,6 @@ the CPU), the arms interleaved within each repeat. Writes JSON, a Markdown table
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lola_chat.config import DEFAULT_LINEARIZATION, Config, default_dtype, lola_overrides, resolve_device
+from lola_chat.config import DEFAULT_LINEARIZATION, Config, default_dtype, resolve_device, with_lola_flags
 from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
@@ -117,11 +116,10 @@ def _four_bit_form(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> BenchModel:
-    overrides = lola_overrides(args)
     if args.tiny:
         return BenchModel(
             random_model(TINY_SHAPES, device, dtype, four_bit=True),
-            LolaSettings(chunk=16, capacity=24),
+            with_lola_flags(LolaSettings(chunk=16, capacity=24), args),
             "tiny random",
         )
     if args.random_default_shapes:
@@ -130,13 +128,13 @@ def load(args, config: Config, device: torch.device, dtype: torch.dtype) -> Benc
         settings = linearization_settings(shipped) if shipped is not None else config.lola
         return BenchModel(
             random_model(DEFAULT_SHAPES, device, dtype, four_bit=True),
-            dataclasses.replace(settings, **overrides),
+            with_lola_flags(settings, args),
             "random weights, default model shapes",
         )
     from lola_chat.weights import load_model
 
     loaded = load_model(config, device, dtype)
-    settings = dataclasses.replace(loaded.lola, **overrides)
+    settings = with_lola_flags(loaded.lola, args)
     return BenchModel(loaded.model.eval(), settings, f"{loaded.model_dir.name} ({loaded.linearization})")
 
 

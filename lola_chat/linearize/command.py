@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lola_chat.config import Config, default_dtype, lola_overrides, resolve_device
+from lola_chat.config import Config, default_dtype, resolve_device, with_lola_flags
 from lola_chat.errors import UsageError
 from lola_chat.evals.provenance import run_info
 from lola_chat.linearization import linearizations_root
@@ -131,8 +131,9 @@ def run(args, config: Config) -> int:
     )
     # What the chat will run with it: the LoLA flags given (policy, capacity, cap, pooling), trained with
     # the chunk and normalizer it was trained with.
-    shipped = {**lola_overrides(args), "chunk": settings.chunk, "normalizer": settings.normalizer}
-    inference = dataclasses.replace(config.lola, **shipped)
+    trained = {"chunk": settings.chunk, "normalizer": settings.normalizer}
+    inference = with_lola_flags(dataclasses.replace(config.lola, **trained), args)
+    inference = dataclasses.replace(inference, **trained)
     record = linearize(loaded, settings, data_dir, out_dir, inference, run_info(device))
     card.write_card(out_dir)
     print(f"wrote {out_dir} in {record['wall_seconds']:.0f} s")
