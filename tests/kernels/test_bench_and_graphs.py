@@ -14,7 +14,8 @@ from lola_chat.kernels import int4
 from lola_chat.cli import main
 from lola_chat.config import default_dtype
 from lola_chat.errors import LolaError
-from lola_chat.evals.bench import TINY_SHAPES, markdown, random_model
+from lola_chat.evals.bench import TINY_SHAPES, random_model
+from lola_chat.evals.bench_report import markdown
 
 
 def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
