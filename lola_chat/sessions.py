@@ -20,7 +20,6 @@ import secrets
 import shutil
 import tempfile
 import time
-import unicodedata
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,26 +28,25 @@ from pathlib import Path
 import torch
 
 from lola_chat.errors import LolaError, SnapshotError, UsageError
+from lola_chat.snapshots import SnapshotFolder, SnapshotInfo, encode_snapshot
 from lola_chat.storage import (
     FORMAT_VERSION,
-    SnapshotFolder,
-    SnapshotInfo,
     WriterLock,
     append_record_line,
     atomic_write_bytes,
     atomic_write_json,
     checked_record,
-    encode_snapshot,
     fsync_dir,
     move_folder,
     one_line,
     parse_snapshot_id,
     read_records,
     record_lines,
+    validate_name,
+    visible_messages,
 )
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-MAX_NAME_LENGTH = 64
 SESSION_FILE = "session.json"
 TRANSCRIPT_FILE = "transcript.jsonl"
 SNAPSHOT_DIR = "snapshots"
@@ -65,53 +63,6 @@ class SessionInfo:
     nbytes: int
     system_prompt: str
     messages: int
-
-
-def validate_name(name: str) -> str:
-    """The session name in NFC form, or UsageError saying what is wrong with it."""
-    if not isinstance(name, str) or not name:
-        raise UsageError("a session name may not be empty")
-    name = unicodedata.normalize("NFC", name)
-    reason = None
-    if len(name) > MAX_NAME_LENGTH:
-        reason = f"longer than {MAX_NAME_LENGTH} characters"
-    elif "/" in name or "\\" in name:
-        reason = "it may not contain '/' or '\\'"
-    elif ".." in name:
-        reason = "it may not contain '..'"
-    elif name.startswith("."):
-        reason = "it may not start with '.'"
-    elif any(unicodedata.category(ch).startswith("C") for ch in name):
-        reason = "it may not contain control characters"
-    elif not all(ch.isalnum() or ch in "-_. " for ch in name):
-        reason = "use only letters, digits, '-', '_', '.' and spaces"
-    elif name != name.strip():
-        reason = "it may not start or end with a space"
-    if reason:
-        raise UsageError(f"bad session name {name!r}: {reason}")
-    return name
-
-
-def _replay(records: list[dict]) -> list[dict]:
-    """The visible conversation: messages, minus undone exchanges and what a restore went back past."""
-    visible: list[dict] = []
-    for record in records:
-        kind = record.get("type")
-        if kind == "message":
-            visible.append(record)
-        elif kind == "undo":
-            users = [i for i, m in enumerate(visible) if m.get("role") == "user"]
-            if users:
-                del visible[users[-1] :]
-        elif kind == "restore":
-            # A message without a snapshot of its own (a user turn saved together with its reply)
-            # stays only if a later message at or before the restored snapshot stays.
-            limit, cut = int(record["snapshot"]), 0
-            for i, m in enumerate(visible):
-                if m.get("snapshot") is not None and int(m["snapshot"]) <= limit:
-                    cut = i + 1
-            del visible[cut:]
-    return visible
 
 
 def _new_meta(system_prompt: str, **fields) -> dict:
@@ -214,7 +165,7 @@ class Session:
         return read_records(self.dir / TRANSCRIPT_FILE, self.name)
 
     def history(self) -> list[dict]:
-        return _replay(self.records())
+        return visible_messages(self.records())
 
     @property
     def _snapshots(self) -> SnapshotFolder:
@@ -410,7 +361,7 @@ class SessionStore:
         src = self.open(source)
         snapshot_id = src._current_id() if snapshot_id is None else parse_snapshot_id(snapshot_id)
         data, _, metadata = src._snapshots.verified(snapshot_id)
-        history = _replay([*src.records(), {"type": "restore", "snapshot": snapshot_id}])
+        history = visible_messages([*src.records(), {"type": "restore", "snapshot": snapshot_id}])
         transcript = record_lines(history).encode()
         meta = _new_meta(
             src.system_prompt,

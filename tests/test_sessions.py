@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lola_chat.errors import LolaError, SessionLocked, SnapshotError, UsageError
-from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionStore, validate_name
-from lola_chat.storage import FORMAT_VERSION, atomic_write_bytes
+from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionStore
+from lola_chat.storage import FORMAT_VERSION, atomic_write_bytes, validate_name
 
 EXPECT = {"model": "smollm2-fingerprint", "chunk": "64"}
 
@@ -398,7 +398,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 
 
 def test_a_settings_mismatch_names_only_the_fields_that_differ():
-    from lola_chat.storage import describe_difference
+    from lola_chat.snapshots import describe_difference
 
     theirs = '{"capacity": 128, "chunk": 64, "policy": "sre"}'
     ours = '{"capacity": 128, "chunk": 64, "normalizer": "shared", "policy": "sre"}'

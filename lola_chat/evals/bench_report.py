@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The profiled steps beside the ordinary decode step: the profile's key, and the step in words.
+PROFILED_STEPS = {
+    "eviction": "A step that closes a chunk",
+    "prefill_chunk": "A whole chunk fed at once, as a prefill feeds it, eviction included,",
+}
 COLUMNS = ("arm", "memory (tokens)", "prefill tok/s", "decode tok/s", "median ms", "p99 ms",
            "eviction step ms", "state MiB", "peak GPU MiB")  # fmt: skip
 
@@ -60,25 +65,15 @@ def markdown(results: dict) -> str:
             "",
             f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all (Triton path, eager).",
         ]
-        if "eviction" in profile:
-            eviction = profile["eviction"]
-            top = list(eviction["top_kernels_ms"].items())[:4]
-            slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
-            lines += [
-                "",
-                f"A step that closes a chunk launches {eviction['kernels_per_token']} kernels, "
-                f"{eviction['kernel_time_ms']:.3f} ms of device time (slowest: {slowest}).",
-            ]
-        if "prefill_chunk" in profile:
-            chunk = profile["prefill_chunk"]
-            top = list(chunk["top_kernels_ms"].items())[:4]
-            slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
-            lines += [
-                "",
-                f"A whole chunk fed at once, as a prefill feeds it, eviction included, launches "
-                f"{chunk['kernels_per_token']} kernels, {chunk['kernel_time_ms']:.3f} ms of device time "
-                f"(slowest: {slowest}).",
-            ]
+        for key, step in PROFILED_STEPS.items():
+            if key in profile:
+                top = list(profile[key]["top_kernels_ms"].items())[:4]
+                slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
+                lines += [
+                    "",
+                    f"{step} launches {profile[key]['kernels_per_token']} kernels, "
+                    f"{profile[key]['kernel_time_ms']:.3f} ms of device time (slowest: {slowest}).",
+                ]
     if "floor" in results:
         floor = results["floor"]
         fastest = max(
