@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lola_chat.errors import LolaError, UsageError
 from lola_chat.joint import JOINT_POOLING, MAX_JOINT_POWER, close_chunk_jointly
 from lola_chat.kernels import lola
-from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, KeyFeatures
+from lola_chat.kernels.lola.evict_reference import RECALL_POLICIES, CacheMemo
 from lola_chat.kernels.lola.reference import FrameRotary, accumulator, expand_heads
 
 # "joint-" before a recall policy: one choice for the whole model. Every layer and query head keeps the
@@ -106,8 +106,9 @@ class LolaMemory:
         self.pinned_ids: tuple[torch.Tensor, torch.Tensor] | None = None
         # Rotary tables and rotated keys the reference keeps between calls (see FrameRotary).
         self._rotary: FrameRotary | None = None
-        # Hedgehog features of the cached keys the reference keeps between evictions; never saved.
-        self._features = KeyFeatures()
+        # What the reference keeps about the cached keys between evictions (features, nearest keys);
+        # never saved.
+        self._memo = CacheMemo()
         # What a CPU decode step keeps between tokens (see kernels/lola/decode_cpu); never saved. It knows
         # the tensors and rotary it was made from, so it needs no forgetting.
         self._decode = lola.DecodeFrame()
@@ -199,7 +200,7 @@ class LolaMemory:
         ``scoring`` (``evict_reference.candidate_scores``); None where it ranks nothing."""
         memory = (self.win_k, self.win_v, self.cache_k, self.cache_v, self.h, self.s)
         return lola.candidate_scores(
-            *memory, attn.fmap_k, self.tokens_seen, self.settings.scoring, features=self._features
+            *memory, attn.fmap_k, self.tokens_seen, self.settings.scoring, memo=self._memo
         )
 
     def _evict(self, attn, score: torch.Tensor | None = None) -> None:
@@ -216,7 +217,7 @@ class LolaMemory:
             attn.fmap_k,
             self.tokens_seen,
             self.settings.scoring,
-            features=self._features,
+            memo=self._memo,
             pinned=self._pinned_candidates(),
             score=score,
         )
@@ -245,7 +246,7 @@ class LolaMemory:
         self.tokens_seen = tokens_seen
         if self._rotary is not None:
             self._rotary.forget()
-        self._features.forget()
+        self._memo.forget()
         self.pending = None
 
     def recall_errors(self, attn) -> torch.Tensor:

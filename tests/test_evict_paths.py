@@ -141,7 +141,7 @@ def test_kept_key_features_give_the_same_evictions(chunk, capacity, heads, kv_he
     """Evictions from an empty cache through a full one, with and without the kept features."""
     memory, fmap_k = memory_before_eviction(torch.bfloat16, batch, heads, kv_heads, 8, chunk, capacity)
     plain, reused = list(memory), list(memory)
-    features = evict_reference.KeyFeatures()
+    features = evict_reference.CacheMemo()
     with torch.inference_mode():
         for step in range(1, 8):
             seen = step * chunk
@@ -158,8 +158,8 @@ def test_kept_key_features_give_the_same_evictions(chunk, capacity, heads, kv_he
 
 def test_kept_key_features_serve_only_the_unchanged_cache_and_feature_map():
     memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
-    features = evict_reference.KeyFeatures()
-    cache_k = evict_reference.evict(*memory, fmap_k, 32, features=features)[2]
+    features = evict_reference.CacheMemo()
+    cache_k = evict_reference.evict(*memory, fmap_k, 32, memo=features)[2]
     kept = features.get(cache_k, fmap_k)
     torch.testing.assert_close(kept, reference.hedgehog(cache_k, fmap_k), atol=1e-6, rtol=1e-6)
     assert features.get(cache_k.clone(), fmap_k) is None
@@ -174,8 +174,8 @@ def test_kept_key_features_serve_only_the_unchanged_cache_and_feature_map():
 def test_nothing_is_kept_while_autograd_records():
     memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
     fmap_k.requires_grad_(True)
-    features = evict_reference.KeyFeatures()
-    cache_k = evict_reference.evict(*memory, fmap_k, 32, features=features)[2]
+    features = evict_reference.CacheMemo()
+    cache_k = evict_reference.evict(*memory, fmap_k, 32, memo=features)[2]
     assert features.get(cache_k, fmap_k) is None
 
 
@@ -228,6 +228,67 @@ def test_cache_recall_error_with_tied_nearest_keys_matches_the_definition():
     valid = torch.arange(64) >= 5
     error = evict_reference.cache_recall_error(k, v, valid)
     torch.testing.assert_close(error, cache_recall_by_definition(k, v, valid).float())
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["per-head", "joint"])
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "repeated-keys"])
+def test_kept_nearest_keys_give_the_full_search(joint, repeats):
+    """Evictions through a filling then full cache: the nearest keys searched from those kept (only the
+    leaving chunk's distances computed) are the full search's for every valid candidate, indices and
+    distances, ties included (repeated keys: the leaving chunk repeats cached and leaving keys exactly)."""
+    chunk, capacity, heads, kv_heads = 8, 20, 4, 2
+    memory, fmap_k = memory_before_eviction(torch.bfloat16, 1, heads, kv_heads, 8, chunk, capacity)
+    if joint:
+        memory[2:4] = [x[:, :kv_heads] for x in memory[2:4]]
+    memo = evict_reference.CacheMemo()
+    used = 0
+    with torch.inference_mode():
+        for step in range(1, 10):
+            seen = step * chunk
+            win_k, win_v, cache_k, cache_v = memory[:4]
+            if repeats and step > 2:
+                win_k[:, :, 1], win_k[:, :, 5] = cache_k[:, :kv_heads, -3], win_k[:, :, 2]
+            cand_k = torch.cat(
+                [
+                    reference.expand_heads(cache_k, heads if not joint else kv_heads),
+                    win_k[:, :, :chunk].repeat_interleave(1 if joint else heads // kv_heads, 1),
+                ],
+                2,
+            )
+            cached, _, _ = reference.frame(seen - 1, chunk, capacity)
+            valid = torch.arange(capacity + chunk) >= capacity - cached
+            known = memo.nearest(cache_k, fmap_k, valid[:capacity])
+            if known is not None:
+                used += 1
+                full = evict_reference.nearest_keys(cand_k, valid)
+                fast = evict_reference.nearest_keys(cand_k, valid, known)
+                # Rows of empty slots are never ranked (their scores are -inf).
+                assert torch.equal(fast[0][..., valid], full[0][..., valid])
+                assert torch.equal(fast[1][..., valid], full[1][..., valid])
+            score = None
+            if joint:
+                score = evict_reference.candidate_scores(*memory, fmap_k, seen, "relative-novelty", memo=memo)
+                score = None if score is None else score.mean(dim=1, keepdim=True).expand_as(score)
+            got = evict_reference.evict(*memory, fmap_k, seen, "relative-novelty", memo=memo, score=score)
+            memory = new_chunk(got[:6], chunk, step)
+    assert used >= 6
+
+
+@pytest.mark.parametrize("changed", [None, "win_v", "fmap_k"])
+def test_candidates_held_from_scoring_serve_only_an_eviction_of_the_same_tensors(changed):
+    """``candidate_scores`` holds its candidates for the ``evict`` that follows; a tensor changed in place
+    in between makes that eviction build them again (it then equals an eviction without the memo)."""
+    memory, fmap_k = memory_before_eviction(torch.float32, 1, 4, 2, 8, chunk=8, capacity=16)
+    memo = evict_reference.CacheMemo()
+    score = evict_reference.candidate_scores(*memory, fmap_k, 32, "relative-novelty", memo=memo)
+    if changed == "win_v":
+        memory[1].mul_(2)
+    elif changed == "fmap_k":
+        fmap_k.mul_(2)
+    got = evict_reference.evict(*memory, fmap_k, 32, "relative-novelty", memo=memo, score=score)
+    expected = evict_reference.evict(*memory, fmap_k, 32, "relative-novelty", score=score)
+    assert_same_eviction(got, expected, torch.float32)
+    assert memo.take_scored((*memory[:4], fmap_k), 32) == (None, None), "held for one eviction only"
 
 
 def test_pinned_candidates_are_kept_whatever_their_scores():

@@ -20,7 +20,7 @@ from lola_chat.kernels.dispatch import (
 )
 from lola_chat.kernels.lola import decode_cpu, evict_reference, reference
 from lola_chat.kernels.lola.decode_cpu import DecodeFrame
-from lola_chat.kernels.lola.evict_reference import KeyFeatures, self_recall_error
+from lola_chat.kernels.lola.evict_reference import CacheMemo, self_recall_error
 from lola_chat.kernels.lola.reference import FrameRotary, frame, rotate
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "DecodeFrame",
     "TRITON_POLICIES",
     "FrameRotary",
-    "KeyFeatures",
+    "CacheMemo",
     "attend",
     "candidate_scores",
     "cpu_decode_applies",
@@ -108,24 +108,24 @@ def attend(
 
 
 def evict(
-    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None,
+    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, memo=None,
     pinned=None, score=None,
 ):  # fmt: skip
     """See ``evict_reference.evict``; dispatched as described in this module's docstring (Triton runs
-    ``TRITON_POLICIES`` without ``pinned`` candidates only). ``features`` (a
-    ``KeyFeatures``) serves the reference only; the Triton path forgets what it kept, as it writes the
+    ``TRITON_POLICIES`` without ``pinned`` candidates only). ``memo`` (a ``CacheMemo``)
+    serves the reference only; the Triton path forgets what it kept, as it writes the
     cache in place."""
     args = (win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator)
     fast = pinned is None and policy in TRITON_POLICIES
     if fast and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
-        if features is not None:
-            features.forget()
+        if memo is not None:
+            memo.forget()
         return _triton_module("evict").evict(*args, scores=score)
-    return evict_reference.evict(*args, features, pinned, score)
+    return evict_reference.evict(*args, memo, pinned, score)
 
 
 def candidate_scores(
-    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, features=None
+    win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy="sre", generator=None, memo=None
 ):  # fmt: skip
     """See ``evict_reference.candidate_scores``; dispatched as ``evict`` is."""
     if policy in TRITON_POLICIES and uses_triton(win_k, cache_k, h, s, fmap_k, feature_map=fmap_k):
@@ -133,7 +133,7 @@ def candidate_scores(
             win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy
         )
     return evict_reference.candidate_scores(
-        win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator, features
+        win_k, win_v, cache_k, cache_v, h, s, fmap_k, tokens_seen, policy, generator, memo
     )
 
 
