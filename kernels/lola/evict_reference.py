@@ -66,20 +66,21 @@ def nearest_keys(
         best = distance.min(dim=-1)
         return best.indices.reshape(*batch, n), best.values.reshape(*batch, n)
     capacity = known[0].shape[-1]
-    leaving = flat[:, capacity:]
-    to_leaving = torch.baddbmm(squares[..., capacity:], flat, leaving.transpose(1, 2), alpha=-2.0)
-    to_leaving[:, capacity:].diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    cache = flat[:, :capacity]
-    leaving_to_cache = torch.baddbmm(squares[..., :capacity], leaving, cache.transpose(1, 2), alpha=-2.0)
-    leaving_best = torch.cat([leaving_to_cache, to_leaving[:, capacity:]], dim=-1).min(dim=-1)
-    cache_best = to_leaving[:, :capacity].min(dim=-1)
+    # The products of the leaving keys with every key, once: the leaving rows read them as they are, the
+    # cache rows read them transposed (k_i . k_j whichever is the row).
+    products = torch.bmm(flat[:, capacity:], flat.transpose(1, 2))
+    from_leaving = torch.add(squares, products, alpha=-2.0)
+    from_leaving[:, :, capacity:].diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    leaving_best = from_leaving.min(dim=-1)
+    to_leaving = torch.add(squares[..., capacity:].transpose(1, 2), products[..., :capacity], alpha=-2.0)
+    cache_best = to_leaving.min(dim=1)
     known_index, known_distance = (x.reshape(-1, capacity) for x in known)
     # A known cache slot comes before every leaving one, so it wins ties.
     use_known = known_distance <= cache_best.values
-    index = torch.cat(
-        [torch.where(use_known, known_index, cache_best.indices + capacity), leaving_best.indices], 1
-    )
-    distance = torch.cat([torch.where(use_known, known_distance, cache_best.values), leaving_best.values], 1)
+    cache_index = torch.where(use_known, known_index, cache_best.indices + capacity)
+    cache_distance = torch.where(use_known, known_distance, cache_best.values)
+    index = torch.cat([cache_index, leaving_best.indices], dim=1)
+    distance = torch.cat([cache_distance, leaving_best.values], dim=1)
     return index.reshape(*batch, n), distance.reshape(*batch, n)
 
 
@@ -105,15 +106,24 @@ def nearest_after_eviction(
     new_distance = distance.gather(2, keep)
     stale = new_valid & ((new_index < 0) | new_distance.isinf())
     new_distance = new_distance.masked_fill(~new_valid, float("inf"))
-    if stale.any():
+    most = int(stale.sum(dim=-1).max())
+    if most:
+        # Each head's stale rows first (in slot order), padded to the most any head has.
+        rows = stale.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :most]
+        present = torch.arange(most, device=keep.device) < stale.sum(dim=-1, keepdim=True)
         k = cache_k.to(torch.float64)
         squares = (k * k).sum(dim=-1).masked_fill(~new_valid, float("inf"))
-        for b, head in stale.any(dim=-1).nonzero().tolist():
-            rows = stale[b, head].nonzero().squeeze(1)
-            found = torch.addmm(squares[b, head][None], k[b, head, rows], k[b, head].T, alpha=-2.0)
-            found[torch.arange(rows.numel()), rows] = float("inf")
-            best = found.min(dim=-1)
-            new_index[b, head, rows], new_distance[b, head, rows] = best.indices, best.values
+        flat = k.reshape(batch * heads, capacity, -1)
+        found = torch.baddbmm(
+            squares.reshape(-1, 1, capacity),
+            _take_rows(k, rows).flatten(0, 1),
+            flat.transpose(1, 2),
+            alpha=-2.0,
+        ).view(batch, heads, most, capacity)
+        found.scatter_(3, rows[..., None], float("inf"))
+        best = found.min(dim=-1)
+        new_index.scatter_(2, rows, torch.where(present, best.indices, new_index.gather(2, rows)))
+        new_distance.scatter_(2, rows, torch.where(present, best.values, new_distance.gather(2, rows)))
     return new_index, new_distance, new_valid
 
 
