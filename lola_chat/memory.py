@@ -232,6 +232,14 @@ class LolaMemory:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.names}
 
+    def kept(self) -> tuple | None:
+        """What the reference keeps about the cached keys now (``CacheMemo.export``), for a checkpoint."""
+        return self._memo.export(self.cache_k)
+
+    def adopt(self, kept: tuple) -> None:
+        """Take ``kept`` (``kept()`` of the memory this one was just loaded from, as it was then)."""
+        self._memo.adopt(self.cache_k, kept)
+
     def load(self, tensors: dict[str, torch.Tensor], tokens_seen: int) -> None:
         for name in self.names:
             if tensors[name].shape != getattr(self, name).shape:
@@ -346,12 +354,21 @@ class State:
     def nbytes(self) -> int:
         return sum(sum(layer.nbytes().values()) for layer in self.layers)
 
-    def checkpoint(self) -> tuple[dict[str, torch.Tensor], int]:
-        """An exact copy of the state, for stop / regenerate / undo."""
-        return {name: t.clone() for name, t in self.tensors().items()}, self.tokens_seen
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], int, list]:
+        """An exact copy of the state in memory (a cancelled feed goes back to it, the bench's repeats
+        start from it), with what its layers keep between evictions, so that a state restored from it
+        need not compute that all again at its next eviction."""
+        tensors = {name: t.clone() for name, t in self.tensors().items()}
+        kept = [layer.kept() if isinstance(layer, LolaMemory) else None for layer in self.layers]
+        return tensors, self.tokens_seen, kept
 
-    def restore(self, checkpoint: tuple[dict[str, torch.Tensor], int]) -> None:
-        self.load(*checkpoint)
+    def restore(self, checkpoint: tuple[dict[str, torch.Tensor], int, list]) -> None:
+        """Load a ``checkpoint`` (this state's or another of the same shapes)."""
+        tensors, tokens_seen, kept = checkpoint
+        self.load(tensors, tokens_seen)
+        for layer, layer_kept in zip(self.layers, kept, strict=True):
+            if layer_kept is not None:
+                layer.adopt(layer_kept)
 
     def evictions(self) -> int:
         return sum(layer.evictions for layer in self.layers)

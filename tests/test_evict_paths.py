@@ -207,6 +207,51 @@ def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
         torch.testing.assert_close(getattr(kept, name), getattr(forgetful, name), atol=1e-5, rtol=1e-5)
 
 
+def test_a_restored_checkpoint_keeps_what_its_memory_kept(monkeypatch):
+    """A state restored from a checkpoint (another state's, as the bench and regenerate restore) evicts
+    from what the checkpointed memory kept, not a full search, and goes on exactly as the original."""
+    from types import SimpleNamespace
+
+    from lola_chat.memory import LolaMemory, LolaSettings, State
+
+    g = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, chunk = 4, 2, 8, 8
+    attn = SimpleNamespace(
+        fmap_q=torch.randn(heads, dim, dim, generator=g) * 0.5,
+        fmap_k=torch.randn(heads, dim, dim, generator=g) * 0.5,
+        window_factor=lambda: torch.full((heads,), 0.5),
+        inv_freq=1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
+    )
+    settings = LolaSettings(chunk=chunk, capacity=12, policy="relative-novelty")
+    original, restored = (
+        State([LolaMemory(1, heads, kv_heads, dim, 2 * dim, settings, torch.bfloat16, "cpu")]) for _ in "ab"
+    )
+
+    def feed(state, length, seed):
+        r = torch.Generator().manual_seed(seed)
+        q = torch.randn(1, heads, length, dim, generator=r).bfloat16()
+        k, v = (torch.randn(1, kv_heads, length, dim, generator=r).bfloat16() for _ in "kv")
+        return state.layers[0].attend(q, k, v, attn)
+
+    searches = []
+    full_search = evict_reference.nearest_keys
+    monkeypatch.setattr(
+        evict_reference,
+        "nearest_keys",
+        lambda k, valid, known=None: searches.append(known is None) or full_search(k, valid, known),
+    )
+    with torch.inference_mode():
+        for seed in range(6):
+            feed(original, 8, seed)
+        restored.restore(original.checkpoint())
+        searches.clear()
+        for seed in range(6, 9):
+            torch.testing.assert_close(feed(restored, 8, seed), feed(original, 8, seed), atol=0, rtol=0)
+    assert searches and not any(searches), "every eviction after the restore started from what was kept"
+    for name, tensor in original.tensors().items():
+        assert torch.equal(restored.tensors()[name], tensor), name
+
+
 def test_cache_recall_error_is_zero_for_a_duplicate_and_the_value_norm_for_a_lone_pair():
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, 1, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)

@@ -209,6 +209,21 @@ class CacheMemo:
             return None, None
         return scored[3:] if scored[2] == self._stamp(*memory) else (None, None)
 
+    def export(self, cache_k: torch.Tensor) -> tuple | None:
+        """What is kept for ``cache_k`` as it is now, for ``adopt`` into the memo of a copy of it (a
+        checkpoint's); None where nothing is."""
+        kept = self._kept
+        if kept is None or kept[0] is not cache_k or kept[2] != self._stamp(cache_k, kept[1]):
+            return None
+        return kept[1], kept[2][1], kept[3], kept[4]
+
+    def adopt(self, cache_k: torch.Tensor, exported: tuple) -> None:
+        """Keep for ``cache_k``, an exact copy of the cache ``exported`` was taken from, what ``export``
+        gave (the feature map's stamp stays the one taken then)."""
+        fmap_k, fmap_stamp, features, nearest = exported
+        self._kept = (cache_k, fmap_k, (self._stamp(cache_k)[0], fmap_stamp), features, nearest)
+        self._scored = None
+
     def forget(self) -> None:
         self._kept = self._scored = None
 
