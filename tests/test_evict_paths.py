@@ -179,20 +179,25 @@ def test_nothing_is_kept_while_autograd_records():
     assert features.get(cache_k, fmap_k) is None
 
 
-def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
-    """A memory reloaded from its own tensors before every call forgets what it kept."""
+def attention_weights(heads, dim, g):
+    """What a memory reads of its attention layer: feature maps, window factors, rotary frequencies."""
     from types import SimpleNamespace
 
-    from lola_chat.memory import LolaMemory, LolaSettings
-
-    g = torch.Generator().manual_seed(3)
-    heads, kv_heads, dim, chunk = 4, 2, 8, 8
-    attn = SimpleNamespace(
+    return SimpleNamespace(
         fmap_q=torch.randn(heads, dim, dim, generator=g) * 0.5,
         fmap_k=torch.randn(heads, dim, dim, generator=g) * 0.5,
         window_factor=lambda: torch.full((heads,), 0.5),
         inv_freq=1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
     )
+
+
+def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
+    """A memory reloaded from its own tensors before every call forgets what it kept."""
+    from lola_chat.memory import LolaMemory, LolaSettings
+
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, chunk = 4, 2, 8, 8
+    attn = attention_weights(heads, dim, g)
     settings = LolaSettings(chunk=chunk, capacity=12)
     kept, forgetful = (
         LolaMemory(2, heads, kv_heads, dim, 2 * dim, settings, torch.float32, "cpu") for _ in "ab"
@@ -210,18 +215,11 @@ def test_a_memory_keeping_features_attends_as_one_that_forgets_them():
 def test_a_restored_checkpoint_keeps_what_its_memory_kept(monkeypatch):
     """A state restored from a checkpoint (another state's, as the bench and regenerate restore) evicts
     from what the checkpointed memory kept, not a full search, and goes on exactly as the original."""
-    from types import SimpleNamespace
-
     from lola_chat.memory import LolaMemory, LolaSettings, State
 
     g = torch.Generator().manual_seed(4)
     heads, kv_heads, dim, chunk = 4, 2, 8, 8
-    attn = SimpleNamespace(
-        fmap_q=torch.randn(heads, dim, dim, generator=g) * 0.5,
-        fmap_k=torch.randn(heads, dim, dim, generator=g) * 0.5,
-        window_factor=lambda: torch.full((heads,), 0.5),
-        inv_freq=1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
-    )
+    attn = attention_weights(heads, dim, g)
     settings = LolaSettings(chunk=chunk, capacity=12, policy="relative-novelty")
     original, restored = (
         State([LolaMemory(1, heads, kv_heads, dim, 2 * dim, settings, torch.bfloat16, "cpu")]) for _ in "ab"
