@@ -10,6 +10,9 @@ import torch
 from lola_chat.kernels.lola.reference import accumulator, expand_heads, frame, hedgehog
 
 SRE_EPS = 1e-6
+# Keys whose products with each other sum exactly in float64 (short of magnitudes 2^29 apart), in any
+# order: a nearest-key search kept between evictions picks what a full search picks only for these.
+EXACT_KEY_DTYPES = (torch.bfloat16, torch.float16)
 # Eviction policies that score by recall error: the self-recall error ("sre", the method); the smaller of
 # it and the cache-recall error ("novelty", which also folds pairs the cache would hold twice); either with
 # the self-recall error relative to the value's norm ("relative-"), which ranks a pair by the share of it
@@ -48,11 +51,14 @@ def nearest_keys(
     k: (B, H, N, D) un-rotated, the cache's G slots then the leaving chunk's N - G; valid: (N,) bool.
     ``known``: (index, distance) (B, H, G) of each cache slot's nearest valid other cache slot, as
     ``nearest_after_eviction`` left them; then only the distances to and from the leaving chunk are
-    computed, a C / N share of the full (N, N) search. The products run in float64, in which sums of
-    16-bit keys' products are exact whatever their order, so the two ways pick the same candidate.
-    Returns (index (B, H, N) int64, distance (B, H, N) float64); +inf where no other candidate is valid.
+    computed, a C / N share of the full (N, N) search. For 16-bit keys (``EXACT_KEY_DTYPES``) the
+    products run in float64, where their sums are exact whatever their order, so the two ways pick the
+    same candidate; other keys search in their accumulator dtype (``known`` is for 16-bit keys only).
+    Returns (index (B, H, N) int64, distance (B, H, N) in that dtype); +inf where no other candidate
+    is valid.
     """
-    k = k.to(torch.float64)
+    assert known is None or k.dtype in EXACT_KEY_DTYPES, "a kept search needs 16-bit keys"
+    k = k.to(torch.float64 if k.dtype in EXACT_KEY_DTYPES else accumulator(k.dtype))
     squares = (k * k).sum(dim=-1).masked_fill(~valid, float("inf"))
     batch = k.shape[:-2]
     n, d = k.shape[-2:]
@@ -111,7 +117,7 @@ def nearest_after_eviction(
         # Each head's stale rows first (in slot order), padded to the most any head has.
         rows = stale.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :most]
         present = torch.arange(most, device=keep.device) < stale.sum(dim=-1, keepdim=True)
-        k = cache_k.to(torch.float64)
+        k = cache_k.to(distance.dtype)
         squares = (k * k).sum(dim=-1).masked_fill(~new_valid, float("inf"))
         flat = k.reshape(batch * heads, capacity, -1)
         found = torch.baddbmm(
@@ -215,14 +221,18 @@ class CacheMemo:
         kept = self._kept
         if kept is None or kept[0] is not cache_k or kept[2] != self._stamp(cache_k, kept[1]):
             return None
-        return kept[1], kept[2][1], kept[3], kept[4]
+        return (cache_k.shape, cache_k.dtype, cache_k.device), kept[1], kept[2][1], kept[3], kept[4]
 
     def adopt(self, cache_k: torch.Tensor, exported: tuple) -> None:
         """Keep for ``cache_k``, an exact copy of the cache ``exported`` was taken from, what ``export``
-        gave (the feature map's stamp stays the one taken then)."""
-        fmap_k, fmap_stamp, features, nearest = exported
-        self._kept = (cache_k, fmap_k, (self._stamp(cache_k)[0], fmap_stamp), features, nearest)
+        gave (the feature map's stamp stays the one taken then); nothing where the copy has another
+        shape, dtype or device."""
+        layout, fmap_k, fmap_stamp, features, nearest = exported
         self._scored = None
+        if layout != (cache_k.shape, cache_k.dtype, cache_k.device):
+            self._kept = None
+            return
+        self._kept = (cache_k, fmap_k, (self._stamp(cache_k)[0], fmap_stamp), features, nearest)
 
     def forget(self) -> None:
         self._kept = self._scored = None
@@ -369,8 +379,10 @@ def evict(
                 cache_k = _take_rows(torch.cat([cache_k, win_k[:, :, :chunk]], dim=2), kept)
                 cache_v = _take_rows(torch.cat([cache_v, win_v[:, :, :chunk]], dim=2), kept)
             if memo is not None:
-                if nearest is not None:
+                if nearest is not None and cache_k.dtype in EXACT_KEY_DTYPES:
                     nearest = nearest_after_eviction(cache_k, kept, valid, *nearest)
+                else:
+                    nearest = None
                 memo.keep(cache_k, fmap_k, _take_rows(phi_k, keep), nearest)
             # Invalid slots score -inf and sort last, so the valid candidates not kept are these.
             folded = order[..., capacity : cached + chunk].sort(dim=-1).values

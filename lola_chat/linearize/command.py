@@ -131,9 +131,9 @@ def run(args, config: Config) -> int:
     )
     # What the chat will run with it: the LoLA flags given (policy, capacity, cap, pooling), trained with
     # the chunk and normalizer it was trained with.
-    trained = {"chunk": settings.chunk, "normalizer": settings.normalizer}
-    inference = with_lola_flags(dataclasses.replace(config.lola, **trained), args)
-    inference = dataclasses.replace(inference, **trained)
+    inference = dataclasses.replace(
+        with_lola_flags(config.lola, args), chunk=settings.chunk, normalizer=settings.normalizer
+    )
     record = linearize(loaded, settings, data_dir, out_dir, inference, run_info(device))
     card.write_card(out_dir)
     print(f"wrote {out_dir} in {record['wall_seconds']:.0f} s")

@@ -2,7 +2,8 @@
 ``evict_reference.evict``.
 
 Under "novelty" a candidate's score depends on which other candidate has the nearest key; kernel and
-reference rank fp32 squared distances computed in different orders, so near-tied distances could pick
+reference rank squared distances computed in different orders (the kernel's in fp32, the reference's
+in float64 for 16-bit keys and fp32 for fp32 ones), so near-tied distances could pick
 different neighbours. The keys here are random (besides the deliberate exact twins), which keeps every
 nearest neighbour clearly ahead of the next one: by at least 2e-5 of its distance in these cases, where
 fp32 rounding (and on a GPU the TF32 key products: exact for 16-bit keys, about 2^-22 of the product

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from lola_chat.engine import TurnStats
 from lola_chat.errors import LolaError, SessionLocked, UsageError
-from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionInfo, SnapshotInfo, validate_name
+from lola_chat.sessions import DEFAULT_SYSTEM_PROMPT, SessionInfo
+from lola_chat.snapshots import SnapshotInfo
+from lola_chat.storage import validate_name
 
 BASE_TIME = 1_700_000_000.0
 LAYERS = 4
