@@ -64,13 +64,11 @@ def nearest_keys(
     n, d = k.shape[-2:]
     flat, squares = k.reshape(-1, n, d), squares.reshape(-1, 1, n)
     # ||k_i - k_j||^2 less ||k_i||^2, the same for every j of row i: the order of row i's distances in one
-    # matrix product, with invalid candidates' columns at +inf through their bias. min's indices, like
-    # argmin, take the first of equal values, and run several times faster on a CPU.
+    # matrix product, with invalid candidates' columns at +inf through their bias.
     if known is None:
-        distance = torch.baddbmm(squares, flat, flat.transpose(1, 2), alpha=-2.0)
-        distance.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-        best = distance.min(dim=-1)
-        return best.indices.reshape(*batch, n), best.values.reshape(*batch, n)
+        every = torch.arange(n, device=k.device).expand(flat.shape[0], n)
+        index, distance = _nearest_among(flat, every, squares)
+        return index.reshape(*batch, n), distance.reshape(*batch, n)
     capacity = known[0].shape[-1]
     # The products of the leaving keys with every key, once: the leaving rows read them as they are, the
     # cache rows read them transposed (k_i . k_j whichever is the row).
@@ -88,6 +86,19 @@ def nearest_keys(
     index = torch.cat([cache_index, leaving_best.indices], dim=1)
     distance = torch.cat([cache_distance, leaving_best.values], dim=1)
     return index.reshape(*batch, n), distance.reshape(*batch, n)
+
+
+def _nearest_among(keys: torch.Tensor, rows: torch.Tensor, squares: torch.Tensor) -> tuple:
+    """The nearest of ``keys`` (R, N, D) to each of the rows ``rows`` (R, M) of them, itself left out:
+    (index, distance) (R, M), distance as ``nearest_keys`` gives it; ``squares`` (R, 1, N): each key's
+    squared norm, +inf for keys that may not be picked. min's indices, like argmin, take the first of
+    equal values, and run several times faster on a CPU."""
+    distance = torch.baddbmm(
+        squares, _take_rows(keys[:, None], rows[:, None])[:, 0], keys.transpose(1, 2), alpha=-2.0
+    )
+    distance.scatter_(2, rows[..., None], float("inf"))
+    best = distance.min(dim=-1)
+    return best.indices, best.values
 
 
 def nearest_after_eviction(
@@ -117,19 +128,12 @@ def nearest_after_eviction(
         # Each head's stale rows first (in slot order), padded to the most any head has.
         rows = stale.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :most]
         present = torch.arange(most, device=keep.device) < stale.sum(dim=-1, keepdim=True)
-        k = cache_k.to(distance.dtype)
-        squares = (k * k).sum(dim=-1).masked_fill(~new_valid, float("inf"))
-        flat = k.reshape(batch * heads, capacity, -1)
-        found = torch.baddbmm(
-            squares.reshape(-1, 1, capacity),
-            _take_rows(k, rows).flatten(0, 1),
-            flat.transpose(1, 2),
-            alpha=-2.0,
-        ).view(batch, heads, most, capacity)
-        found.scatter_(3, rows[..., None], float("inf"))
-        best = found.min(dim=-1)
-        new_index.scatter_(2, rows, torch.where(present, best.indices, new_index.gather(2, rows)))
-        new_distance.scatter_(2, rows, torch.where(present, best.values, new_distance.gather(2, rows)))
+        k = cache_k.to(distance.dtype).flatten(0, 1)
+        squares = (k * k).sum(dim=-1).masked_fill(~new_valid, float("inf"))[:, None]
+        found = _nearest_among(k, rows.flatten(0, 1), squares)
+        found_index, found_distance = (x.view(batch, heads, most) for x in found)
+        new_index.scatter_(2, rows, torch.where(present, found_index, new_index.gather(2, rows)))
+        new_distance.scatter_(2, rows, torch.where(present, found_distance, new_distance.gather(2, rows)))
     return new_index, new_distance, new_valid
 
 
