@@ -38,7 +38,9 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     phi_k: (B, Hq, N, F) fp32; v: (B, Hq, N, D); h: (B, Hq, F, D); s: (B, Hq, F). Returns (B, Hq, N).
     An empty hidden state (s = 0) recalls nothing, so the error is ||v||.
     """
-    recalled = (phi_k @ h) / (phi_k @ s[..., None]).clamp_min(SRE_EPS)
+    # s as one more column of H: both products in one, where a product with s alone is a slow matvec.
+    products = phi_k @ torch.cat([h, s[..., None]], dim=-1)
+    recalled = products[..., :-1] / products[..., -1:].clamp_min(SRE_EPS)
     return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 

@@ -37,6 +37,15 @@ def expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
 
+def grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y with y's heads each serving consecutive heads of x, as rows of one product per y head
+    rather than copies of y. x: (B, H, T, K); y: (B, Hy, K, N) with H a multiple of Hy. Returns
+    (B, H, T, N)."""
+    batch, heads, rows, _ = x.shape
+    grouped = x.reshape(batch, y.shape[1], heads // y.shape[1] * rows, x.shape[-1]) @ y
+    return grouped.reshape(batch, heads, rows, y.shape[-1])
+
+
 def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Hedgehog feature map phi(x) = [softmax(x W), softmax(-x W)], computed in fp32 (or wider).
 
@@ -270,16 +279,15 @@ def attend(
     where = layout(chunk, capacity, tokens_seen, length, q.device)
     rotary = rotary if rotary is not None else FrameRotary(inv_freq, chunk, capacity)
 
-    # The window is shared by the query heads of a KV group, so it is scored per group, never copied.
+    # The window is shared by the query heads of a KV group, and a cache kept per KV head likewise, so
+    # each is scored per head it is stored for, never copied.
     acc = accumulator(q.dtype)
-    group = n_heads // win_k.shape[1]
     q_rot = rotary.rotate(q, where.query_start).to(acc)
-    cache_rot = expand_heads(rotary.prepared("cache_k", cache_k, acc, where.key_start), n_heads)
+    cache_rot = rotary.prepared("cache_k", cache_k, acc, where.key_start)
     win_start = where.key_start + capacity
     win_rot = rotary.prepared("win_k", win_k, acc, win_start, (keys_before, k, chunk + current))
-    q_grouped = q_rot.reshape(batch, -1, group * length, dim)
-    win_scores = (q_grouped @ win_rot.transpose(-1, -2)).reshape(batch, n_heads, length, 2 * chunk)
-    scores = torch.cat([q_rot @ cache_rot.transpose(-1, -2), win_scores], dim=-1) * dim**-0.5
+    cache_scores = grouped_matmul(q_rot, cache_rot.transpose(-1, -2))
+    scores = torch.cat([cache_scores, grouped_matmul(q_rot, win_rot.transpose(-1, -2))], dim=-1) * dim**-0.5
     scores = torch.where(where.hidden, float("-inf"), scores)
     top = scores.amax(dim=-1, keepdim=True)
     weights = torch.exp(scores - top)
@@ -291,13 +299,11 @@ def attend(
     elif normalizer != "shared":
         raise ValueError(f"unknown normalizer {normalizer!r}")
     linear_scale = linear_scale * linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
-    cache_values = _zero_outside(
-        expand_heads(rotary.prepared("cache_v", cache_v, acc), n_heads), *where.cache_seen
-    )
+    cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
     win_values = _zero_outside(win_values, *where.window_seen)
-    win_weights = weights[..., capacity:].reshape(batch, -1, group * length, 2 * chunk)
-    softmax_part = weights[..., :capacity] @ cache_values + (win_weights @ win_values).reshape(q.shape)
+    softmax_part = grouped_matmul(weights[..., :capacity], cache_values)
+    softmax_part = softmax_part + grouped_matmul(weights[..., capacity:], win_values)
     gate = window_factor.to(acc)[None, :, None, None]
     phi_q = hedgehog(q, fmap_q)
     numerator = gate * softmax_part + linear_scale * (phi_q @ h)
