@@ -21,7 +21,7 @@ import torch
 from lola_chat.config import GenerationSettings
 from lola_chat.errors import LolaError
 from lola_chat.joint import joint_ranking
-from lola_chat.kernels.lola import TRITON_POLICIES
+from lola_chat.kernels.lola import TRITON_POLICIES, FrameRotary
 from lola_chat.memory import LolaMemory, State
 from lola_chat.sampling import sample_on_device
 
@@ -107,6 +107,8 @@ class _StaticLayer:
         self.policy = memory.settings.scoring
         self.joint = memory.settings.joint
         self.counter = counter
+        # Made at the first call (a warm-up, before any capture), so that a graph reads its tables.
+        self.rotary: FrameRotary | None = None
         for name in STATIC_NAMES:
             setattr(self, name, stacked[name][layer])
 
@@ -120,6 +122,8 @@ class _StaticLayer:
         counter, chunk = self.counter, self.chunk
         segments = counter.marks.shape[0] - 1
         length = q.shape[2] // segments
+        if self.rotary is None or self.rotary.inv_freq is not attn.inv_freq:
+            self.rotary = FrameRotary(attn.inv_freq, chunk, self.cache_k.shape[-2])
         outputs = []
         for i in range(segments):
             part = slice(i * length, (i + 1) * length)
@@ -128,7 +132,7 @@ class _StaticLayer:
             y, _, _ = attend_triton.attend(
                 q[:, :, part], k[:, :, part], v[:, :, part], self.win_k, self.win_v, self.cache_k,
                 self.cache_v, self.h, self.s, attn.fmap_q, attn.window_factor(), attn.inv_freq,
-                counter.marks[i : i + 1], self.normalizer, self.linear_cap,
+                counter.marks[i : i + 1], self.normalizer, self.linear_cap, self.rotary,
             )  # fmt: skip
             outputs.append(y)
             if counter.evicting and not self.joint:

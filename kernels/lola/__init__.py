@@ -93,14 +93,14 @@ def attend(
 ):  # fmt: skip
     """See ``reference.attend``; dispatched as described in this module's docstring, and on a CPU a single
     token goes to ``decode_cpu`` when the caller keeps a ``decode_frame`` (a ``DecodeFrame``) and a
-    ``rotary`` (a ``FrameRotary``, which otherwise serves the reference only). The Triton path and
-    ``decode_cpu`` write the window in place and return it; the Triton path forgets what ``rotary``
-    kept."""
+    ``rotary`` (a ``FrameRotary``, which every path reads its rotary tables from). The Triton path and
+    ``decode_cpu`` write the window in place and return it; the Triton path forgets the rotated keys
+    ``rotary`` kept."""
     args = (q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor, inv_freq, tokens_seen)
     if uses_triton(q, k, v, win_k, cache_k, h, s, fmap_q, window_factor, feature_map=fmap_q):
         if rotary is not None:
             rotary.forget()
-        return _triton_module("attend").attend(*args, normalizer, linear_cap)
+        return _triton_module("attend").attend(*args, normalizer, linear_cap, rotary)
     state = (k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q, window_factor)
     if rotary is not None and decode_frame is not None and cpu_decode_applies(q.shape[2], q, *state):
         return decode_cpu.decode(*args, rotary, decode_frame, normalizer, linear_cap)

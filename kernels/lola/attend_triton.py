@@ -4,7 +4,8 @@ online-softmax result, one more per (batch, query head, tile) the linear term, a
 one program per (batch, query head, query), merges them into y.
 
 Queries and keys are rotated at attention time in the compact frame of ``reference.attend`` (cache,
-previous chunk, current chunk, causal within the segment), sums accumulate in fp32, and the linear term
+previous chunk, current chunk, causal within the segment) by the fp32 cosines and sines of
+``reference.FrameRotary``'s tables, sums accumulate in fp32, and the linear term
 phi(q)^T H over phi(q)^T s joins with the shared normalizer (optionally rescaled to the window's best
 score). The new keys and values are appended to the window. Unused slots (empty cache slots, window
 slots past the newest token) are never loaded.
@@ -35,23 +36,25 @@ from lola_chat.kernels.lola.frame_triton import (
     new_keys,
     previous_tile,
     queries,
+    rotary_rows,
     rotate,
     softmax_block,
 )
 from lola_chat.kernels.lola.hedgehog_triton import load_feature_map
+from lola_chat.kernels.lola.reference import FrameRotary
 
-# Queries per tile, keys per block and warps per key-block program. One query: a one-row block's
-# products are reduced across threads, so more threads over fewer keys finish sooner, and more blocks
-# spread over more SMs. A segment: tiles of 16 queries by 32 keys with 8 warps, the fastest of tiles of
-# 16 to 64 queries by 16 to 64 keys with 4 to 16 warps for a 64-token segment at the default shapes
-# in an ad-hoc timing on an H200.
-ONE_ROW_LAUNCH = dict(block_t=1, block_n=16, num_warps=8)
-TILE_LAUNCH = dict(block_t=16, block_n=32, num_warps=8)
+# Queries per tile, keys per block and warps per key-block program, the fastest in ad-hoc timings of
+# the captured decode step (one query: blocks of 16 to 256 keys, 2 to 16 warps) and of the captured
+# chunk step (a 64-token segment: tiles of 16 to 64 queries by 32 to 128 keys, 2 to 8 warps) at the
+# default shapes (G = 768) on an H200. Rotary tables made larger blocks pay: while each program computed
+# its sines and cosines, blocks of 16 keys with 8 warps had been fastest.
+ONE_ROW_LAUNCH = dict(block_t=1, block_n=64, num_warps=4)
+TILE_LAUNCH = dict(block_t=64, block_n=64, num_warps=4)
 
 
 @triton.jit(do_not_specialize=["seen"])
 def _key_blocks_kernel(
-    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, freq_ptr,
+    q_ptr, k_ptr, v_ptr, wk_ptr, wv_ptr, ck_ptr, cv_ptr, h_ptr, s_ptr, fq_ptr, cos_ptr, sin_ptr,
     part_m_ptr, part_total_ptr, part_acc_ptr, seen, seen_ptr, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
     HQ: tl.constexpr, HKV: tl.constexpr, HC: tl.constexpr, C: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SEEN_ON_DEVICE: tl.constexpr,
@@ -92,7 +95,6 @@ def _key_blocks_kernel(
         tl.store(part_total_ptr + rows, linear_norm)
         tl.store(part_acc_ptr + rows[:, None] * D + dims[None, :], linear)
     else:
-        freq = tl.load(freq_ptr + dims % (D // 2)).to(tl.float32)
         # A new name: Triton's compiler refuses a branch that rebinds ``seen`` with another type.
         if SEEN_ON_DEVICE:
             count = tl.load(seen_ptr)
@@ -104,46 +106,49 @@ def _key_blocks_kernel(
         current_block = window_block - WINDOW_BLOCKS
         if block < CACHE_BLOCKS:
             cache_row = (batch * HC + head // (HQ // HC)) * G
-            k, v, ok = cache_tile(ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, freq, G, D, BLOCK_N)
+            k, v, ok = cache_tile(
+                ck_ptr, cv_ptr, cache_row, block * BLOCK_N, cached, cos_ptr, sin_ptr, G, D, BLOCK_N
+            )
         elif window_block < WINDOW_BLOCKS:
             k, v, ok = previous_tile(
-                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, freq, D, BLOCK_N
-            )
+                wk_ptr, wv_ptr, win_row, window_block * BLOCK_N, cached, previous, cos_ptr, sin_ptr, D,
+                BLOCK_N,
+            )  # fmt: skip
         else:
             k, v, ok = current_tile(
-                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, freq, C, D,
-                BLOCK_N,
+                wk_ptr, wv_ptr, win_row, current_block * BLOCK_N, cached, previous, current, cos_ptr,
+                sin_ptr, C, D, BLOCK_N,
             )  # fmt: skip
         # The queries' own slots in the current chunk, and their frame positions.
         q_slot = current + t
         position = cached + previous + q_slot
         visible = ok[None, :] & t_ok[:, None]
+        cos_q, sin_q = rotary_rows(cos_ptr, sin_ptr, position, t_ok, D)
         if PDL:
             tl.extra.cuda.gdc_wait()
         if block >= CACHE_BLOCKS + WINDOW_BLOCKS:
             new_base = batch * sk_b + kv_head * sk_h
             slot = current_block * BLOCK_N + tl.arange(0, BLOCK_N)
             if ONE_ROW:
-                # The new pair as one row, rotated alone: a tile's worth of sines and cosines would now
-                # sit on the path that waited for the projection.
+                # The new pair as one row, rotated alone at the query's own position.
                 k_new, k_new_partner = load_rows(k_ptr + new_base, t, 0, t_ok, D)
                 v_new = tl.load(v_ptr + new_base + dims[None, :]).to(tl.float32)
                 is_new = slot == current
-                k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, position, freq), k)
+                k = tl.where(is_new[:, None], rotate(k_new, k_new_partner, cos_q, sin_q), k)
                 v = tl.where(is_new[:, None], v_new, v)
                 ok = ok | is_new
                 visible = ok[None, :] & t_ok[:, None]
             else:
                 k, v, ok = new_keys(
                     k, v, ok, k_ptr, v_ptr, new_base, sk_t, current_block * BLOCK_N, cached + previous,
-                    current, T, freq, D, BLOCK_N,
+                    current, T, cos_ptr, sin_ptr, D, BLOCK_N,
                 )  # fmt: skip
                 visible = ok[None, :] & (slot[None, :] <= q_slot[:, None]) & t_ok[:, None]
             # The block holding a query's slot, of the first query head of its key/value head, appends
             # that query's pair: nothing in this kernel reads the window's slots from ``current`` on.
             writes = t_ok & (q_slot // BLOCK_N == current_block) & (t * 0 + head % (HQ // HKV) == 0)
             append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_row, C, D)
-        q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D)
+        q, q_rot = queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, cos_q, sin_q, D)
         m = tl.full((BLOCK_T,), -1.0e30, tl.float32)
         # A block's best score is its m: ``top`` goes unused. Names, not ``_``: Triton's compiler, unlike its
         # interpreter, refuses a name that the two branches bind with different types.
@@ -217,6 +222,7 @@ def attend(
     tokens_seen: int | torch.Tensor,
     normalizer: str = "shared",
     linear_cap: int = 0,
+    rotary: FrameRotary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend T new tokens inside the current chunk and append them to the window, in place.
 
@@ -227,7 +233,9 @@ def attend(
     inv_freq (D/2,). D and E are powers of two >= 16; the state tensors are contiguous.
     ``tokens_seen`` is an int or a one-element integer tensor on q's device (then nothing is
     checked on the host, and a CUDA graph can replay the call at any position). ``normalizer``:
-    "shared" or "window", and ``linear_cap``, as in the reference.
+    "shared" or "window", and ``linear_cap``, as in the reference. ``rotary``: the ``FrameRotary`` of
+    ``inv_freq``, chunk and capacity that the caller keeps (its fp32 tables, made once, are read by the
+    kernel; a CUDA graph needs them made before capture), or None to make the tables for this call.
 
     Unlike the reference, win_k and win_v are updated in place and returned as the same tensors.
     Returns (y (B, Hq, T, D) in q's dtype, laid out (B, T, Hq, D) in memory, win_k, win_v).
@@ -255,10 +263,14 @@ def attend(
     part_m = torch.empty(partials, dtype=torch.float32, device=q.device)
     part_total = torch.empty_like(part_m)
     part_acc = torch.empty(partials, dim, dtype=torch.float32, device=q.device)
+    rotary = rotary if rotary is not None else FrameRotary(inv_freq, chunk, capacity)
+    # The tables from frame position 0, the first any kernel reads.
+    cos, sin = (table[-rotary.first :] for table in rotary.table(torch.float32, q.device))
+    assert cos.shape[0] >= capacity + 2 * chunk, "rotary tables made for a smaller frame"
     shape = dict(HQ=n_heads, C=chunk, G=capacity, D=dim, SEEN_ON_DEVICE=on_device)
     launch = launch_options(q)
     _key_blocks_kernel[(batch * n_heads, tiles, blocks + 1)](
-        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), inv_freq, part_m, part_total,
+        q, k, v, win_k, win_v, cache_k, cache_v, h, s, fmap_q.contiguous(), cos, sin, part_m, part_total,
         part_acc, *seen, length, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HKV=n_kv_heads, HC=cache_k.shape[1], E=fmap_q.shape[-1], BLOCK_T=block_t, BLOCK_N=block_n,
         num_warps=config["num_warps"], **shape, **launch,

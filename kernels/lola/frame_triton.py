@@ -22,12 +22,22 @@ def frame_counts(seen, C: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def rotate(x, partner, pos, freq):
-    """Rotary embedding (rotate-half convention) of a (rows, D) tile: x cos + partner sin, where
-    ``partner`` is x with its halves swapped and the first negated; pos: (rows,); freq: (D,) with
-    the inverse frequencies repeated for both halves."""
-    angle = pos.to(tl.float32)[:, None] * freq[None, :]
-    return x * tl.cos(angle) + partner * tl.sin(angle)
+def rotary_rows(cos_ptr, sin_ptr, pos, ok, D: tl.constexpr):
+    """Rows ``pos`` (rows,) of the frame's rotary tables (``reference.FrameRotary.table`` in fp32 from
+    frame position 0): cos and signed sin (rows, D), zeros where not ``ok``. Loaded rather than computed:
+    a tile's sines and cosines cost more than the rest of a decode step's key block."""
+    at = pos.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    cos = tl.load(cos_ptr + at, mask=ok[:, None], other=0.0)
+    sin = tl.load(sin_ptr + at, mask=ok[:, None], other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def rotate(x, partner, cos, sin):
+    """Rotary embedding (rotate-half convention) of a (rows, D) tile as ``reference.apply_rotary``:
+    x cos + partner sin, ``partner`` x with its halves swapped, ``cos`` and ``sin`` (``rotary_rows``')
+    with the sign of the first half folded into sin."""
+    return x * cos + partner * sin
 
 
 @triton.jit
@@ -45,19 +55,18 @@ def softmax_block(m, total, acc, q, k, v, visible, ONE_ROW: tl.constexpr):
 
 @triton.jit
 def load_rows(base, rows, row_stride, ok, D: tl.constexpr):
-    """Rows of a (.., D) tensor as fp32, and their rotary partner (halves swapped, first negated);
-    masked rows read as zeros."""
+    """Rows of a (.., D) tensor as fp32, and their rotary partner (halves swapped); masked rows read as
+    zeros."""
     dims = tl.arange(0, D)
     swapped = (dims + D // 2) % D
-    sign = tl.where(dims < D // 2, -1.0, 1.0)
     at = base + rows[:, None] * row_stride
     x = tl.load(at + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     partner = tl.load(at + swapped[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    return x, partner * sign[None, :]
+    return x, partner
 
 
 @triton.jit
-def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, freq, G: tl.constexpr, D: tl.constexpr,
+def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, cos_ptr, sin_ptr, G: tl.constexpr, D: tl.constexpr,
                BLOCK_N: tl.constexpr):  # fmt: skip
     """The cache slots start.. start + BLOCK_N (the filled ones are the last ``cached``, at frame
     positions 0..cached-1): keys rotated to their frame positions and values (fp32, zeros where empty),
@@ -67,11 +76,12 @@ def cache_tile(ck_ptr, cv_ptr, cache_row, start, cached, freq, G: tl.constexpr, 
     ok = (slot < G) & (slot >= G - cached)
     k, k_partner = load_rows(ck_ptr + cache_row * D, slot, D, ok, D)
     v = tl.load(cv_ptr + (cache_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return rotate(k, k_partner, slot - (G - cached), freq), v.to(tl.float32), ok
+    cos, sin = rotary_rows(cos_ptr, sin_ptr, slot - (G - cached), ok, D)
+    return rotate(k, k_partner, cos, sin), v.to(tl.float32), ok
 
 
 @triton.jit
-def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, freq, D: tl.constexpr,
+def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, cos_ptr, sin_ptr, D: tl.constexpr,
                   BLOCK_N: tl.constexpr):  # fmt: skip
     """As ``cache_tile``, for the previous chunk's slots start.. start + BLOCK_N (``previous`` is 0 or C)."""
     dims = tl.arange(0, D)
@@ -79,11 +89,12 @@ def previous_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, freq, D: tl.
     ok = slot < previous
     k, k_partner = load_rows(wk_ptr + win_row * D, slot, D, ok, D)
     v = tl.load(wv_ptr + (win_row + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return rotate(k, k_partner, cached + slot, freq), v.to(tl.float32), ok
+    cos, sin = rotary_rows(cos_ptr, sin_ptr, cached + slot, ok, D)
+    return rotate(k, k_partner, cos, sin), v.to(tl.float32), ok
 
 
 @triton.jit
-def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, freq, C: tl.constexpr,
+def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, cos_ptr, sin_ptr, C: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """As ``cache_tile``, for the current chunk's slots start.. start + BLOCK_N that the window holds
     (the first ``current``); ``new_keys`` adds the segment's own."""
@@ -92,11 +103,13 @@ def current_tile(wk_ptr, wv_ptr, win_row, start, cached, previous, current, freq
     ok = slot < current
     k, k_partner = load_rows(wk_ptr + (win_row + C) * D, slot, D, ok, D)
     v = tl.load(wv_ptr + (win_row + C + slot[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
-    return rotate(k, k_partner, cached + previous + slot, freq), v.to(tl.float32), ok
+    cos, sin = rotary_rows(cos_ptr, sin_ptr, cached + previous + slot, ok, D)
+    return rotate(k, k_partner, cos, sin), v.to(tl.float32), ok
 
 
 @triton.jit
-def new_keys(k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, chunk_start, current, T, freq, D: tl.constexpr,
+def new_keys(k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, chunk_start, current, T, cos_ptr, sin_ptr,
+             D: tl.constexpr,
              BLOCK_N: tl.constexpr):  # fmt: skip
     """A ``current_tile`` with the segment's T new pairs (rows of k, v) added in the slots after the
     window's ``current``, their keys rotated to ``chunk_start`` (the chunk's first frame position)
@@ -109,7 +122,8 @@ def new_keys(k, v, ok, k_ptr, v_ptr, new_base, sk_t, start, chunk_start, current
     v_new = tl.load(
         v_ptr + new_base + new_row[:, None] * sk_t + dims[None, :], mask=is_new[:, None], other=0.0
     )
-    k_new = rotate(k_new, k_new_partner, chunk_start + slot, freq)
+    cos, sin = rotary_rows(cos_ptr, sin_ptr, chunk_start + slot, is_new, D)
+    k_new = rotate(k_new, k_new_partner, cos, sin)
     return k + k_new, v + v_new.to(tl.float32), ok | is_new
 
 
@@ -172,7 +186,8 @@ def append(writes, t, q_slot, k_ptr, v_ptr, new_base, sk_t, wk_ptr, wv_ptr, win_
 
 
 @triton.jit
-def queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, position, freq, D: tl.constexpr):
-    """The queries (fp32) and their rotation at ``position`` with the 1/sqrt(D) scale folded in."""
+def queries(q_ptr, sq_b, sq_h, sq_t, batch, head, t, t_ok, cos, sin, D: tl.constexpr):
+    """The queries (fp32) and their rotation (``rotary_rows``' at their positions) with the 1/sqrt(D)
+    scale folded in."""
     q, q_partner = load_rows(q_ptr + batch * sq_b + head * sq_h, t, sq_t, t_ok, D)
-    return q, rotate(q, q_partner, position, freq) / tl.sqrt(D * 1.0)
+    return q, rotate(q, q_partner, cos, sin) / tl.sqrt(D * 1.0)
