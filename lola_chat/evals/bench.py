@@ -197,20 +197,29 @@ def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: in
 
 
 def _profile_step(bench: BenchModel, device: torch.device, before: int, fed: int = 1) -> dict:
-    """Kernels launched by one eager Triton-path step of ``fed`` tokens after ``before`` tokens, and their
-    device time."""
+    """Kernels launched by one step of the captured decoder run without its graphs (the very kernels a
+    replay launches, in order), feeding ``fed`` tokens after ``before``, and their device time. A
+    prefill of several tokens also zeroes the reply's marks and copies the tokens in (a few small
+    kernels outside the replayed graph)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from lola_chat.graphs import CapturedDecoder
 
     state = bench.model.new_state("lola", bench.settings)
     if before:
         bench.model(torch.zeros(1, before, dtype=torch.int64, device=device), state, last_only=True)
-    token = torch.zeros(1, fed, dtype=torch.int64, device=device)
-    warm = state.checkpoint()
-    bench.model(token, state, last_only=True)
-    state.restore(warm)
+    decoder = CapturedDecoder(bench.model, state, capture=False)
+    tokens = torch.zeros(1, fed, dtype=torch.int64, device=device)
+
+    def feed() -> None:
+        # The decoder's own token buffer: a step fed it copies nothing in.
+        decoder.prefill(tokens) if fed > 1 else decoder.step(decoder.token)
+
+    feed()  # kernels compile
+    decoder.reload()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench.model(token, state, last_only=True)
+        feed()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, float] = {}
@@ -225,14 +234,16 @@ def _profile_step(bench: BenchModel, device: torch.device, before: int, fed: int
 
 
 def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
-    """Kernels launched by one eager Triton-path decode step and their summed device time (a captured
-    step replays the same kernels, so this says where its time goes); under ``eviction``, the same for a
-    step that closes a chunk (two chunks in, so that a chunk leaves the window); under ``prefill_chunk``,
-    for a whole chunk fed at once after two, as a prefill feeds it, its eviction included."""
+    """Kernels launched by one step of the captured decoder (``_profile_step``) and their summed device
+    time, which says where a replay's time goes: a decode step; under ``eviction``, a step that closes
+    a chunk (two chunks in, so that a chunk leaves the window); under ``prefill_chunk``, a whole chunk
+    fed at once after two, as a prefill feeds it, its eviction included."""
     chunk = bench.settings.chunk
     profile = _profile_step(bench, device, 0)
     profile["eviction"] = _profile_step(bench, device, 2 * chunk - 1)
     profile["prefill_chunk"] = _profile_step(bench, device, 2 * chunk, fed=chunk)
+    # Files written before this profile took the eager model's step, which lacks the key.
+    profile["source"] = "captured-step"
     return profile
 
 
@@ -283,7 +294,7 @@ def run(args, config: Config) -> int:
     with torch.inference_mode():
         if device.type == "cuda" and any(arm.name.startswith("lola") for arm in arms):
             results["profile"] = kernel_profile(bench, device)
-            print(f"one Triton-path decode step: {results['profile']}", flush=True)
+            print(f"one captured decode step: {results['profile']}", flush=True)
         # Warm-up: every arm once over a short memory that closes chunks (kernels compile, libraries
         # initialise, graphs capture), untimed.
         measure(arms, 2 * bench.settings.chunk + 8, 4, 1, bench.model.cfg.vocab_size, device)

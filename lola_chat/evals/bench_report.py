@@ -61,10 +61,10 @@ def markdown(results: dict) -> str:
     if "profile" in results:
         profile = results["profile"]
         launched = f"One decode step launches {profile['kernels_per_token']} kernels"
-        lines += [
-            "",
-            f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all (Triton path, eager).",
-        ]
+        how = "the captured step's kernels launched one by one"
+        if profile.get("source") != "captured-step":
+            how = "Triton path, eager"
+        lines += ["", f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all ({how})."]
         for key, step in PROFILED_STEPS.items():
             if key in profile:
                 top = list(profile[key]["top_kernels_ms"].items())[:4]
