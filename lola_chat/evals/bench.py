@@ -21,6 +21,7 @@ from lola_chat.errors import UsageError
 from lola_chat.evals.arms import parse_lengths
 from lola_chat.evals.bench_arms import ARMS, BenchModel, LolaArm, make_arms
 from lola_chat.evals.bench_report import table_row, write
+from lola_chat.evals.profiling import step_profile
 from lola_chat.evals.provenance import REPO_ROOT, run_info
 from lola_chat.evals.weights_pass import gemv_sweep, weight_read_floor
 from lola_chat.kernels import int4
@@ -196,57 +197,6 @@ def measure(arms: list, length: int, decode_tokens: int, repeats: int, vocab: in
     return out
 
 
-def _profile_step(bench: BenchModel, device: torch.device, before: int, fed: int = 1) -> dict:
-    """Kernels launched by one step of the captured decoder run without its graphs (the very kernels a
-    replay launches, in order), feeding ``fed`` tokens after ``before``, and their device time. A
-    prefill of several tokens also zeroes the reply's marks and copies the tokens in (a few small
-    kernels outside the replayed graph)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from lola_chat.graphs import CapturedDecoder
-
-    state = bench.model.new_state("lola", bench.settings)
-    if before:
-        bench.model(torch.zeros(1, before, dtype=torch.int64, device=device), state, last_only=True)
-    decoder = CapturedDecoder(bench.model, state, capture=False)
-    tokens = torch.zeros(1, fed, dtype=torch.int64, device=device)
-
-    def feed() -> None:
-        # The decoder's own token buffer: a step fed it copies nothing in.
-        decoder.prefill(tokens) if fed > 1 else decoder.step(decoder.token)
-
-    feed()  # kernels compile
-    decoder.reload()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        feed()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, float] = {}
-    for event in kernels:
-        by_name[event.name] = by_name.get(event.name, 0.0) + event.device_time / 1000.0
-    top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
-    return {
-        "kernels_per_token": len(kernels),
-        "kernel_time_ms": sum(by_name.values()),
-        "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top},
-    }
-
-
-def kernel_profile(bench: BenchModel, device: torch.device) -> dict:
-    """Kernels launched by one step of the captured decoder (``_profile_step``) and their summed device
-    time, which says where a replay's time goes: a decode step; under ``eviction``, a step that closes
-    a chunk (two chunks in, so that a chunk leaves the window); under ``prefill_chunk``, a whole chunk
-    fed at once after two, as a prefill feeds it, its eviction included."""
-    chunk = bench.settings.chunk
-    profile = _profile_step(bench, device, 0)
-    profile["eviction"] = _profile_step(bench, device, 2 * chunk - 1)
-    profile["prefill_chunk"] = _profile_step(bench, device, 2 * chunk, fed=chunk)
-    # Files written before this profile took the eager model's step, which lacks the key.
-    profile["source"] = "captured-step"
-    return profile
-
-
 def summarize(runs: list[dict]) -> dict:
     """Per-token milliseconds of each repeat -> medians of repeats, pooled p99, eviction steps apart."""
     ordinary = [torch.tensor(r["ordinary_ms"]) for r in runs if r["ordinary_ms"]]
@@ -292,9 +242,9 @@ def run(args, config: Config) -> int:
         "records": [],
     }
     with torch.inference_mode():
-        if device.type == "cuda" and any(arm.name.startswith("lola") for arm in arms):
-            results["profile"] = kernel_profile(bench, device)
-            print(f"one captured decode step: {results['profile']}", flush=True)
+        if any(arm.name.startswith("lola") for arm in arms):
+            results["profile"] = step_profile(bench, device)
+            print(f"where a step's time goes: {results['profile']}", flush=True)
         # Warm-up: every arm once over a short memory that closes chunks (kernels compile, libraries
         # initialise, graphs capture), untimed.
         measure(arms, 2 * bench.settings.chunk + 8, 4, 1, bench.model.cfg.vocab_size, device)

@@ -15,6 +15,34 @@ COLUMNS = ("arm", "memory (tokens)", "prefill tok/s", "decode tok/s", "median ms
            "eviction step ms", "state MiB", "peak GPU MiB")  # fmt: skip
 
 
+def _profile_lines(profile: dict) -> list[str]:
+    """The profile (``evals.profiling.step_profile``'s) in words: what each profiled step runs, and the
+    slowest of it."""
+    source = profile.get("source")
+    runs, time = "launches {} kernels", "{:.3f} ms of device time"
+    how = "Triton path, eager"
+    if source == "captured-step":
+        how = "the captured step's kernels launched one by one"
+    elif source == "cpu-operators":
+        runs, time = "calls {} operators", "{:.3f} ms of their own CPU time"
+        how = "the model's step on the CPU"
+    lines = [
+        "",
+        f"One decode step {runs.format(profile['kernels_per_token'])}, "
+        f"{time.format(profile['kernel_time_ms'])} in all ({how}).",
+    ]
+    for key, step in PROFILED_STEPS.items():
+        if key in profile:
+            top = list(profile[key]["top_kernels_ms"].items())[:4]
+            slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
+            lines += [
+                "",
+                f"{step} {runs.format(profile[key]['kernels_per_token'])}, "
+                f"{time.format(profile[key]['kernel_time_ms'])} (slowest: {slowest}).",
+            ]
+    return lines
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)
 
@@ -59,21 +87,7 @@ def markdown(results: dict) -> str:
     if results["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()) + "."]
     if "profile" in results:
-        profile = results["profile"]
-        launched = f"One decode step launches {profile['kernels_per_token']} kernels"
-        how = "the captured step's kernels launched one by one"
-        if profile.get("source") != "captured-step":
-            how = "Triton path, eager"
-        lines += ["", f"{launched}, {profile['kernel_time_ms']:.3f} ms of device time in all ({how})."]
-        for key, step in PROFILED_STEPS.items():
-            if key in profile:
-                top = list(profile[key]["top_kernels_ms"].items())[:4]
-                slowest = ", ".join(f"{name} {ms:.3f} ms" for name, ms in top)
-                lines += [
-                    "",
-                    f"{step} launches {profile[key]['kernels_per_token']} kernels, "
-                    f"{profile[key]['kernel_time_ms']:.3f} ms of device time (slowest: {slowest}).",
-                ]
+        lines += _profile_lines(results["profile"])
     if "floor" in results:
         floor = results["floor"]
         fastest = max(

@@ -64,10 +64,18 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     # A GPU run adds the GEMV sweep; the table names each shape's fastest configuration.
     floor["gemv_sweep_us"] = {"8x4": {"4x1024, 4 warps": 2.5, "8x256, 4 warps": 1.25}}
     assert "8x4: 8x256, 4 warps (1.25 us)" in markdown(results)
-    # So does the profile, which says which step it took: files written before it named none.
-    results["profile"] = {"kernels_per_token": 7, "kernel_time_ms": 0.5, "top_kernels_ms": {}}
-    assert "7 kernels, 0.500 ms of device time in all (Triton path, eager)" in markdown(results)
-    results["profile"]["source"] = "captured-step"
+    # A CPU run profiles the model's own steps: the operators each calls, and their own time.
+    profile = results["profile"]
+    assert profile["source"] == "cpu-operators"
+    steps = [profile, profile["eviction"], profile["prefill_chunk"]]
+    assert all(step["kernels_per_token"] > 0 and step["kernel_time_ms"] > 0 for step in steps)
+    assert steps[0]["kernel_time_ms"] < steps[1]["kernel_time_ms"]
+    assert all(0 < len(step["top_kernels_ms"]) <= 8 for step in steps)
+    assert "One decode step calls" in (out / "tiny.md").read_text()
+    # Files written before the profile named its source hold the eager model's kernels.
+    del profile["source"]
+    assert "of device time in all (Triton path, eager)" in markdown(results)
+    profile["source"] = "captured-step"
     assert "(the captured step's kernels launched one by one)" in markdown(results)
     assert (out / "tiny.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -181,14 +189,15 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the profile records CUDA kernels")
 def test_the_profile_takes_the_captured_steps_kernels():
-    from lola_chat.evals.bench import BenchModel, kernel_profile
+    from lola_chat.evals.bench_arms import BenchModel
+    from lola_chat.evals.profiling import step_profile
     from lola_chat.memory import LolaSettings
 
     device = torch.device("cuda")
     model = random_model(TINY_SHAPES, device, default_dtype(device), four_bit=True)
     bench = BenchModel(model, LolaSettings(chunk=16, capacity=24), "tiny random")
     with torch.inference_mode():
-        profile = kernel_profile(bench, device)
+        profile = step_profile(bench, device)
     assert profile["source"] == "captured-step"
     steps = [profile, profile["eviction"], profile["prefill_chunk"]]
     assert 0 < steps[0]["kernels_per_token"] < steps[1]["kernels_per_token"] <= steps[2]["kernels_per_token"]
