@@ -80,12 +80,15 @@ def profile_step(bench: BenchModel, device: torch.device, before: int, fed: int 
 
 
 def step_profile(bench: BenchModel, device: torch.device) -> dict:
-    """``profile_step`` of a decode step; under ``eviction``, of a step that closes a chunk (two chunks
-    in, so that a chunk leaves the window); under ``prefill_chunk``, of a whole chunk fed at once after
-    two. ``source`` says which form ran."""
+    """``profile_step`` of a decode step; under ``eviction``, of a step that closes a chunk; under
+    ``prefill_chunk``, of a whole chunk fed at once. The last two start with the sparse cache full and
+    a chunk in the window that will leave it, as every eviction of a long conversation does (the first
+    evictions search fewer candidates, and on a CPU keep nothing from an earlier one yet). ``source``
+    says which form ran."""
     chunk = bench.settings.chunk
+    full = (bench.settings.capacity // chunk + 2) * chunk
     result = profile_step(bench, device, 0)
-    result["eviction"] = profile_step(bench, device, 2 * chunk - 1)
-    result["prefill_chunk"] = profile_step(bench, device, 2 * chunk, fed=chunk)
+    result["eviction"] = profile_step(bench, device, full - 1)
+    result["prefill_chunk"] = profile_step(bench, device, full, fed=chunk)
     result["source"] = CAPTURED_STEP if device.type == "cuda" else CPU_OPERATORS
     return result
