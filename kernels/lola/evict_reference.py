@@ -7,7 +7,7 @@ tensors are described in ``reference.py``). Out-of-place, like ``reference.py``.
 from __future__ import annotations
 
 import torch
-from lola_chat.kernels.lola.reference import accumulator, expand_heads, frame, hedgehog
+from lola_chat.kernels.lola.reference import accumulator, expand_heads, frame, hedgehog, linear_products
 
 SRE_EPS = 1e-6
 # Keys whose products with each other sum exactly in float64 (short of magnitudes 2^29 apart), in any
@@ -38,9 +38,8 @@ def self_recall_error(phi_k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, s: 
     phi_k: (B, Hq, N, F) fp32; v: (B, Hq, N, D); h: (B, Hq, F, D); s: (B, Hq, F). Returns (B, Hq, N).
     An empty hidden state (s = 0) recalls nothing, so the error is ||v||.
     """
-    # s as one more column of H: both products in one, where a product with s alone is a slow matvec.
-    products = phi_k @ torch.cat([h, s[..., None]], dim=-1)
-    recalled = products[..., :-1] / products[..., -1:].clamp_min(SRE_EPS)
+    recalled, norm = linear_products(phi_k, h, s)
+    recalled = recalled / norm.clamp_min(SRE_EPS)
     return torch.linalg.vector_norm(v.to(recalled.dtype) - recalled, dim=-1)
 
 

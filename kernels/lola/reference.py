@@ -56,6 +56,14 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([z, -z], dim=-2).softmax(dim=-1).flatten(-2)
 
 
+def linear_products(phi: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi H and phi s: (..., N, F) features against the hidden state h (..., F, D) and normalizer
+    s (..., F) -> (..., N, D) and (..., N, 1). One product, s as one more column of H: a product with
+    s alone is a matrix-vector product, several times slower per element on a CPU."""
+    products = phi @ torch.cat([h, s[..., None]], dim=-1)
+    return products[..., :-1], products[..., -1:]
+
+
 def rotary_table(
     pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,26 +294,31 @@ def attend(
     cache_rot = rotary.prepared("cache_k", cache_k, acc, where.key_start)
     win_start = where.key_start + capacity
     win_rot = rotary.prepared("win_k", win_k, acc, win_start, (keys_before, k, chunk + current))
-    cache_scores = grouped_matmul(q_rot, cache_rot.transpose(-1, -2))
-    scores = torch.cat([cache_scores, grouped_matmul(q_rot, win_rot.transpose(-1, -2))], dim=-1) * dim**-0.5
-    scores = torch.where(where.hidden, float("-inf"), scores)
-    top = scores.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scores - top)
+    # The cache and the window are scored apart, their sums joined at the end: no (T, G + 2C) row of
+    # scores is assembled (on a CPU that copy cost about as much as the window's products).
+    cache_scores = grouped_matmul(q_rot, cache_rot.transpose(-1, -2)) * dim**-0.5
+    cache_scores = cache_scores.masked_fill(where.hidden[:, :capacity], float("-inf"))
+    win_scores = grouped_matmul(q_rot, win_rot.transpose(-1, -2)) * dim**-0.5
+    win_scores = win_scores.masked_fill(where.hidden[:, capacity:], float("-inf"))
+    # Every query sees its own key in the window, so the window's best score is finite.
+    win_top = win_scores.amax(dim=-1, keepdim=True)
+    top = win_top if capacity == 0 else torch.maximum(win_top, cache_scores.amax(dim=-1, keepdim=True))
+    cache_weights, win_weights = torch.exp(cache_scores - top), torch.exp(win_scores - top)
     # The linear term learned (at G = 0) to stand for the folded pairs' weight relative to the best
     # window score; "window" rescales it when a cached key scores above the whole window.
     linear_scale = 1.0
     if normalizer == "window":
-        linear_scale = torch.exp(scores[..., capacity:].amax(dim=-1, keepdim=True) - top)
+        linear_scale = torch.exp(win_top - top)
     elif normalizer != "shared":
         raise ValueError(f"unknown normalizer {normalizer!r}")
     linear_scale = linear_scale * linear_cap_factor(tokens_seen, chunk, capacity, linear_cap)
     cache_values = _zero_outside(rotary.prepared("cache_v", cache_v, acc), *where.cache_seen)
     win_values = rotary.prepared("win_v", win_v, acc, None, (values_before, v, chunk + current))
     win_values = _zero_outside(win_values, *where.window_seen)
-    softmax_part = grouped_matmul(weights[..., :capacity], cache_values)
-    softmax_part = softmax_part + grouped_matmul(weights[..., capacity:], win_values)
+    softmax_part = grouped_matmul(cache_weights, cache_values) + grouped_matmul(win_weights, win_values)
+    total = cache_weights.sum(dim=-1, keepdim=True) + win_weights.sum(dim=-1, keepdim=True)
     gate = window_factor.to(acc)[None, :, None, None]
-    phi_q = hedgehog(q, fmap_q)
-    numerator = gate * softmax_part + linear_scale * (phi_q @ h)
-    denominator = gate * weights.sum(dim=-1, keepdim=True) + linear_scale * (phi_q @ s[..., None])
+    recalled, norm = linear_products(hedgehog(q, fmap_q), h, s)
+    numerator = gate * softmax_part + linear_scale * recalled
+    denominator = gate * total + linear_scale * norm
     return (numerator / denominator).to(q.dtype), win_k, win_v
