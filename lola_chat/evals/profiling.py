@@ -38,11 +38,16 @@ def _captured_feeder(bench: BenchModel, state, fed: int) -> Callable[[], None]:
 
 
 def _model_feeder(bench: BenchModel, state, fed: int) -> Callable[[], None]:
-    """One step of the model itself (the CPU path), from a checkpoint taken after a first, untimed run."""
+    """One step of the model itself (the CPU path), after a first, untimed one: a step that closes a
+    chunk runs again from a checkpoint taken before the first (its eviction is what is measured), an
+    ordinary step is the one after the first (so that what a step keeps for the next is there, as in a
+    conversation)."""
     tokens = torch.zeros(1, fed, dtype=torch.int64, device=state.layers[0].win_k.device)
-    warm = state.checkpoint()
+    closes = (state.tokens_seen + fed) % bench.settings.chunk == 0
+    warm = state.checkpoint() if closes else None
     bench.model(tokens, state, last_only=True)
-    state.restore(warm)
+    if warm is not None:
+        state.restore(warm)
     return lambda: bench.model(tokens, state, last_only=True)
 
 
