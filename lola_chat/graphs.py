@@ -5,10 +5,11 @@ LoLA memory has a fixed size, so every buffer a step touches can be allocated on
 lives in a device tensor that the Triton kernels read, so one graph serves every position; the host
 only has to know whether a step closes a chunk (then the graph with eviction is replayed). Four
 graphs share one memory pool: one token, one token that closes a chunk, a whole chunk, and a block of
-several whole chunks (the last two prefill from a chunk boundary). A block runs layer by layer like the
-eager model: each layer's projections and MLP over all of its tokens at once, its attention and eviction
-chunk after chunk. The decoder works on its own copies of the state tensors; ``sync`` writes them back
-into the ``State``.
+several whole chunks (the last two prefill from a chunk boundary). A block runs like the eager model:
+layer by layer (each layer's projections and MLP over all of its tokens at once, its attention and
+eviction chunk after chunk), or under a joint eviction policy chunk by chunk through the whole model,
+each chunk's eviction ranking every layer's candidates. The decoder works on its own copies of the
+state tensors; ``sync`` writes them back into the ``State``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from lola_chat.memory import LolaMemory, State
 from lola_chat.sampling import sample_on_device
 
 GREEDY = GenerationSettings(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
-# Chunks per prefill block: enough rows that the projections run as full GEMMs, few enough that the
-# block's graph (about ten kernels per chunk and layer) stays quick to capture.
+# Chunks per prefill block: enough rows that the projections run as full GEMMs (under a joint policy,
+# which feeds the chunks one by one, fewer replays), few enough that the block's graph (about ten kernels
+# per chunk and layer) stays quick to capture.
 BLOCK_CHUNKS = 8
 
 
@@ -189,10 +191,7 @@ class CapturedDecoder:
                 f"captured decoding runs the eviction policies {known} and their joint forms, "
                 f"not {settings.policy}"
             )
-        # A joint eviction needs every layer's scores of a chunk first: one chunk per step (no blocks).
         self.settings = settings
-        if settings.joint:
-            block_chunks = 1
         self.model, self.state, self.sampling = model, state, sampling
         first = state.layers[0]
         self.chunk = first.settings.chunk
@@ -242,7 +241,26 @@ class CapturedDecoder:
 
     def _run(self, tokens: torch.Tensor, evicting: bool) -> torch.Tensor:
         """The captured work: feed ``tokens`` (B, T) at the device-side position, sample into ``token``.
-        Returns the last position's logits (B, vocab)."""
+        Returns the last position's logits (B, vocab). A joint eviction ranks every layer's candidates of
+        a chunk before the next chunk is attended, so under a joint policy a block's chunks go through
+        the whole model one after another, inside the one graph."""
+        chunk = self.chunk
+        if self.settings.joint and tokens.shape[1] > chunk:
+            for start in range(0, tokens.shape[1], chunk):
+                logits = self._feed(tokens[:, start : start + chunk], evicting)
+        else:
+            logits = self._feed(tokens, evicting)
+        penalized = None
+        if self.sampling.repetition_penalty != 1.0:
+            fed = tokens[:, -1:]
+            self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
+            penalized = self.penalized
+        sample_on_device(logits, self.sampling, self.generator, penalized, out=self.token)
+        return logits
+
+    def _feed(self, tokens: torch.Tensor, evicting: bool) -> torch.Tensor:
+        """Feed ``tokens`` (B, T) through the model (one token, or whole chunks that go through it
+        together) and count them. Returns the last position's logits (B, vocab)."""
         counter, chunk, length = self.counter, self.chunk, tokens.shape[1]
         counter.evicting = evicting
         counter.marks = counter.positions if length == 1 else counter.seen + self.offsets[length]
@@ -263,12 +281,6 @@ class CapturedDecoder:
             self.window_ids[:, :chunk] = self.window_ids[:, chunk:]
             self.window_ids[:, chunk:] = -1
         counter.advance(length)
-        penalized = None
-        if self.sampling.repetition_penalty != 1.0:
-            fed = tokens[:, -1:]
-            self.penalized.scatter_(1, fed, self.penalized.gather(1, fed) | self.in_reply)
-            penalized = self.penalized
-        sample_on_device(logits, self.sampling, self.generator, penalized, out=self.token)
         return logits
 
     def _evict_jointly(self) -> None:

@@ -69,7 +69,8 @@ def test_bench_tiny_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert profile["source"] == "cpu-operators"
     steps = [profile, profile["eviction"], profile["prefill_chunk"]]
     assert all(step["kernels_per_token"] > 0 and step["kernel_time_ms"] > 0 for step in steps)
-    assert steps[0]["kernel_time_ms"] < steps[1]["kernel_time_ms"]
+    # Counts, not times (which a busy machine reorders): an eviction adds its operators to a step's.
+    assert steps[0]["kernels_per_token"] < steps[1]["kernels_per_token"]
     assert all(0 < len(step["top_kernels_ms"]) <= 8 for step in steps)
     assert "One decode step calls" in (out / "tiny.md").read_text()
     # Files written before the profile named its source hold the eager model's kernels.
