@@ -66,15 +66,20 @@ def test_triton_path_matches_reference_across_evictions():
     assert_states_close(fast, slow, atol=1e-3)
 
 
+# The method's policy, and the shipped kind: a joint one, whose blocks feed their chunks one by one.
+JOINT = LolaSettings(chunk=16, capacity=24, policy="joint-relative-novelty", joint_power=4, joint_span=1)
+
+
 @torch.no_grad()
-def test_captured_decoder_matches_eager_decoding():
+@pytest.mark.parametrize("settings", [SETTINGS, JOINT], ids=["sre", "joint"])
+def test_captured_decoder_matches_eager_decoding(settings):
     from lola_chat.graphs import CapturedDecoder
 
     m = model()
     tokens = distinct_tokens(1024, 400, 2)
-    eager = m.new_state("lola", SETTINGS)
+    eager = m.new_state("lola", settings)
     m(tokens[:, :37], eager)
-    captured_state = m.new_state("lola", SETTINGS)
+    captured_state = m.new_state("lola", settings)
     captured_state.restore(eager.checkpoint())
     decoder = CapturedDecoder(m, captured_state)
     evictions_before = eager.evictions()
