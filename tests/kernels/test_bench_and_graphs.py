@@ -135,7 +135,8 @@ def test_captured_step_logic_matches_engine_decoding(monkeypatch, shipped_kind, 
             if param.dim() == 2:
                 param.normal_(0.0, 0.3)
     # The shipped kind of settings: novelty eviction, window normalizer and a cap that is active by 50.
-    # A joint policy: one ranking for both layers, its cache kept per KV head, one chunk per step.
+    # A joint policy: one ranking for both layers, its cache kept per KV head, a block's chunks fed one by
+    # one through both layers.
     policy = "joint-relative-novelty" if str(shipped_kind).startswith("joint") else "novelty"
     # The joint policy with the plain mean, and with the shipped pooling (powers, then neighbours) and a
     # cache of 12, small enough that the pooling changes what the evictions keep (asserted at the end).
