@@ -101,7 +101,14 @@ class _StaticLayer:
     slices of copies stacked over the layers (so that a joint eviction runs once over every layer),
     updated in place by the Triton kernels."""
 
-    def __init__(self, memory: LolaMemory, counter: _Counter, stacked: dict[str, torch.Tensor], layer: int):
+    def __init__(
+        self,
+        memory: LolaMemory,
+        counter: _Counter,
+        stacked: dict[str, torch.Tensor],
+        layer: int,
+        rotary: FrameRotary,
+    ):
         self.chunk = memory.settings.chunk
         self.normalizer = memory.settings.normalizer
         self.linear_cap = memory.settings.linear_cap
@@ -109,8 +116,8 @@ class _StaticLayer:
         self.policy = memory.settings.scoring
         self.joint = memory.settings.joint
         self.counter = counter
-        # Made at the first call (a warm-up, before any capture), so that a graph reads its tables.
-        self.rotary: FrameRotary | None = None
+        # Every layer's: its tables are made at the first call (a warm-up, before any capture).
+        self.rotary = rotary
         for name in STATIC_NAMES:
             setattr(self, name, stacked[name][layer])
 
@@ -124,8 +131,6 @@ class _StaticLayer:
         counter, chunk = self.counter, self.chunk
         segments = counter.marks.shape[0] - 1
         length = q.shape[2] // segments
-        if self.rotary is None or self.rotary.inv_freq is not attn.inv_freq:
-            self.rotary = FrameRotary(attn.inv_freq, chunk, self.cache_k.shape[-2])
         outputs = []
         for i in range(segments):
             part = slice(i * length, (i + 1) * length)
@@ -201,8 +206,12 @@ class CapturedDecoder:
         self.counter = _Counter(self.tokens_seen, device)
         self.window_ids = first.win_ids.clone()
         self.stacked = {name: torch.stack([getattr(m, name) for m in state.layers]) for name in STATIC_NAMES}
+        # One rotary table for every layer: the layers' rotary frequencies are the model's, and the same.
+        frequencies = [block.self_attn.inv_freq for block in model.layers]
+        assert all(torch.equal(f, frequencies[0]) for f in frequencies), "layers rotate alike"
+        rotary = FrameRotary(frequencies[0], self.chunk, first.settings.capacity)
         self.layers = [
-            _StaticLayer(memory, self.counter, self.stacked, i)
+            _StaticLayer(memory, self.counter, self.stacked, i, rotary)
             for i, (memory, _) in enumerate(zip(state.layers, model.layers, strict=True))
         ]
         self.static_state = _StaticState(self.layers)

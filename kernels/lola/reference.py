@@ -276,7 +276,7 @@ def attend(
     linear term would drown the exact memories; the cap keeps the balance of those lengths and leaves
     what H recalls (H over s) unchanged. 0 leaves r alone.
     """
-    batch, n_heads, length, dim = q.shape
+    length, dim = q.shape[2:]
     chunk = win_k.shape[2] // 2
     capacity = cache_k.shape[2]
     current = tokens_seen % chunk

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lola_chat.evals.profiling import CAPTURED_STEP, CPU_OPERATORS
+
 # The profiled steps beside the ordinary decode step: the profile's key, and the step in words.
 PROFILED_STEPS = {
     "eviction": "A step that closes a chunk",
@@ -21,9 +23,9 @@ def _profile_lines(profile: dict) -> list[str]:
     source = profile.get("source")
     runs, time = "launches {} kernels", "{:.3f} ms of device time"
     how = "Triton path, eager"
-    if source == "captured-step":
+    if source == CAPTURED_STEP:
         how = "the captured step's kernels launched one by one"
-    elif source == "cpu-operators":
+    elif source == CPU_OPERATORS:
         runs, time = "calls {} operators", "{:.3f} ms of their own CPU time"
         how = "the model's step on the CPU"
     lines = [
